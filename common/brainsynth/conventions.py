@@ -1,0 +1,109 @@
+"""Canonical names shared by every bundle: modalities, tumour labels, pathologies and dataset layouts.
+
+Every dataset convention (BraTS 2021, BraTS 2023 GLI / BraSyn / PEDs, MSD Task01, explicit datalists) is
+mapped onto the canonical sets below as soon as data is discovered, so no bundle ever sees a source-specific
+name or label value. Sources: ../shared/reference/FACTS.md section 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- modalities -------------------------------------------------------------------------------------------
+#: canonical modality keys, in the order used whenever several are stacked as channels
+MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair", "pd")
+
+#: the four BraTS contrasts, in canonical channel order
+BRATS_MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair")
+
+_MODALITY_SYNONYMS: dict[str, str] = {
+    "t1": "t1w", "t1n": "t1w", "t1w": "t1w", "t1-weighted": "t1w", "t1native": "t1w",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1post": "t1ce", "t1_gd": "t1ce",
+    "t2": "t2w", "t2w": "t2w", "t2-weighted": "t2w",
+    "flair": "flair", "t2f": "flair", "t2flair": "flair", "t2-flair": "flair",
+    "pd": "pd", "pdw": "pd", "proton-density": "pd",
+}
+
+
+def canonical_modality(name: str) -> str:
+    """Map any known modality spelling (t1n, T1-Gd, t2f, ...) to its canonical key; unknown names are an error."""
+    key = str(name).strip().lower().replace(" ", "")
+    if key not in _MODALITY_SYNONYMS:
+        raise ValueError(f"unknown modality {name!r}; valid: {', '.join(MODALITIES)} (or a synonym such as "
+                         f"t1n, t1c, t1gd, t2f)")
+    return _MODALITY_SYNONYMS[key]
+
+
+# --- pathologies ------------------------------------------------------------------------------------------
+PATHOLOGIES: tuple[str, ...] = ("healthy", "glioblastoma", "sclerosis", "dementia")
+
+_PATHOLOGY_SYNONYMS: dict[str, str] = {
+    "healthy": "healthy", "normal": "healthy", "control": "healthy", "hc": "healthy",
+    "glioblastoma": "glioblastoma", "gbm": "glioblastoma", "glioma": "glioblastoma", "tumour": "glioblastoma",
+    "tumor": "glioblastoma",
+    "sclerosis": "sclerosis", "ms": "sclerosis", "multiple_sclerosis": "sclerosis",
+    "multiple-sclerosis": "sclerosis",
+    "dementia": "dementia", "ad": "dementia", "alzheimer": "dementia", "alzheimers": "dementia",
+}
+
+
+def canonical_pathology(name: str) -> str:
+    key = str(name).strip().lower().replace(" ", "_")
+    if key not in _PATHOLOGY_SYNONYMS:
+        raise ValueError(f"unknown pathology {name!r}; valid: {', '.join(PATHOLOGIES)}")
+    return _PATHOLOGY_SYNONYMS[key]
+
+
+# --- labels -----------------------------------------------------------------------------------------------
+#: canonical segmentation labels (value -> name)
+LABELS: dict[int, str] = {
+    0: "background",
+    1: "necrotic_core",   # necrotic / non-enhancing tumour core (BraTS NCR/NET)
+    2: "edema",           # peritumoural edema (BraTS ED)
+    3: "enhancing",       # enhancing tumour (BraTS ET)
+    4: "lesion",          # white-matter lesion (multiple sclerosis)
+}
+LABEL_VALUES: dict[str, int] = {v: k for k, v in LABELS.items()}
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    """A source labelling scheme and how its values map onto the canonical labels."""
+
+    name: str
+    to_canonical: dict[int, int]
+    description: str
+
+    @property
+    def valid_values(self) -> set[int]:
+        return set(self.to_canonical)
+
+
+LABEL_CONVENTIONS: dict[str, LabelConvention] = {
+    "canonical": LabelConvention("canonical", {k: k for k in LABELS}, "0 bg, 1 NCR, 2 ED, 3 ET, 4 lesion"),
+    "brats2021": LabelConvention("brats2021", {0: 0, 1: 1, 2: 2, 4: 3}, "BraTS 2021: 1 NCR, 2 ED, 4 ET"),
+    "brats2023": LabelConvention("brats2023", {0: 0, 1: 1, 2: 2, 3: 3}, "BraTS 2023 GLI/BraSyn: 1 NCR, 2 ED, 3 ET"),
+    # BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 ED. Non-enhancing tumour and cyst both become the canonical core.
+    "peds2024": LabelConvention("peds2024", {0: 0, 1: 3, 2: 1, 3: 1, 4: 2},
+                                "BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 ED"),
+    "msd": LabelConvention("msd", {0: 0, 1: 2, 2: 1, 3: 3}, "MSD Task01: 1 edema, 2 non-enhancing, 3 enhancing"),
+}
+
+
+def label_convention(name: str) -> LabelConvention:
+    if name not in LABEL_CONVENTIONS:
+        raise ValueError(f"unknown label convention {name!r}; valid: {', '.join(LABEL_CONVENTIONS)}")
+    return LABEL_CONVENTIONS[name]
+
+
+# --- dataset layouts --------------------------------------------------------------------------------------
+#: file suffix used by each layout for each canonical modality (and for the segmentation)
+LAYOUT_SUFFIXES: dict[str, dict[str, str]] = {
+    "brats2021": {"t1w": "t1", "t1ce": "t1ce", "t2w": "t2", "flair": "flair", "pd": "pd", "seg": "seg"},
+    "brats2023": {"t1w": "t1n", "t1ce": "t1c", "t2w": "t2w", "flair": "t2f", "pd": "pd", "seg": "seg"},
+}
+#: label convention written by each layout
+LAYOUT_LABELS: dict[str, str] = {"brats2021": "brats2021", "brats2023": "brats2023", "msd": "msd"}
+#: channel order of the MSD Task01 4-D image (per its dataset.json)
+MSD_CHANNELS: tuple[str, ...] = ("flair", "t1w", "t1ce", "t2w")
+LAYOUTS: tuple[str, ...] = ("brats2023", "brats2021", "msd")

@@ -1,0 +1,105 @@
+"""Safe writing: every output is written to a temporary file in the target folder and renamed into place,
+so a crash never leaves a half-written file, and an existing file is never replaced unless asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class OutputExistsError(FileExistsError):
+    """Raised instead of silently replacing an earlier output."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step.
+
+    The temporary name keeps the final suffixes (e.g. ``.nii.gz``) so writers that infer the format from
+    the name behave the same. On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if not overwrite and path.exists():  # appeared while we were writing
+            raise OutputExistsError(f"{path}: was created by someone else while writing; not replaced")
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def save_nifti(array: Any, path: str | os.PathLike, affine: np.ndarray | None = None, reference: Any = None,
+               overwrite: bool = False, dtype: Any = np.float32) -> Path:
+    """Write ``array`` as NIfTI, atomically, in the geometry of ``reference`` (a path or nibabel image) if given.
+
+    With a reference, its affine, qform/sform codes, zooms and orientation are kept so the output overlays the
+    input exactly. ``array`` may be a numpy array or a torch tensor; it must have the reference's spatial shape.
+    """
+    import nibabel as nib
+
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array).astype(dtype, copy=False)
+    header = None
+    if reference is not None:
+        ref = nib.load(str(reference)) if isinstance(reference, (str, os.PathLike)) else reference
+        if tuple(ref.shape[:3]) != tuple(array.shape[:3]):
+            raise ValueError(f"{path}: output shape {array.shape[:3]} differs from the reference "
+                             f"{getattr(ref, 'get_filename', lambda: '')() or 'image'} shape {ref.shape[:3]}")
+        affine = ref.affine
+        header = ref.header.copy()
+        header.set_data_dtype(dtype)
+    if affine is None:
+        affine = np.eye(4)
+    img = nib.Nifti1Image(array, affine, header=header)
+    if header is None:
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    with atomic_path(path, overwrite) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """torch.save a checkpoint atomically (always replaces: a checkpoint is meant to be updated)."""
+    import torch
+
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(obj, str(tmp))
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never arbitrary code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, pickle with code objects, ...
+        raise RuntimeError(f"{path}: cannot be loaded as a weights-only checkpoint ({e})") from e
