@@ -9,3 +9,16 @@ Modules (one idea each):
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Bundle configs only say `$import brainsynth`; submodules load on first use (`brainsynth.training...`), so
+    # importing the package stays cheap and no module pulls in another's heavy dependencies.
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise AttributeError(f"module 'brainsynth' has no attribute {name!r}") from None
+        raise

@@ -1,0 +1,266 @@
+"""Training pieces every bundle shares and MONAI does not ship: EMA weights, crash-safe resumable checkpoints,
+strict config overrides, seeding and periodic previews. Each is an ignite handler (``attach(engine)``) so bundle
+configs list them in ``train_handlers`` next to MONAI's own."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .io import load_checkpoint, save_checkpoint
+
+logger = logging.getLogger("brainsynth.training")
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+
+
+def seed_everything(seed: int) -> int:
+    """Seed python, numpy and torch (all devices) and make MONAI transforms deterministic."""
+    from monai.utils import set_determinism
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+    return seed
+
+
+def is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare module inside DistributedDataParallel / torch.compile wrappers, so weights stay portable."""
+    while True:
+        if hasattr(network, "module") and isinstance(network.module, torch.nn.Module):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+class EMAHandler:
+    """Exponential moving average of a network's weights.
+
+    Every ``update_every`` iterations: before ``start_step`` the average is reset to the live weights (so early,
+    poor weights do not linger), afterwards ``ema <- decay * ema + (1 - decay) * live``. Med-DDPM uses
+    decay 0.995, every 10 steps, from step 2000; D3M 0.995 every step.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.995, update_every: int = 10, start_step: int = 2000):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if update_every < 1:
+            raise ValueError(f"EMA update_every must be >= 1, got {update_every}")
+        self.network = network
+        self.decay, self.update_every, self.start_step = decay, update_every, start_step
+        self.ema_network = copy.deepcopy(unwrap(network)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, iteration: int) -> None:
+        if iteration % self.update_every:
+            return
+        live = unwrap(self.network).state_dict()
+        for name, ema_value in self.ema_network.state_dict().items():
+            value = live[name].detach()
+            if iteration < self.start_step or not torch.is_floating_point(ema_value):
+                ema_value.copy_(value)
+            else:
+                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - self.decay)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.update(e.state.iteration))
+
+    def state_dict(self) -> dict:
+        return self.ema_network.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.ema_network.load_state_dict(state)
+
+
+class ResumableCheckpoint:
+    """Crash-safe training checkpoints that training resumes from automatically.
+
+    ``save_dict`` maps names to objects with ``state_dict``/``load_state_dict`` (network, optimizer, lr scheduler,
+    EMAHandler, and the trainer engine itself for its iteration and epoch counters). On start, if
+    ``<save_dir>/checkpoint_last.pt`` exists it is loaded (weights_only) and training continues from its epoch;
+    every ``save_every`` epochs and at the end it is rewritten atomically (temporary file + rename) by rank 0 only.
+    At the end the inference weights (EMA weights when ``final_from`` names an EMA entry) are written to
+    ``final_model_path``. One "epoch" is the trainer's ``epoch_length`` iterations, so resuming is exact.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], save_every: int = 1,
+                 final_model_path: str | os.PathLike | None = None, final_from: str = "network",
+                 resume: bool = True):
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.save_every = int(save_every)
+        self.final_model_path = Path(final_model_path) if final_model_path else None
+        self.final_from = final_from
+        self.resume = resume
+        if final_model_path and final_from not in self.save_dict:
+            raise ValueError(f"final_from={final_from!r} is not one of the saved objects {list(self.save_dict)}")
+
+    @property
+    def last_path(self) -> Path:
+        return self.save_dir / CHECKPOINT_LAST
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def _object_state(self, obj: Any) -> Any:
+        if isinstance(obj, torch.nn.Module):
+            return unwrap(obj).state_dict()
+        return obj.state_dict()
+
+    def load(self, engine) -> None:
+        if not self.last_path.is_file():
+            return
+        ckpt = load_checkpoint(self.last_path)
+        missing = [k for k in self.save_dict if k not in ckpt]
+        if missing:
+            raise RuntimeError(f"{self.last_path}: checkpoint lacks {missing}; it was written by another recipe. "
+                               f"Move it away or point save_dir elsewhere.")
+        max_epochs = engine.state.max_epochs
+        for name, obj in self.save_dict.items():
+            target = unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
+            target.load_state_dict(ckpt[name])
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(f"{self.last_path}: checkpoint is at epoch {engine.state.epoch}, beyond max_epochs "
+                             f"{max_epochs}; raise max_epochs to train further")
+        engine.state.max_epochs = max_epochs
+        logger.info("resumed from %s at iteration %d (epoch %d)", self.last_path, engine.state.iteration,
+                    engine.state.epoch)
+
+    def save(self, engine) -> None:
+        if not is_main_process():
+            return
+        save_checkpoint({k: self._object_state(v) for k, v in self.save_dict.items()}, self.last_path)
+
+    def finish(self, engine) -> None:
+        self.save(engine)
+        if self.final_model_path is not None and is_main_process():
+            save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path)
+
+
+class TrainingPreview:
+    """Call ``fn(engine)`` every ``every_n`` iterations on rank 0 (e.g. to sample and write a preview PNG)."""
+
+    def __init__(self, every_n: int, fn: Callable[[Any], Any]):
+        self.every_n, self.fn = int(every_n), fn
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.every_n > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n),
+                                     lambda e: self.fn(e) if is_main_process() else None)
+
+
+# --- strict overrides ---------------------------------------------------------------------------------------
+def _flatten_keys(config: Any, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for k, v in items:
+        path = f"{prefix}#{k}" if prefix else str(k)
+        keys.add(path)
+        keys |= _flatten_keys(v, path)
+    return keys
+
+
+def _runner_arguments(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split ``python -m monai.bundle run`` arguments into (runner arguments, config overrides)."""
+    from monai.bundle import scripts
+
+    runner_names = set(inspect.signature(scripts.run).parameters) - {"override"}
+    runner_names |= {"workflow_type", "properties_path", "workflow_name"}
+    runner, overrides = {}, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if not eq:  # "--key value", or a bare flag
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value, i = argv[i + 1], i + 1
+                else:
+                    value = "True"
+            (runner if name in runner_names else overrides)[name] = value
+        i += 1
+    return runner, overrides
+
+
+def check_overrides(config_files: Any, overrides: Mapping[str, Any]) -> None:
+    """Raise if an override names a key that none of ``config_files`` defines (MONAI would silently add it)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    valid = _flatten_keys(parser.config)
+    unknown = [k for k in overrides if k not in valid]
+    if not unknown:
+        return
+    lines = []
+    for key in unknown:
+        parent = key.rpartition("#")[0]
+        siblings = sorted(k for k in valid if k.rpartition("#")[0] == parent)
+        close = difflib.get_close_matches(key, sorted(valid), n=3)
+        hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+        lines.append(f"--{key}: no such config key{hint}; valid keys here: {', '.join(siblings)}")
+    raise KeyError("unknown config override(s):\n  " + "\n  ".join(lines))
+
+
+def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
+    """Make ``python -m monai.bundle run`` strict: fail on any ``--key`` override that the configs do not define.
+
+    MONAI silently adds a misspelled key (``--max_epoch 5`` trains with the default). Call this first in every
+    config's ``initialize`` list. It reads the command line of the MONAI bundle runner (also under torchrun) and is
+    a no-op when the bundle is driven from Python, where overrides are explicit arguments.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not (argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[0] == "monai.bundle"):
+        return False
+    args = argv[1:]
+    if args and args[0] in ("run", "run_workflow"):
+        args = args[1:]
+    if args and not args[0].startswith("--"):  # positional run_id
+        args = args[1:]
+    runner, overrides = _runner_arguments(args)
+    if "args_file" in runner:
+        from monai.bundle import ConfigParser
+
+        extra = ConfigParser.load_config_file(runner["args_file"])
+        runner.update({k: v for k, v in extra.items() if k in ("config_file", "meta_file")})
+        overrides.update({k: v for k, v in extra.items()
+                          if k not in ("config_file", "meta_file", "logging_file", "run_id", "init_id",
+                                       "final_id", "tracking", "workflow_type", "bundle_root")})
+    if not overrides or "config_file" not in runner:
+        return True
+    import ast
+
+    config_files = runner["config_file"]
+    try:
+        config_files = ast.literal_eval(config_files)
+    except (ValueError, SyntaxError):
+        pass
+    check_overrides(config_files, overrides)
+    return True

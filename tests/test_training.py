@@ -1,0 +1,109 @@
+"""Shared training pieces: EMA, resumable checkpoints, strict overrides."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+
+from brainsynth.io import load_checkpoint
+from brainsynth.training import (CHECKPOINT_LAST, EMAHandler, ResumableCheckpoint, check_overrides,
+                                 reject_unknown_overrides)
+
+
+def test_ema_resets_before_start_then_averages():
+    net = torch.nn.Linear(2, 1, bias=False)
+    ema = EMAHandler(net, decay=0.9, update_every=2, start_step=4)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(1)  # not an update step
+    assert not torch.equal(ema.ema_network.weight, net.weight)
+    ema.update(2)  # before start: copy
+    torch.testing.assert_close(ema.ema_network.weight, net.weight)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    ema.update(4)  # averaging: 0.9 * 1 + 0.1 * 3
+    torch.testing.assert_close(ema.ema_network.weight, torch.full((1, 2), 1.2))
+    assert not ema.ema_network.weight.requires_grad
+
+
+def _trainer(net, max_epochs, handlers):
+    data = [{"image": torch.randn(2, 3), "label": torch.randn(2, 1)} for _ in range(3)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=data,
+                                network=net, optimizer=opt, loss_function=torch.nn.MSELoss(),
+                                train_handlers=None)
+    return trainer, opt
+
+
+def test_training_resumes_from_last_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    trainer, opt = _trainer(net, 2, None)
+    ema = EMAHandler(net, decay=0.5, update_every=1, start_step=0)
+    ema.attach(trainer)
+    ckpt = ResumableCheckpoint(tmp_path, {"network": net, "optimizer": opt, "ema": ema, "trainer": trainer},
+                               final_model_path=tmp_path / "model.pt", final_from="ema")
+    ckpt.attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 6
+    saved = load_checkpoint(tmp_path / CHECKPOINT_LAST)
+    assert saved["trainer"]["iteration"] == 6
+    final = load_checkpoint(tmp_path / "model.pt")
+    torch.testing.assert_close(final["weight"], ema.ema_network.weight)
+
+    # a new process: fresh network, the same recipe with more epochs continues at iteration 6
+    net2 = torch.nn.Linear(3, 1)
+    trainer2, opt2 = _trainer(net2, 3, None)
+    ema2 = EMAHandler(net2, decay=0.5, update_every=1, start_step=0)
+    seen = []
+    trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
+    ResumableCheckpoint(tmp_path, {"network": net2, "optimizer": opt2, "ema": ema2, "trainer": trainer2}).attach(
+        trainer2)
+    trainer2.run()
+    assert seen == [7, 8, 9]  # only the third epoch runs
+    assert not torch.equal(net2.weight, torch.nn.Linear(3, 1).weight)
+
+
+def test_resume_refuses_a_foreign_checkpoint(tmp_path):
+    net = torch.nn.Linear(3, 1)
+    trainer, opt = _trainer(net, 1, None)
+    torch.save({"something": 1}, tmp_path / CHECKPOINT_LAST)
+    ResumableCheckpoint(tmp_path, {"network": net, "trainer": trainer}).attach(trainer)
+    with pytest.raises(RuntimeError, match="lacks"):
+        trainer.run()
+
+
+def test_check_overrides_lists_valid_keys(tmp_path):
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"lr": 0.1, "train": {"trainer": {"max_epochs": 2}}}))
+    check_overrides(str(cfg), {"lr": 1, "train#trainer#max_epochs": 3})
+    with pytest.raises(KeyError) as e:
+        check_overrides(str(cfg), {"train#trainer#max_epoch": 3})
+    msg = str(e.value)
+    assert "--train#trainer#max_epoch" in msg and "train#trainer#max_epochs" in msg
+
+
+def test_reject_unknown_overrides_ignores_python_callers():
+    assert reject_unknown_overrides(["script.py", "--anything", "1"]) is False
+
+
+def test_monai_runner_fails_on_misspelled_override(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    out = tmp_path / "out.txt"
+    cfg.write_text(json.dumps({
+        "imports": ["$import brainsynth"],
+        "epochs": 2,
+        "initialize": ["$brainsynth.training.reject_unknown_overrides()"],
+        "run": [f"$open({str(out)!r}, 'w').write(str(@epochs))"],
+    }))
+    base = [sys.executable, "-m", "monai.bundle", "run", "run", "--config_file", str(cfg)]
+    ok = subprocess.run(base + ["--epochs", "5"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert out.read_text() == "5"
+    bad = subprocess.run(base + ["--epoch", "5"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "--epoch: no such config key" in bad.stderr and "epochs" in bad.stderr
