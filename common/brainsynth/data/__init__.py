@@ -1,0 +1,31 @@
+"""The shared data layer: dataset discovery, validation (``check``), DICOM input, the canonical loading transform.
+
+    rows = discover(resolve_dataset_dir(dataset_dir, cache_dir))     # any layout -> canonical rows
+    validate_items(rows, ["t1w", "t1ce", "t2w", "flair"], True)     # DatasetError before any work starts
+    train = split_items(rows, "training")                           # datalist split, else hash of subject id
+    LoadSubjectd(keys=["t1w", "flair"])                              # MetaTensors, seg in canonical labels
+
+CLI: ``python -m brainsynth.data check DIR [--modalities ...] [--require-seg]`` and ``... discover DIR``.
+"""
+
+from brainsynth.data.check import SubjectReport, check_items, check_row, validate_items
+from brainsynth.data.dicom import is_dicom_series, read_dicom_series, write_dicom_series
+from brainsynth.data.discover import SPLITS, discover, read_datalist, resolve_dataset_dir, subject_from_path
+from brainsynth.data.errors import DatasetError
+from brainsynth.data.items import available_modalities, expand_scans, image_source, split_items, split_of
+
+def __getattr__(name):
+    # the MONAI transform stack is imported only when a pipeline needs it, keeping the CLI quick to start
+    if name in ("LoadSubjectd", "remap_labels"):
+        from brainsynth.data import transforms
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module 'brainsynth.data' has no attribute {name!r}")
+
+
+__all__ = [
+    "DatasetError", "LoadSubjectd", "SPLITS", "SubjectReport", "available_modalities", "check_items", "check_row",
+    "discover", "expand_scans", "image_source", "is_dicom_series", "read_datalist", "read_dicom_series",
+    "remap_labels", "resolve_dataset_dir", "split_items", "split_of", "subject_from_path", "validate_items",
+    "write_dicom_series",
+]

@@ -1,0 +1,85 @@
+"""CLI: ``python -m brainsynth.data check DIR [--modalities ...] [--require-seg]`` | ``discover DIR [--json]``.
+
+``check`` prints one line per subject (OK / UNUSABLE) with each problem below it, naming the file, and exits 1
+when any subject is unusable (2 when the dataset itself cannot be read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from brainsynth.data.check import check_items
+from brainsynth.data.discover import discover
+from brainsynth.data.errors import DatasetError
+from brainsynth.data.items import available_modalities
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m brainsynth.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("check", "validate a dataset and print a per-subject report"),
+                       ("discover", "list the subjects and files a dataset provides")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("path", help="dataset folder (BraTS 2021/2023/PEDs, MSD Task01, datalist.json inside) "
+                                    "or a .json / .csv datalist")
+        p.add_argument("--label-convention", default=None,
+                       help="override the inferred label convention (brats2021, brats2023, peds2024, msd, canonical)")
+        p.add_argument("--pathology", default=None, help="pathology for subjects the dataset does not label")
+    check = sub.choices["check"]
+    check.add_argument("--modalities", nargs="+", default=None,
+                       help="modalities every subject must have (default: every modality any subject has)")
+    check.add_argument("--require-seg", action="store_true", help="a segmentation is required for every subject")
+    check.add_argument("--headers-only", action="store_true", help="skip reading voxel data (fast, fewer checks)")
+    check.add_argument("--workers", type=int, default=1, help="subjects checked in parallel")
+    sub.choices["discover"].add_argument("--json", action="store_true", help="print the canonical rows as JSON")
+    return parser
+
+
+def _run_check(args, rows) -> int:
+    reports = check_items(rows, args.modalities, args.require_seg, not args.headers_only, args.workers)
+    conventions = Counter(r.get("label_convention") for r in rows)
+    layouts = Counter(r.get("layout") for r in rows)
+    print(f"{args.path}: {len(rows)} subjects; layout {', '.join(map(str, layouts))}; "
+          f"labels {', '.join(map(str, conventions))}")
+    width = max(len(r.subject) for r in reports)
+    for row, report in zip(rows, reports):
+        grid = ""
+        if report.shape:
+            grid = f"  {'x'.join(map(str, report.shape))} @ {'x'.join(f'{s:.3g}' for s in report.spacing)} mm"
+        files = " ".join(report.modalities + [k for k in ("seg", "brain_mask") if row.get(k)])
+        notes = f"  ({'; '.join(report.notes)})" if report.notes else ""
+        print(f"{'OK' if report.usable else 'UNUSABLE':9s} {report.subject:{width}s}  {files}{grid}{notes}")
+        for problem in report.problems:
+            print(f"    - {problem}")
+    bad = sum(not r.usable for r in reports)
+    print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable")
+    return 1 if bad else 0
+
+
+def _run_discover(args, rows) -> int:
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        files = " ".join(available_modalities(row) + [k for k in ("seg", "brain_mask") if row.get(k)])
+        print(f"{row['subject']}  split={row.get('split', '-')}  pathology={row.get('pathology', '-')}  "
+              f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}")
+    print(f"{len(rows)} subjects")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        rows = discover(args.path, label_convention=args.label_convention, pathology=args.pathology)
+    except (DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run_check(args, rows) if args.command == "check" else _run_discover(args, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

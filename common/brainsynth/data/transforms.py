@@ -1,0 +1,103 @@
+"""LoadSubjectd: the one loading transform every bundle starts its pipeline with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform
+
+from brainsynth.conventions import label_convention
+from brainsynth.data.dicom import read_dicom_series
+from brainsynth.data.errors import DatasetError
+from brainsynth.data.items import available_modalities, image_source
+
+
+def remap_labels(labels: np.ndarray | torch.Tensor, convention: str, source: str = "segmentation") -> np.ndarray:
+    """Map a label map from ``convention`` to canonical label values; values outside it are an error naming
+    ``source`` (the file) and the values."""
+    conv = label_convention(convention)
+    values = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+        raise DatasetError(f"{source}: label map has non-integer, NaN or Inf values")
+    values = values.astype(np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    top = max(hi, max(conv.to_canonical)) + 1
+    if lo < 0:
+        raise DatasetError(f"{source}: negative label values; valid in {conv.name}: {sorted(conv.valid_values)}")
+    lut = np.full(top, -1, dtype=np.int64)
+    for src, dst in conv.to_canonical.items():
+        lut[src] = dst
+    out = lut[values]
+    if (out < 0).any():
+        bad = sorted(set(np.unique(values[out < 0]).tolist()))
+        raise DatasetError(f"{source}: label values {bad} are outside the {conv.name} convention "
+                           f"({conv.description})")
+    return out
+
+
+class LoadSubjectd(MapTransform):
+    """Load a canonical row's images as channel-first float32 MetaTensors ``(1, X, Y, Z)`` with affine and meta.
+
+    Each key is read from a NIfTI file (MONAI LoadImage), a folder of DICOM slices (``read_dicom_series``), or
+    its channel of an MSD ``image4d`` file (each 4-D file is read once per call). The segmentation
+    (``seg_key``, loaded whenever the row has one; ``seg_key=None`` skips it) is remapped from the row's
+    ``label_convention`` to canonical labels. Per-scan rows from ``expand_scans`` load with ``keys="image"``;
+    their ``image_channel`` is consumed here so batches collate. DICOM attributes never enter the meta.
+    """
+
+    def __init__(self, keys: KeysCollection, seg_key: str | None = "seg", allow_missing_keys: bool = False,
+                 dtype: Any = np.float32):
+        super().__init__(keys, allow_missing_keys)
+        self.seg_key = seg_key
+        self.dtype = dtype
+        self._nifti = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
+
+    def _read(self, path: str) -> MetaTensor:
+        p = Path(path)
+        if not p.exists():
+            raise DatasetError(f"{p}: file not found")
+        if p.is_dir():
+            array, affine = read_dicom_series(p)
+            affine_t = torch.as_tensor(affine, dtype=torch.float64)
+            meta = {"filename_or_obj": str(p), "original_affine": affine, "spatial_shape": np.asarray(array.shape),
+                    "space": "RAS", "original_channel_dim": "no_channel"}
+            return MetaTensor(torch.as_tensor(array.astype(self.dtype))[None], affine=affine_t, meta=meta)
+        try:
+            return self._nifti(str(p))
+        except Exception as e:  # nibabel / MONAI raise many types for bad files
+            raise DatasetError(f"{p}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        cache: dict[str, MetaTensor] = {}
+        keys = list(self.keys)
+        if self.seg_key and self.seg_key not in keys and d.get(self.seg_key):
+            keys.append(self.seg_key)
+        for key in keys:
+            source = image_source(d, key)
+            if source is None:
+                if self.allow_missing_keys:
+                    continue
+                raise DatasetError(f"subject {d.get('subject', '?')}: no {key} image in this row (has "
+                                   f"{', '.join(available_modalities(d)) or 'none'})")
+            path, channel = source
+            if path not in cache:
+                cache[path] = self._read(path)
+            img = cache[path]
+            if channel is not None:
+                if img.shape[0] <= channel:
+                    raise DatasetError(f"{path}: has {img.shape[0]} channels, channel {channel} ({key}) requested")
+                img = img[channel:channel + 1]
+            elif img.shape[0] != 1:
+                raise DatasetError(f"{path}: is 4-D ({img.shape[0]} channels) where a 3-D volume is expected")
+            if key == self.seg_key:
+                canonical = remap_labels(img, d.get("label_convention") or "canonical", path)
+                img = MetaTensor(torch.as_tensor(canonical, dtype=img.dtype), meta=img.meta)
+            d[key] = img
+            d.pop(f"{key}_channel", None)
+        return d
