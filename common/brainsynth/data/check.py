@@ -96,7 +96,7 @@ def _read_header(f: _File) -> str | None:
         f.affine = np.asarray(f.image.affine, dtype=np.float64)
         f.spacing = tuple(float(z) for z in f.image.header.get_zooms()[:3])
     except Exception as e:  # nibabel raises many types for a bad header
-        return f"{path}: unreadable ({type(e).__name__}: {str(e).strip() or 'bad header'})"
+        return f"{path}: unreadable ({type(e).__name__}: {_one_line(e) or 'bad header'})"
     while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1) is a 3-D volume
         shape = shape[:-1]
     f.shape = shape
@@ -119,7 +119,7 @@ def _read_data(f: _File) -> tuple[np.ndarray | None, str | None]:
     try:
         data = np.asanyarray(f.image.dataobj)
     except (EOFError, zlib.error, OSError, ValueError) as e:
-        return None, f"{f.path}: truncated or corrupt voxel data ({type(e).__name__}: {e})"
+        return None, f"{f.path}: truncated or corrupt voxel data ({type(e).__name__}: {_one_line(e)})"
     return data.reshape(f.shape), None
 
 
@@ -225,9 +225,11 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
         else:
             readable.append(f)
     if readable:
-        ref = readable[0]
+        ref = _reference(readable)
         report.shape, report.spacing = ref.shape[:3], ref.spacing
-        for f in readable[1:]:
+        for f in readable:
+            if f is ref:
+                continue
             if f.shape[:3] != ref.shape[:3]:
                 report.problems.append(f"{f.path}: shape {f.shape[:3]} differs from {Path(ref.path).name} "
                                        f"{ref.shape[:3]}")
@@ -252,6 +254,19 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
             report.problems += _check_image(f, data)
         f.data = f.image = None  # free the memory before the next file
     return report
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _reference(files: list[_File]) -> _File:
+    """The file whose grid most of the subject's files share, so only the odd one out is reported."""
+    def grid(f: _File):
+        return f.shape[:3], tuple(np.round(f.affine, 2).ravel())
+
+    grids = [grid(f) for f in files]
+    return files[max(range(len(files)), key=lambda i: (grids.count(grids[i]), -i))]
 
 
 def _fmt(values: Iterable[float]) -> str:
