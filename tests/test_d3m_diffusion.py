@@ -1,0 +1,167 @@
+"""D3M diffusion: sigmoid alpha-bar schedule, v-prediction algebra, the weighted loss, and the MSSDM sampler."""
+
+import pytest
+import torch
+from monai.inferers import DiffusionInferer
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+
+import brainsynth.schedules  # noqa: F401  (registers "sigmoid_alpha_bar")
+from brainsynth.deformation import DeformationUNet, make_warp, smoothness_loss
+from brainsynth.dual_stream_unet import DualStreamDiffusionUNet
+from brainsynth.mssdm import DeformableDenoiser, MSSDMInferer, WeightedDiffusionLoss, predict_x0
+from brainsynth.samplers import ExactDDIMScheduler
+from brainsynth.schedules import sigmoid_alpha_bar_curve
+
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
+            norm_num_groups=8)
+
+
+def d3m_scheduler(**kw):
+    return DDPMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction", **kw)
+
+
+# --- schedule -----------------------------------------------------------------------------------------------
+def test_sigmoid_alpha_bar_endpoints_monotonicity_and_midpoints():
+    t = torch.linspace(0, 1, 101)
+    curve = sigmoid_alpha_bar_curve(t)
+    assert curve[0].item() == pytest.approx(1.0, abs=1e-12) and curve[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert (curve.diff() < 0).all()
+    ab = d3m_scheduler().alphas_cumprod
+    assert ab.shape == (1000,) and (ab.diff() < 0).all()
+    assert 0.999 < ab[0] <= 1.0 and ab[-1] < 1e-3
+    # FACTS.md section 2: about 0.85 / 0.50 / 0.15 a quarter, half and three quarters of the way
+    for step, expected in [(249, 0.85), (499, 0.50), (749, 0.15)]:
+        assert ab[step].item() == pytest.approx(expected, abs=0.01)
+    # it is not MONAI's sigmoid_beta (a sigmoid on beta gives a different alpha-bar curve)
+    other = DDPMScheduler(1000, schedule="sigmoid_beta").alphas_cumprod
+    assert (other[499] - ab[499]).abs() > 0.05
+
+
+def test_schedule_arguments_are_validated():
+    with pytest.raises(ValueError, match="end > start"):
+        DDPMScheduler(100, schedule="sigmoid_alpha_bar", start=3.0, end=-3.0)
+
+
+# --- v-prediction algebra -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("step", [0, 1, 250, 500, 999])
+def test_x0_and_noise_are_recovered_exactly_from_xt_and_v(step):
+    gen = torch.Generator().manual_seed(step)
+    scheduler = d3m_scheduler()
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    x0 = torch.randn(3, 2, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(3, 2, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.full((3,), step, dtype=torch.long)
+    xt = scheduler.add_noise(x0, noise, t)
+    v = scheduler.get_velocity(x0, noise, t)
+    ab = scheduler.alphas_cumprod[t]
+    torch.testing.assert_close(predict_x0(v, xt, ab, "v_prediction"), x0, atol=1e-10, rtol=0)
+    # the sampler's own split (float64 copy of the same schedule) recovers both
+    ddim = ExactDDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
+    ddim.alphas_cumprod = scheduler.alphas_cumprod
+    x0_hat, eps_hat = ddim.split_prediction(v, step, xt)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-10, rtol=0)
+    torch.testing.assert_close(eps_hat, noise, atol=1e-10, rtol=0)
+
+
+# --- network + loss -----------------------------------------------------------------------------------------
+def tiny_d3m(num_decoders=2, deformer=True, seed=0):
+    torch.manual_seed(seed)
+    denoiser = DualStreamDiffusionUNet(2, in_channels=5, out_channels=2, num_decoders=num_decoders, **TINY)
+    for _, out in denoiser.decoders():  # MONAI zero-initialises output heads; make the streams non-trivial
+        torch.nn.init.normal_(out[-1].conv.weight, std=0.05)
+    field_net = DeformationUNet(2, features=(4, 4, 8, 8, 8, 4), init_std=1e-2) if deformer else None
+    return DeformableDenoiser(denoiser, field_net)
+
+
+def test_full_d3m_loss_reaches_both_decoders_and_the_deformer():
+    net = tiny_d3m()
+    scheduler = d3m_scheduler()
+    inferer = MSSDMInferer(scheduler, num_inference_steps=5)
+    target = torch.rand(4, 2, 16, 16) * 2 - 1
+    noise, cond = torch.randn_like(target), torch.randn(4, 3, 16, 16)
+    t = torch.tensor([5, 300, 600, 990])
+    out = inferer(target, net, noise=noise, timesteps=t, condition=cond)
+    assert out["pred"].shape == target.shape and out["field"].shape == (4, 2, 16, 16)
+    torch.testing.assert_close(out["alpha_bar"], scheduler.alphas_cumprod[t])
+    loss = WeightedDiffusionLoss(smoothness_weight=1.0)(out, scheduler.get_velocity(target, noise, t))
+    loss.backward()
+    for name, module in [("image decoder", net.denoiser.up_blocks), ("mask decoder", net.denoiser.extra_decoders),
+                         ("encoder", net.denoiser.down_blocks), ("deformer", net.deformer)]:
+        assert sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None) > 0, name
+
+
+def test_weighted_loss_is_alpha_bar_weighted_mse_plus_weighted_smoothness():
+    torch.manual_seed(4)
+    pred, target, field = torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)
+    ab = torch.tensor([0.9, 0.5, 0.1])
+    per_sample_mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    expected = (ab * per_sample_mse).mean() + 0.7 * smoothness_loss(field, ab)
+    got = WeightedDiffusionLoss(0.7)({"pred": pred, "field": field, "alpha_bar": ab}, target)
+    torch.testing.assert_close(got, expected)
+    plain = WeightedDiffusionLoss(weighting="none")({"pred": pred, "field": None, "alpha_bar": ab}, target)
+    torch.testing.assert_close(plain, per_sample_mse.mean())
+
+
+def test_training_warps_the_predicted_velocity_with_the_field_of_the_mask_estimate():
+    net = tiny_d3m()
+    x, t = torch.randn(2, 5, 16, 16), torch.tensor([100, 800])
+    ab = d3m_scheduler().alphas_cumprod[t]
+    warped, field = net(x, t, alpha_bar=ab)
+    v = net.denoiser(x, t)
+    mask_estimate = predict_x0(v, x[:, :2], ab)[:, 1:2]
+    torch.testing.assert_close(field, net.deformer(mask_estimate))
+    torch.testing.assert_close(warped, make_warp()(v, field))
+
+
+# --- sampler ------------------------------------------------------------------------------------------------
+def _noise_and_condition(seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, 16, 16, generator=gen), torch.randn(2, 3, 16, 16, generator=gen)
+
+
+def test_mssdm_with_a_zero_field_equals_plain_ddim():
+    net = tiny_d3m()
+    torch.nn.init.zeros_(net.deformer.unet.final_conv.weight)  # field exactly 0
+    noise, cond = _noise_and_condition()
+    inferer = MSSDMInferer(d3m_scheduler(), num_inference_steps=7)
+    mssdm = inferer.sample(noise, net, conditioning=cond, verbose=False)
+    ddim = ExactDDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
+    ddim.set_timesteps(7)
+    plain = DiffusionInferer(ddim).sample(noise, net.denoiser, scheduler=ddim, conditioning=cond, mode="concat",
+                                          verbose=False)
+    torch.testing.assert_close(mssdm, plain, atol=1e-5, rtol=0)
+
+
+def test_mssdm_warps_the_clean_estimate_at_every_step():
+    """A deformer that always shifts by one pixel: the sampler equals a hand-written DDIM loop that shifts x0."""
+    net = tiny_d3m()
+    torch.nn.init.zeros_(net.deformer.unet.final_conv.weight)
+    with torch.no_grad():
+        net.deformer.unet.final_conv.bias.copy_(torch.tensor([1.0, 0.0]))
+    noise, cond = _noise_and_condition(6)
+    steps = 6
+    sampled = MSSDMInferer(d3m_scheduler(), num_inference_steps=steps).sample(noise, net, conditioning=cond,
+                                                                               verbose=False)
+    ddim = ExactDDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
+    ddim.set_timesteps(steps)
+    ab = lambda s: ddim.alphas_cumprod[s] if s >= 0 else torch.tensor(1.0)
+    x = noise
+    with torch.no_grad():
+        for i, t in enumerate(ddim.timesteps.tolist()):
+            prev = ddim.timesteps[i + 1].item() if i + 1 < steps else -1
+            v = net.denoiser(torch.cat([x, cond], 1), torch.full((2,), t))
+            x0 = (ab(t).sqrt() * x - (1 - ab(t)).sqrt() * v).clamp(-1, 1)
+            x0 = torch.cat([x0[:, :, 1:], x0[:, :, -1:]], dim=2)  # x0(i) <- x0(i + 1), border repeated
+            eps = (x - ab(t).sqrt() * x0) / (1 - ab(t)).sqrt()
+            x = ab(prev).sqrt() * x0 + (1 - ab(prev)).sqrt() * eps
+    torch.testing.assert_close(sampled, x, atol=1e-4, rtol=0)
+    unshifted = MSSDMInferer(d3m_scheduler(), num_inference_steps=steps, use_mssdm=False).sample(
+        noise, net, conditioning=cond, verbose=False)
+    assert (sampled - unshifted).abs().max() > 1e-2
+
+
+def test_sampler_rejects_mismatched_schedulers():
+    eps_sampler = ExactDDIMScheduler(1000, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="training predicts v_prediction"):
+        MSSDMInferer(d3m_scheduler(), sample_scheduler=eps_sampler)
