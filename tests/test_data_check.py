@@ -163,6 +163,20 @@ def test_msd_4d_file_is_expected_and_checked_per_channel(tmp_path):
     assert report.problems == [f"{tmp_path / 'imagesTr' / 'BRATS_001.nii.gz'}: channel t1ce is empty (all zeros)"]
 
 
+def test_per_scan_rows_from_a_4d_file_are_checked_on_their_channel(tmp_path):
+    from brainsynth.data import expand_scans
+
+    img = np.random.default_rng(0).random((*SHAPE, 4)).astype(np.float32)
+    img[..., 1] = np.nan  # the T1w channel
+    _save(img, tmp_path / "BRATS_002.nii.gz")
+    row = {"subject": "BRATS_002", "image4d": str(tmp_path / "BRATS_002.nii.gz"), "pathology": "glioblastoma",
+           "image4d_channels": ["flair", "t1w", "t1ce", "t2w"]}
+    reports = {r.subject + s["modality"]: r for s, r in zip(expand_scans([row]), check_items(expand_scans([row])))}
+    assert reports["BRATS_002flair"].usable and reports["BRATS_002t2w"].usable
+    assert reports["BRATS_002t1w"].problems == [f"{tmp_path / 'BRATS_002.nii.gz'}: contains {np.prod(SHAPE)} NaN "
+                                                 "and 0 Inf voxels"]
+
+
 def test_duplicate_subject_ids_are_reported(tmp_path):
     make_subject(tmp_path / "a")
     make_subject(tmp_path / "b")

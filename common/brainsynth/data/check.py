@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,8 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
     files = _files_of(row)
     report.modalities = available_modalities(row)
     folder = _subject_folder(row, files)
-    missing = [m for m in required_modalities if m not in report.modalities]
+    per_scan = "image" in row and "modality" in row  # one scan by definition: nothing else can be missing
+    missing = [] if per_scan else [m for m in required_modalities if m not in report.modalities]
     if missing:
         report.problems.append(f"{folder}: subject {report.subject} has no {', '.join(missing)} image "
                                f"(has {', '.join(report.modalities) or 'none'})")
@@ -214,6 +216,10 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
         report.problems.append(f"{folder}: subject {report.subject} has no segmentation")
     if not row.get("pathology"):
         report.notes.append("no pathology label")
+    if row.get("layout") == "brats-peds" and row.get("label_convention") == "peds2024":
+        # the 2023 PEDs release numbered labels like GLI; nothing in the files tells the releases apart
+        report.notes.append("labels read as BraTS-PEDs 2024 (1 ET, 2 NET, 3 cyst, 4 ED); "
+                            "pass --label-convention brats2023 for the 2023 release")
     report.problems += _subject_id_problems(row, files)
 
     # 1) headers: readable, dimensionality, one grid for all files of the subject
@@ -291,13 +297,13 @@ def check_items(items: Iterable[dict[str, Any]], required_modalities: Sequence[s
             reports = list(pool.map(one, items))
     else:
         reports = [one(row) for row in items]
-    seen: dict[str, int] = {}
-    for report in reports:
-        seen[report.subject] = seen.get(report.subject, 0) + 1
-    for row, report in zip(items, reports):
-        if seen[report.subject] > 1:
+    # a subject has one row (per-scan rows: one per modality); more would leak it across splits
+    ids = [(r.subject, row.get("modality") if "image" in row else None) for row, r in zip(items, reports)]
+    counts = Counter(ids)
+    for row, report, key in zip(items, reports, ids):
+        if counts[key] > 1:
             report.problems.append(f"{_subject_folder(row, _files_of(row))}: subject id {report.subject!r} is "
-                                   f"used by {seen[report.subject]} rows; ids must be unique")
+                                   f"used by {counts[key]} rows; ids must be unique")
     return reports
 
 
