@@ -210,3 +210,17 @@ def test_cli_runs_as_a_module(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "brainsynth.data", "discover", str(tmp_path), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and '"label_convention": "brats2023"' in listed.stdout
+
+
+def test_loader_names_a_file_that_check_would_reject(tmp_path):
+    """LoadSubjectd fails with the file's name too (for pipelines that skipped validate_items)."""
+    from brainsynth.data import LoadSubjectd
+
+    folder = make_subject(tmp_path)
+    _truncate(file_of(folder, "t2w"))
+    _set_voxels(file_of(folder, "seg"), lambda d: d.__setitem__((0, 0, 0), 4))
+    (row,) = discover(tmp_path)
+    with pytest.raises(DatasetError, match=rf"{file_of(folder, 't2w')}: cannot be loaded"):
+        LoadSubjectd(keys=["t2w"], seg_key=None)(row)
+    with pytest.raises(DatasetError, match=rf"{file_of(folder, 'seg')}: label values \[4\] are outside the brats2023"):
+        LoadSubjectd(keys=["t1w"])(row)

@@ -40,6 +40,24 @@ def remap_labels(labels: np.ndarray | torch.Tensor, convention: str, source: str
     return out
 
 
+def load_volume(path: str | Path, dtype: Any = np.float32) -> MetaTensor:
+    """A NIfTI file or a folder of DICOM slices as a channel-first MetaTensor ``(C, X, Y, Z)`` with its RAS
+    affine (the form MONAI's LoadImage + EnsureChannelFirst gives); a bad file is a DatasetError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{p}: file not found")
+    if p.is_dir():
+        array, affine = read_dicom_series(p)
+        meta = {"filename_or_obj": str(p), "original_affine": affine, "spatial_shape": np.asarray(array.shape),
+                "space": "RAS", "original_channel_dim": "no_channel"}
+        return MetaTensor(torch.as_tensor(array.astype(dtype))[None],
+                          affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+    try:
+        return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)(str(p))
+    except Exception as e:  # nibabel / MONAI raise many types for bad files
+        raise DatasetError(f"{p}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())})") from e
+
+
 class LoadSubjectd(MapTransform):
     """Load a canonical row's images as channel-first float32 MetaTensors ``(1, X, Y, Z)`` with affine and meta.
 
@@ -55,22 +73,6 @@ class LoadSubjectd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.seg_key = seg_key
         self.dtype = dtype
-        self._nifti = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
-
-    def _read(self, path: str) -> MetaTensor:
-        p = Path(path)
-        if not p.exists():
-            raise DatasetError(f"{p}: file not found")
-        if p.is_dir():
-            array, affine = read_dicom_series(p)
-            affine_t = torch.as_tensor(affine, dtype=torch.float64)
-            meta = {"filename_or_obj": str(p), "original_affine": affine, "spatial_shape": np.asarray(array.shape),
-                    "space": "RAS", "original_channel_dim": "no_channel"}
-            return MetaTensor(torch.as_tensor(array.astype(self.dtype))[None], affine=affine_t, meta=meta)
-        try:
-            return self._nifti(str(p))
-        except Exception as e:  # nibabel / MONAI raise many types for bad files
-            raise DatasetError(f"{p}: cannot be loaded ({type(e).__name__}: {e})") from e
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -87,7 +89,7 @@ class LoadSubjectd(MapTransform):
                                    f"{', '.join(available_modalities(d)) or 'none'})")
             path, channel = source
             if path not in cache:
-                cache[path] = self._read(path)
+                cache[path] = load_volume(path, self.dtype)
             img = cache[path]
             if channel is not None:
                 if img.shape[0] <= channel:
