@@ -1,0 +1,253 @@
+"""Bundle archives (ci/package_bundles.py): MONAI's layout, self-contained, downloadable with MONAI's own
+``monai.bundle download``, the same output as the repository, and weight files refused on a hash mismatch.
+
+The mechanics are tested on a toy bundle (seconds); every real bundle's archive is checked for layout, and its
+full round trip (train one iteration, package the weights, download, infer in a clean process, compare with the
+repository run) is a slow test (``-m slow``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ci"))
+
+import package_bundles as pb  # noqa: E402
+import verify_bundles as vb  # noqa: E402
+from brainsynth.bundle_archive import WeightFileError, read_large_files, verify_large_files  # noqa: E402
+
+TOY = "toy_brain_bundle"
+TOY_INFERENCE = {
+    "imports": ["$import brainsynth", "$import torch"],
+    "bundle_root": ".",
+    "device": "$torch.device('cpu')",
+    "seed": 7,
+    "output_path": "$@bundle_root + '/eval/output.nii.gz'",
+    "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 3,
+                    "padding": 1},
+    "network": "$@network_def.to(@device).eval()",
+    "weights": "$brainsynth.io.load_checkpoint(@bundle_root + '/models/model.pt')",
+    "initialize": ["$brainsynth.training.reject_unknown_overrides()",
+                   "$brainsynth.bundle_archive.verify_large_files(@bundle_root)",
+                   "$brainsynth.training.seed_everything(@seed)"],
+    "inference": ["$@network.load_state_dict(@weights)",
+                  "$brainsynth.io.save_nifti(@network(torch.rand(1, 1, 8, 8, 8))[0].movedim(0, -1), @output_path)"],
+}
+
+
+def _meta(version="0.1.0"):
+    io = {"type": "image", "format": "magnitude", "num_channels": 1, "spatial_shape": [8, 8, 8],
+          "dtype": "float32", "value_range": [0, 1]}
+    return {"schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                      "meta_schema_20240725.json",
+            "version": version, "changelog": {version: "toy"}, "monai_version": "1.6.1", "pytorch_version": "2.13.0",
+            "numpy_version": "2.0", "required_packages_version": {"nibabel": "5.3.2"}, "task": "toy",
+            "description": "toy", "authors": "tests", "copyright": "tests",
+            "network_data_format": {"inputs": {"image": io}, "outputs": {"pred": {**io, "num_channels": 2}}}}
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A toy bundle that imports brainsynth, checks its weights and writes one seeded output; plus its weights."""
+    bundle = tmp_path / "src" / TOY
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "docs").mkdir()
+    (bundle / "LICENSE").write_text("Apache-2.0\n")
+    (bundle / "docs" / "README.md").write_text("toy\n")
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(_meta()))
+    (bundle / "configs" / "inference.json").write_text(json.dumps(TOY_INFERENCE))
+    (bundle / "configs" / "__pycache__").mkdir()
+    (bundle / "configs" / "__pycache__" / "junk.pyc").write_bytes(b"\0")
+    models = tmp_path / "trained" / "models"
+    models.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torch.nn.Conv3d(1, 2, 3, padding=1).state_dict(), models / "model.pt")
+    torch.save({"optimizer": {}}, models / "checkpoint_last.pt")  # a training checkpoint: never released
+    return bundle, models
+
+
+def _run(cmd, cwd, env=None, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _download(zip_path: Path, name: str, dest: Path) -> Path:
+    """MONAI's own download (what ``python -m monai.bundle download --name N --url file://... --bundle_dir D``
+    calls) into a fresh folder; returns the unpacked bundle."""
+    from monai.bundle import download
+
+    download(name=name, url=zip_path.resolve().as_uri(), bundle_dir=str(dest), progress=False)
+    return dest / name
+
+
+def test_toy_archive_layout_hashes_and_reproducibility(toy, tmp_path):
+    bundle, models = toy
+    out = tmp_path / "dist"
+    zip_path = pb.build_archive(bundle, out, models_dir=models)
+    assert zip_path.name == f"{TOY}_v0.1.0.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+        assert {n.split("/")[0] for n in names} == {TOY}  # one top-level folder named after the bundle
+        for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md",
+                         "large_files.yml", "models/model.pt", "brainsynth/__init__.py", "brainsynth/io.py",
+                         "brainsynth/bundle_archive.py"):
+            assert f"{TOY}/{required}" in names, required
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "checkpoint_last" in n]
+        # the vendored library is byte-identical to the repository's single copy
+        assert zf.read(f"{TOY}/brainsynth/io.py") == (REPO / "common/brainsynth/io.py").read_bytes()
+        model_bytes = zf.read(f"{TOY}/models/model.pt")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(unpacked)
+    (entry,) = read_large_files(unpacked / TOY)
+    assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
+    assert entry["hash_val"] == hashlib.sha256(model_bytes).hexdigest()
+    assert entry["url"] == (out / f"{TOY}_v0.1.0" / "models" / "model.pt").resolve().as_uri()
+    # the same inputs give the same bytes; an existing archive is never silently replaced
+    first = zip_path.read_bytes()
+    with pytest.raises(pb.PackagingError, match="already exists"):
+        pb.build_archive(bundle, out, models_dir=models)
+    pb.build_archive(bundle, out, models_dir=models, overwrite=True)
+    assert zip_path.read_bytes() == first
+
+
+def test_toy_archive_downloads_and_runs_without_the_repository(toy, tmp_path):
+    bundle, models = toy
+    zip_path = pb.build_archive(bundle, tmp_path / "dist", models_dir=models)
+
+    # reference: the bundle run from the repository side (editable brainsynth), weights in its models/
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes((models / "model.pt").read_bytes())
+    _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"],
+         cwd=bundle)
+    expected = nib.load(bundle / "eval" / "output.nii.gz").get_fdata()
+
+    workflow_dir = tmp_path / "workflow"
+    workflow_dir.mkdir()
+    unpacked = _download(zip_path, TOY, workflow_dir)
+    cmd, env = pb.without_repository_command("-c", "import brainsynth; print(brainsynth.__file__)")
+    where = _run(cmd, cwd=unpacked, env=env).stdout.strip()
+    assert Path(where).resolve() == (unpacked / "brainsynth" / "__init__.py").resolve()
+    cmd, env = pb.without_repository_command("-c", "import brainsynth")
+    assert _run(cmd, cwd=tmp_path, env=env, check=False).returncode != 0  # really no repository on the path
+
+    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", "inference", "--config_file",
+                                             "configs/inference.json")
+    _run(cmd, cwd=unpacked, env=env)
+    got = nib.load(unpacked / "eval" / "output.nii.gz").get_fdata()
+    assert got.shape == (8, 8, 8, 2)
+    np.testing.assert_array_equal(got, expected)
+
+    # what monai.bundle.load gives: network_def with models/model.pt loaded; the configs import brainsynth, so the
+    # bundle folder must be on sys.path (load does not add it), as each bundle's README says
+    load = (f"import monai.bundle as mb\nn = mb.load(name={TOY!r}, bundle_dir={str(workflow_dir)!r}, "
+            "workflow_type='inference', device='cpu')\nprint(type(n).__name__, float(n.weight.sum()))")
+    cmd, env = pb.without_repository_command("-c", f"import sys; sys.path.insert(0, {str(unpacked)!r})\n" + load)
+    name, total = _run(cmd, cwd=workflow_dir, env=env).stdout.split()[-2:]
+    ref = torch.load(models / "model.pt", weights_only=True)
+    assert name == "Conv3d" and float(total) == pytest.approx(float(ref["weight"].sum()), rel=1e-6)
+
+
+def test_weight_file_with_wrong_hash_is_refused(toy, tmp_path):
+    bundle, models = toy
+    zip_path = pb.build_archive(bundle, tmp_path / "dist", models_dir=models)
+    unpacked = _download(zip_path, TOY, tmp_path)
+    assert verify_large_files(unpacked)
+    weights = unpacked / "models" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[-20] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightFileError, match=r"model\.pt: sha256 is [0-9a-f]{64} but .*refusing"):
+        verify_large_files(unpacked)
+    # the bundle refuses it before loading, through MONAI's own runner in a clean process
+    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", "inference", "--config_file",
+                                             "configs/inference.json")
+    proc = _run(cmd, cwd=unpacked, env=env, check=False)
+    assert proc.returncode != 0
+    assert "model.pt: sha256 is" in proc.stderr and "refusing" in proc.stderr
+    assert not (unpacked / "eval" / "output.nii.gz").exists()
+    # MONAI's download_large_files refuses the existing file too
+    from monai.bundle import download_large_files
+
+    with pytest.raises(Exception, match="hash check of existing file failed"):
+        download_large_files(bundle_path=str(unpacked))
+    # a missing file is named, with the command that fetches it
+    weights.unlink()
+    with pytest.raises(WeightFileError, match="missing; fetch it with `python -m monai.bundle download_large_files"):
+        verify_large_files(unpacked)
+
+
+def test_packaging_refuses_incomplete_bundles(toy, tmp_path):
+    bundle, models = toy
+    (bundle / "LICENSE").unlink()
+    with pytest.raises(pb.PackagingError, match="missing LICENSE"):
+        pb.build_archive(bundle, tmp_path / "dist")
+    (bundle / "LICENSE").write_text("x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pb.PackagingError, match="no weight files"):
+        pb.build_archive(bundle, tmp_path / "dist", models_dir=tmp_path / "empty")
+    # without weights the listing is empty and verification has nothing to refuse
+    zip_path = pb.build_archive(bundle, tmp_path / "dist")
+    with zipfile.ZipFile(zip_path) as zf:
+        assert not [n for n in zf.namelist() if "/models/" in n]
+        assert "large_files: []" in zf.read(f"{TOY}/large_files.yml").decode()
+
+
+# --- the real bundles -----------------------------------------------------------------------------------------
+REAL = pb.discover_bundles()
+
+
+@pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
+def test_real_bundle_archive_layout(bundle_dir, tmp_path):
+    zip_path = pb.build_archive(bundle_dir, tmp_path)
+    name = bundle_dir.name
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        assert {n.split("/")[0] for n in names} == {name}
+        for cfg in (bundle_dir / "configs").glob("*"):
+            assert zf.read(f"{name}/configs/{cfg.name}") == cfg.read_bytes()
+        lib = sorted(p.relative_to(REPO / "common") for p in (REPO / "common/brainsynth").rglob("*.py")
+                     if "__pycache__" not in p.parts)
+        assert all(f"{name}/{p.as_posix()}" in names for p in lib)
+        assert f"{name}/large_files.yml" in names and f"{name}/LICENSE" in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
+def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path):
+    """Train one iteration (demo overlay), package the weights, download the zip with MONAI, run its inference in a
+    process that cannot see the repository, and compare every NIfTI output with the repository-side run."""
+    configs = vb.classify_configs(bundle_dir)
+    scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
+    for name in configs.train:
+        r = vb.run_workflow(scratch, vb.config_stack(bundle_dir, name, configs.train) + configs.demo[:1], "train", 1)
+        assert r["returncode"] == 0, r["output"][-3000:]
+    zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
+
+    infer_stack = vb.config_stack(bundle_dir, "inference.json", configs.runnable) + configs.demo[:1]
+    run_id = vb.run_id_for(vb._merged(bundle_dir, infer_stack), "infer")
+    config_arg = repr([f"configs/{c}" for c in infer_stack])
+    before = {p for p in scratch.rglob("*") if p.is_file()}
+    _run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg], cwd=scratch)
+    repo_outputs = {str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before}
+    assert repo_outputs
+
+    (tmp_path / "workflow").mkdir()
+    unpacked = _download(zip_path, bundle_dir.name, tmp_path / "workflow")
+    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", run_id, "--config_file", config_arg)
+    _run(cmd, cwd=unpacked, env=env)
+    for rel in sorted(repo_outputs):
+        np.testing.assert_array_equal(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
+                                      err_msg=rel)
