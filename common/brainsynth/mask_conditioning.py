@@ -261,6 +261,38 @@ class ConditionLabelsd(MapTransform):
         return d
 
 
+class RegionFromImagesd(MapTransform):
+    """Fill missing region masks (e.g. ``brain_mask``) with the voxels where any image at ``keys`` is non-zero.
+
+    BraTS releases are skull-stripped with an exactly-zero background and ship no brain mask; the authors' brain
+    label is the non-zero region. A row that has its own mask file keeps it (``overwrite=False``).
+    """
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection = "brain_mask", overwrite: bool = False):
+        super().__init__(keys)
+        self.output_keys = (output_keys,) if isinstance(output_keys, str) else tuple(output_keys)
+        self.overwrite = overwrite
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        missing = [k for k in self.output_keys if self.overwrite or not isinstance(d.get(k), torch.Tensor)]
+        if not missing:
+            return d
+        images = [_as_tensor(d[k]) for k in self.key_iterator(d)]
+        if not images:
+            raise MaskError(f"subject {d.get('subject', '?')}: no {', '.join(missing)} and no images to derive it from")
+        region = torch.zeros(images[0].shape, dtype=torch.bool, device=images[0].device)
+        for image in images:
+            region |= image != 0
+        out = region.to(torch.uint8)
+        first = d[next(iter(self.key_iterator(d)))]
+        if isinstance(first, MetaTensor):
+            out = MetaTensor(out).copy_meta_from(first)
+        for key in missing:
+            d[key] = out
+        return d
+
+
 class ValidateConditionMaskd(MapTransform):
     """Raise :class:`MaskError` (naming the file) when a condition label map is unusable; see ``validate``."""
 
@@ -314,6 +346,16 @@ class MaskConditionedPrepareBatch(DiffusionPrepareBatch):
         return images, target, args, infer_kwargs
 
 
+class ConditionInputPrepareBatch:
+    """Evaluator ``prepare_batch``: the one-hot condition is the model input (the image is what gets generated)."""
+
+    def __init__(self, condition_name: str = "condition"):
+        self.condition_name = condition_name
+
+    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
+        return batchdata[self.condition_name].to(device=device, non_blocking=non_blocking, **kwargs), None
+
+
 class MaskConditionedSampler(Inferer):
     """Inferer that generates images from one-hot condition channels: ``sampler(condition, network)``.
 
@@ -360,5 +402,6 @@ class MaskConditionedSampler(Inferer):
         finally:
             network.train(was_training)
         if isinstance(inputs, MetaTensor):  # carry the mask's geometry and transform trace (for Invertd / saving)
-            image = MetaTensor(image).copy_meta_from(inputs)
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else image
+            image = MetaTensor(plain).copy_meta_from(inputs)
         return image

@@ -1,0 +1,90 @@
+"""Writing generated volumes: one NIfTI per modality in the condition mask's geometry, plus the masks and a preview.
+
+Each subject gets ``<output_dir>/<subject>/`` with BraTS 2023 names (``-t1n``, ``-t1c``, ``-t2w``, ``-t2f``,
+``-seg``, ``-brain_mask``), so the folder is itself a dataset ``brainsynth.data.discover`` reads (the downstream
+segmentation experiment trains on it), plus ``-condition.nii.gz`` (the label map the model saw) and
+``-preview.png``. Intensities are the model's [-1, 1] mapped to [0, 1]. Writes are atomic and never replace an
+existing file unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+
+from brainsynth.conventions import LABEL_VALUES
+from brainsynth.data.discover import strip_nifti_extension
+from brainsynth.io import save_nifti
+from brainsynth.mask_conditioning import SemanticMaskConditioning
+
+from .inputs import output_paths
+
+logger = logging.getLogger("med_ddpm.outputs")
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model intensities [-1, 1] -> [0, 1] (clipped)."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def canonical_seg(label_map: torch.Tensor, conditioning: SemanticMaskConditioning) -> np.ndarray | None:
+    """Canonical tumour labels from a condition label map; None when a class has no single canonical label."""
+    lm = np.asarray(torch.as_tensor(label_map).cpu()).astype(np.int16)
+    seg = np.zeros(lm.shape, np.int16)
+    for index, name in enumerate(conditioning.classes, start=1):
+        if name in ("brain", "head"):
+            continue
+        if name not in LABEL_VALUES:  # "tumour" merges several labels
+            return None
+        seg[lm == index] = LABEL_VALUES[name]
+    return seg
+
+
+class SaveGeneratedd(MapTransform):
+    """Postprocessing transform: write ``pred`` (C modalities, mask geometry) and the masks of one subject."""
+
+    def __init__(self, output_dir: str, modalities: Sequence[str], conditioning: SemanticMaskConditioning,
+                 pred_key: str = "pred", mask_key: str = "mask", preview: bool = True, overwrite: bool = False):
+        super().__init__([pred_key])
+        self.output_dir = Path(output_dir)
+        self.modalities = list(modalities)
+        self.conditioning = conditioning
+        self.pred_key, self.mask_key = pred_key, mask_key
+        self.preview, self.overwrite = preview, overwrite
+
+    def _save(self, array: Any, path: Path, source: str | None, affine: np.ndarray, dtype=np.float32) -> None:
+        reference = source if source and strip_nifti_extension(Path(source).name) is not None else None
+        save_nifti(array, path, reference=reference, affine=None if reference else affine, overwrite=self.overwrite,
+                   dtype=dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        pred, lm = d[self.pred_key], d[self.mask_key]
+        subject, source = str(d["subject"]), d.get("source")
+        if pred.shape[0] != len(self.modalities):
+            raise ValueError(f"{subject}: generated {pred.shape[0]} channels for modalities {self.modalities}")
+        affine = np.asarray(torch.as_tensor(getattr(pred, "affine", torch.eye(4))).cpu(), dtype=np.float64)
+        paths = output_paths(self.output_dir, subject, self.modalities)
+        volumes = {}
+        for channel, modality in enumerate(self.modalities):
+            volumes[modality] = to_unit_range(torch.as_tensor(pred[channel]).float().cpu()).numpy()
+            self._save(volumes[modality], paths[modality], source, affine)
+        lm = np.asarray(torch.as_tensor(lm).cpu())[0].round().astype(np.int16)
+        self._save(lm, paths["condition"], source, affine, dtype=np.int16)
+        seg = canonical_seg(lm, self.conditioning)
+        if seg is not None:
+            self._save(seg, paths["seg"], source, affine, dtype=np.int16)
+        if "brain" in self.conditioning.classes:
+            self._save((lm > 0).astype(np.uint8), paths["brain_mask"], source, affine, dtype=np.uint8)
+        if self.preview:
+            from brainsynth.preview import save_preview
+
+            save_preview(volumes, paths["preview"], seg=seg, overwrite=self.overwrite)
+        logger.info("%s: wrote %s", subject, paths[self.modalities[0]].parent)
+        d["written"] = str(paths[self.modalities[0]].parent)
+        return d
