@@ -133,7 +133,13 @@ def test_source_label_convention_is_recorded_per_row(tmp_path, layout, conventio
 
 
 def test_msd_rows_carry_the_4d_file_and_its_channel_names(tmp_path):
-    rows = discover(write_layout(tmp_path, "msd"))
+    root = write_layout(tmp_path, "msd")
+    dataset = json.loads((root / "dataset.json").read_text())
+    dataset["test"] = ["./imagesTs/BRATS_900.nii.gz"]  # MSD lists its unlabelled cases as bare paths
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    rows = discover(root)
+    assert [r.get("split") for r in rows] == [None, None, "test"]  # "training" is all labelled data, not a split
+    assert "seg" not in rows[2] and rows[2]["subject"] == "BRATS_900"
     assert rows[0]["image4d_channels"] == list(MSD_CHANNELS)
     assert rows[0]["image4d"].endswith("imagesTr/BRATS_000.nii.gz")
     assert "t1w" not in rows[0]  # voxels live in the 4-D file only
