@@ -1,0 +1,56 @@
+"""Speed and memory switches for any network of the collection, each a config key with a safe default.
+
+- ``activation_checkpointing``: recompute each residual / attention block's activations in the backward pass
+  instead of storing them. For 3D U-Nets at paper resolution this is what makes training fit in memory. Uses
+  torch's own checkpoint wrapper, which keeps state-dict keys unchanged, so checkpoints stay interchangeable.
+- ``channels_last``: channels-last (3D: ``channels_last_3d``) memory format; helps convolutions on GPUs with
+  tensor cores, rarely on CPU.
+- ``compile``: ``torch.compile`` the network (first iterations are slow while it compiles).
+- Fused scaled-dot-product attention is a constructor argument of MONAI's U-Nets (``use_flash_attention``) and
+  bf16 autocast a flag of the engines (``amp`` with ``amp_kwargs={"dtype": torch.bfloat16}``): both stay in configs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+#: block types whose activations are worth recomputing (MONAI diffusion U-Net, autoencoder and D3M blocks)
+_BLOCK_TYPE_NAMES = {
+    "DiffusionUNetResnetBlock", "SpatialAttentionBlock", "DiffusionUNetTransformerBlock",  # diffusion U-Net
+    "AEKLResBlock", "SpatialAttentionBlock",  # AutoencoderKL
+}
+
+
+def _is_block(module: nn.Module) -> bool:
+    return type(module).__name__ in _BLOCK_TYPE_NAMES
+
+
+def apply_activation_checkpointing(network: nn.Module, check_fn=_is_block) -> int:
+    """Wrap every block selected by ``check_fn`` for activation checkpointing, in place; returns how many."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing as _apply, checkpoint_wrapper)
+
+    count = sum(1 for m in network.modules() if check_fn(m))
+    if count:
+        _apply(network, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
+                                                                checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+               check_fn=check_fn)
+    return count
+
+
+def accelerate(network: nn.Module, activation_checkpointing: bool = False, channels_last: bool = False,
+               compile: bool = False, spatial_dims: int | None = None) -> nn.Module:
+    """Apply the chosen switches to ``network`` and return it (compiled networks are wrapped, so use the result)."""
+    if activation_checkpointing and apply_activation_checkpointing(network) == 0:
+        raise ValueError(f"activation_checkpointing: no checkpointable block found in {type(network).__name__}")
+    if channels_last:
+        if spatial_dims is None:
+            conv = next((m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+            spatial_dims = 3 if isinstance(conv, nn.Conv3d) else 2
+        network = network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
+    if compile:
+        network = torch.compile(network)
+    return network
