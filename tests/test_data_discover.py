@@ -281,3 +281,73 @@ def test_demo_cohort_is_built_once_per_setting_and_reused(tmp_path, monkeypatch)
     other = resolve_dataset_dir("demo", tmp_path, n_subjects=3, seed=2)
     assert other != first and len(calls) == 2 and calls[1][2] == 2
     assert first.parent == tmp_path
+
+
+# --- the simulated cohort, written in each of its layouts, discovered back ------------------------------------
+COHORT = dict(n_subjects=4, seed=0, spacing=6)  # 40 x 40 x 26 voxels: a few seconds for all three layouts
+
+
+@pytest.fixture(scope="module")
+def cohort_dirs(tmp_path_factory):
+    from brainsynth.cohort import generate_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    return {layout: generate_cohort(root / layout, layout=layout, **COHORT).parent
+            for layout in ("brats2023", "brats2021", "msd")}
+
+
+def _load_all(row):
+    keys = ["t1w", "t1ce", "t2w", "flair", "pd", "brain_mask"]
+    out = LoadSubjectd(keys=keys)(row)
+    return {k: out[k].numpy() for k in keys + ["seg"]}, out["t1w"].affine.numpy()
+
+
+def test_cohort_layouts_discover_to_identical_canonical_data(cohort_dirs):
+    from brainsynth.conventions import MODALITIES
+    from brainsynth.data import validate_items
+
+    found = {layout: sorted(discover(path), key=lambda r: r["subject"]) for layout, path in cohort_dirs.items()}
+    for layout, rows in found.items():
+        assert len(rows) == COHORT["n_subjects"]
+        validate_items(rows, MODALITIES, require_seg=True)  # every file readable, on one grid, labels valid
+    reference = found["brats2023"]
+    for layout in ("brats2021", "msd"):
+        for ref_row, row in zip(reference, found[layout]):
+            assert (row["pathology"], row["split"]) == (ref_row["pathology"], ref_row["split"])
+            ref_arrays, ref_affine = _load_all(ref_row)
+            arrays, affine = _load_all(row)
+            np.testing.assert_allclose(affine, ref_affine, atol=1e-5)
+            for key, ref in ref_arrays.items():
+                np.testing.assert_array_equal(arrays[key], ref, err_msg=f"{layout} {row['subject']} {key}")
+    segs = [np.unique(_load_all(r)[0]["seg"]).tolist() for r in reference]
+    assert any(3 in s for s in segs) and any(4 in s for s in segs)  # tumour and lesion labels both came through
+
+
+def test_cohort_datalist_and_a_bare_folder_scan_agree(cohort_dirs):
+    from brainsynth.data.discover import _scan_folder
+
+    for layout in ("brats2023", "brats2021"):
+        listed = {r["subject"]: r for r in discover(cohort_dirs[layout])}
+        scanned = {r["subject"]: r for r in _scan_folder(cohort_dirs[layout])}
+        assert listed.keys() == scanned.keys()
+        for subject, row in listed.items():
+            for key in ("t1w", "t1ce", "t2w", "flair", "pd", "seg", "brain_mask"):
+                assert Path(row[key]) == Path(scanned[subject][key]), (layout, subject, key)
+            if row["pathology"] != "sclerosis":  # lesion subjects are canonical-labelled, which only the datalist says
+                assert row["label_convention"] == scanned[subject]["label_convention"] == layout
+
+
+def test_cohort_splits_come_from_its_datalist(cohort_dirs):
+    path = cohort_dirs["msd"]
+    datalist = json.loads((path / "datalist.json").read_text())
+    rows = discover(path)
+    for split in ("training", "validation", "test"):
+        assert [r["subject"] for r in split_items(rows, split)] == [r["subject"] for r in datalist[split]]
+
+
+def test_demo_dataset_dir_builds_the_real_cohort_once(tmp_path):
+    first = resolve_dataset_dir("demo", tmp_path, n_subjects=2, spacing=6)
+    stamp = (first / "datalist.json").stat().st_mtime_ns
+    assert resolve_dataset_dir("demo", tmp_path, n_subjects=2, spacing=6) == first
+    assert (first / "datalist.json").stat().st_mtime_ns == stamp
+    assert sorted(r["subject"] for r in discover(first)) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
