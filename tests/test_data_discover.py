@@ -156,6 +156,14 @@ def test_expanded_scans_load_the_right_volume_even_from_a_4d_file(tmp_path):
     assert "image_channel" not in out  # consumed, so rows from NIfTI and 4-D sources collate together
 
 
+def test_loading_twice_in_one_pipeline_keeps_the_first_result(tmp_path):
+    (row,) = [r for r in discover(write_layout(tmp_path, "brats2021")) if r["subject"].endswith("1")]
+    first = LoadSubjectd(keys=["t1w"])(row)
+    again = LoadSubjectd(keys=["t1w", "flair"])(first)  # seg_key="seg" too: brats2021 has no 3
+    assert again["t1w"] is first["t1w"] and again["seg"] is first["seg"]  # not re-read, seg not remapped twice
+    np.testing.assert_array_equal(again["flair"][0].numpy(), _images(1)["flair"])
+
+
 def test_brasyn_validation_case_is_discovered_without_the_missing_files(tmp_path):
     write_layout(tmp_path, "brats2023")
     case = tmp_path / "BraTS-GLI-00001-000"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -81,6 +82,8 @@ class LoadSubjectd(MapTransform):
         if self.seg_key and self.seg_key not in keys and d.get(self.seg_key):
             keys.append(self.seg_key)
         for key in keys:
+            if key in d and not isinstance(d[key], (str, os.PathLike)):
+                continue  # loaded already (e.g. by an earlier LoadSubjectd in the same pipeline)
             source = image_source(d, key)
             if source is None:
                 if self.allow_missing_keys:
