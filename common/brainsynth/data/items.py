@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, Iterable, Sequence
 
 from brainsynth.conventions import MODALITIES, canonical_modality
@@ -16,8 +17,9 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 def image_source(row: dict[str, Any], key: str) -> tuple[str, int | None] | None:
     """``(path, channel)`` holding ``key``'s voxels in ``row``: a per-key path (channel ``row[key + '_channel']``
     when a per-scan row points into a 4-D file), or a channel of the row's MSD ``image4d``; None if absent."""
-    if row.get(key):
-        return str(row[key]), row.get(f"{key}_channel")
+    value = row.get(key)
+    if value is not None and not (isinstance(value, str) and not value):  # a path (or data loaded already)
+        return (str(value) if isinstance(value, (str, os.PathLike)) else value), row.get(f"{key}_channel")
     channels = row.get("image4d_channels")
     if row.get("image4d") and channels and key in channels:
         return str(row["image4d"]), list(channels).index(key)

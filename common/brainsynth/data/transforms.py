@@ -79,7 +79,7 @@ class LoadSubjectd(MapTransform):
         d = dict(data)
         cache: dict[str, MetaTensor] = {}
         keys = list(self.keys)
-        if self.seg_key and self.seg_key not in keys and d.get(self.seg_key):
+        if self.seg_key and self.seg_key not in keys and image_source(d, self.seg_key) is not None:
             keys.append(self.seg_key)
         for key in keys:
             if key in d and not isinstance(d[key], (str, os.PathLike)):
