@@ -18,7 +18,9 @@ from brainsynth.data.items import available_modalities
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m brainsynth.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brainsynth.data",
+                                     description="Validate (check) or list (discover) a brain-MRI dataset: BraTS "
+                                                 "2021 / 2023 GLI / BraSyn / PEDs folders, MSD Task01, datalists.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("check", "validate a dataset and print a per-subject report"),
                        ("discover", "list the subjects and files a dataset provides")):
