@@ -244,3 +244,34 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                         parsed[k] = v
             rows.append(parsed)
     return rows
+
+
+def write_comparison(eval_dir: str | os.PathLike, methods: Sequence[str], reference: str,
+                     region_label: str = "Tumour", overwrite: bool = True) -> dict[str, str]:
+    """Compare methods evaluated into ``eval_dir`` (``<method>_per_slice.csv`` / ``_per_volume.csv``).
+
+    Writes ``comparison_per_slice.{csv,md}`` and ``comparison_per_volume.{csv,md}`` (mean +- sd, paired Wilcoxon
+    of ``reference`` against each method) and returns the two Markdown tables. A method without its CSVs is an
+    error naming the missing file.
+    """
+    from pathlib import Path
+
+    from .io import atomic_write_text
+
+    eval_dir = Path(eval_dir)
+    methods = [reference] + [m for m in methods if m != reference]
+    tables = {}
+    for unit, key in (("slice", ("subject", "slice")), ("volume", ("subject",))):
+        rows = []
+        for method in methods:
+            path = eval_dir / f"{method}_per_{unit}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: not found; run the 'evaluating' workflow with variant={method} "
+                                        "first")
+            rows += read_csv(path)
+        summary = compare_methods(rows, reference, key=key)
+        write_csv(summary, eval_dir / f"comparison_per_{unit}.csv", overwrite=overwrite)
+        table = markdown_table(summary, region_label=region_label)
+        atomic_write_text(eval_dir / f"comparison_per_{unit}.md", table, overwrite=overwrite)
+        tables[unit] = table
+    return tables
