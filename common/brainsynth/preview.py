@@ -6,13 +6,12 @@ convention: the patient's right is on the viewer's left; anterior is up in axial
 Slices go through the centre of the segmented region when there is one, else through the brain's centre.
 
 ``save_preview``: one subject, a row per volume, a column per view. ``save_montage``: several subjects, a row
-per subject, a column per volume (one view). ``preview_cohort``: a montage of a cohort from its datalist.json.
-CLI: ``python -m brainsynth.preview DATALIST_OR_DIR --out preview.png``.
+per subject, a column per volume (one view). ``preview_cohort``: a montage of any dataset brainsynth.data reads.
+CLI: ``python -m brainsynth.preview DATASET_OR_DATALIST --out preview.png``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -226,67 +225,61 @@ def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     return _write_png(canvas, texts, path, overwrite)
 
 
-# --- cohorts on disk --------------------------------------------------------------------------------------------
-def _load_ras(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+# --- datasets on disk -------------------------------------------------------------------------------------------
+def _ras_for_display(image: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A loaded (1, X, Y, Z) MetaTensor -> (RAS-ordered 3-D array, voxel size in mm)."""
     import nibabel as nib
 
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-    except Exception as e:  # missing, truncated, not NIfTI
-        raise ValueError(f"{path}: cannot be read as NIfTI ({e})") from None
-    return np.asarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
+    affine = np.asarray(image.affine, dtype=np.float64)
+    array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)[0]
+    orientation = nib.orientations.io_orientation(affine)
+    array = nib.orientations.apply_orientation(array, orientation)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = tuple(float(zooms[int(axis)]) for axis in np.argsort(orientation[:, 0]))
+    return array, spacing
 
 
-def preview_cohort(datalist: str | os.PathLike, path: str | os.PathLike | None = None, max_subjects: int = 8,
+def preview_cohort(dataset: str | os.PathLike, path: str | os.PathLike | None = None, max_subjects: int = 8,
                    overwrite: bool = False) -> Path:
-    """Montage of the first ``max_subjects`` subjects of a cohort (its folder or datalist.json), all modalities,
-    axial; written to ``path`` (default ``preview.png`` beside the datalist)."""
+    """Montage of the first ``max_subjects`` subjects (by id) of any dataset ``brainsynth.data.discover`` reads
+    (a simulated cohort, a BraTS / MSD folder, a datalist): every modality all of them have, axial view, labels
+    outlined. Written to ``path`` (default ``preview.png`` in the dataset folder / beside the datalist)."""
     from brainsynth.conventions import MODALITIES
+    from brainsynth.data import LoadSubjectd, available_modalities, discover
 
-    datalist = Path(datalist)
-    if datalist.is_dir():
-        datalist = datalist / "datalist.json"
-    try:
-        content = json.loads(datalist.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{datalist}: cannot be read as a datalist ({e})") from None
-    rows = [r for split in ("training", "validation", "test") for r in content.get(split, [])]
-    if not rows:
-        raise ValueError(f"{datalist}: no subjects in training / validation / test")
-    base = datalist.parent
+    dataset = Path(dataset)
+    rows = sorted(discover(dataset), key=lambda r: str(r["subject"]))[:max_subjects]
+    names = [m for m in MODALITIES if all(m in available_modalities(r) for r in rows)]
+    if not names:
+        raise ValueError(f"{dataset}: its first {len(rows)} subjects share no modality to show")
+    loader = LoadSubjectd(keys=names)
     subjects = []
-    for row in rows[:max_subjects]:
-        volumes, spacing = {}, (1.0, 1.0, 1.0)
-        if row.get("image4d"):
-            data, spacing = _load_ras(base / row["image4d"])
-            for c, m in enumerate(row["image4d_channels"]):
-                volumes[m] = data[..., c]
-        for m in MODALITIES:
-            if row.get(m):
-                volumes[m], spacing = _load_ras(base / row[m])
-        seg = _load_ras(base / row["seg"])[0] if row.get("seg") else None
+    for row in rows:
+        loaded = loader(row)  # segmentation remapped to canonical labels
+        volumes = {}
+        for m in names:
+            volumes[m], spacing = _ras_for_display(loaded[m])
+        seg = _ras_for_display(loaded["seg"])[0] if "seg" in loaded else None
         subjects.append({"volumes": volumes, "seg": seg, "spacing": spacing,
-                         "label_convention": row.get("label_convention", content.get("label_convention")),
-                         "title": f"{row.get('subject', '')} {row.get('pathology', '')}".strip()})
-    names = [m for m in MODALITIES if all(m in s["volumes"] for s in subjects)]
-    path = Path(path) if path is not None else datalist.parent / "preview.png"
+                         "title": f"{row['subject']} {row.get('pathology', '')}".strip()})
+    folder = dataset if dataset.is_dir() else dataset.parent
+    path = Path(path) if path is not None else folder / "preview.png"
     return save_montage(subjects, path, modalities=names, overwrite=overwrite,
-                        title=f"{datalist.parent.name}: {len(rows)} subjects ({content.get('layout', '')}); "
-                              f"outlines {_legend(set(LABELS) - {0})}")
+                        title=f"{folder.name}: first {len(rows)} subjects; outlines {_legend(set(LABELS) - {0})}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m brainsynth.preview", description=preview_cohort.__doc__)
-    parser.add_argument("datalist", help="cohort folder or its datalist.json")
-    parser.add_argument("--out", default=None, help="PNG path (default: preview.png beside the datalist)")
+    parser.add_argument("dataset", help="dataset folder (any layout brainsynth.data reads) or a datalist file")
+    parser.add_argument("--out", default=None, help="PNG path (default: preview.png in the dataset folder)")
     parser.add_argument("--subjects", type=int, default=8, help="at most this many subjects (default 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     args = parser.parse_args(argv)
     try:
-        print(preview_cohort(args.datalist, args.out, args.subjects, args.overwrite))
-    except (ValueError, FileExistsError) as e:
+        print(preview_cohort(args.dataset, args.out, args.subjects, args.overwrite))
+    except (ValueError, FileExistsError) as e:  # DatasetError is a ValueError
         parser.exit(2, f"error: {e}\n")
     return 0
 

@@ -9,7 +9,7 @@ transform, so a subject transform maps output millimetres to template millimetre
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -145,6 +145,7 @@ class Landmarks:
 
     ventricle_centres: np.ndarray       # (2, 3) left and right lateral ventricle centroids
     ventricle_extent: np.ndarray        # (3,) half-extent (std) of one lateral ventricle, mm
+    ventricle_inflation: "TemplateField"  # unit pull towards the lateral ventricles (see Inflation)
     tumour_sites: np.ndarray            # (N, 3) deep hemispheric white matter
     periventricular_sites: np.ndarray   # (N, 3) white matter touching the lateral ventricles
     juxtacortical_sites: np.ndarray     # (N, 3) white matter at the grey-white junction
@@ -172,15 +173,70 @@ def template_landmarks() -> Landmarks:
     centres = np.stack([mm[ventricles & (x < 0)].mean(0), mm[ventricles & (x > 0)].mean(0)])
     extent = mm[ventricles & (x > 0)].std(0)
     to_ventricle = ndi.distance_transform_edt(~ventricles) * 2.0
+    # the gradient of the smoothed ventricle mask, scaled to unit length at its strongest: it points into
+    # the ventricles from their surroundings and fades over ~1 cm
+    smooth = ndi.gaussian_filter(ventricles.astype(np.float32), INFLATION_SMOOTHING_MM / 2.0)
+    gradient = np.stack(np.gradient(smooth, 2.0))
+    gradient /= np.linalg.norm(gradient, axis=0).max()
+    inflation = TemplateField(gradient.astype(np.float32), origin=mm[0, 0, 0], spacing=2.0)
     to_cortex = ndi.distance_transform_edt(gm < 0.5) * 2.0
     return Landmarks(
-        ventricle_centres=centres, ventricle_extent=extent,
+        ventricle_centres=centres, ventricle_extent=extent, ventricle_inflation=inflation,
         tumour_sites=mm[(wm > 0.6) & (depth > 18) & cerebrum & (np.abs(x) > 8)],
         periventricular_sites=mm[(wm > 0.5) & (to_ventricle > 1) & (to_ventricle <= 6) & cerebrum],
         juxtacortical_sites=mm[(wm > 0.4) & (to_cortex > 0) & (to_cortex <= 3) & (depth > 5) & (depth < 22) &
                                cerebrum & (z > -10)],
         deep_wm_sites=mm[(wm > 0.85) & cerebrum & (z > -10)],
     )
+
+
+#: width (mm) of the Gaussian that turns a template structure into the pull field of its Inflation
+INFLATION_SMOOTHING_MM = 5.0
+
+
+@dataclass(frozen=True, eq=False)
+class TemplateField:
+    """A vector field on a regular lattice in template mm: ``values`` (3, nx, ny, nz), zero outside."""
+
+    values: np.ndarray
+    origin: np.ndarray
+    spacing: float
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Template-mm box outside which the field is zero."""
+        support = np.linalg.norm(self.values, axis=0) > 1e-3
+        idx = np.argwhere(support)
+        return self.origin + idx.min(0) * self.spacing, self.origin + idx.max(0) * self.spacing
+
+    def at(self, coords_mm: np.ndarray) -> np.ndarray:
+        """(3, ...) values at (3, ...) template-mm coordinates (trilinear)."""
+        index = [(coords_mm[i] - np.float32(self.origin[i])) / np.float32(self.spacing) for i in range(3)]
+        return np.stack([ndi.map_coordinates(v, index, order=1, mode="constant", cval=0.0, output=np.float32)
+                         for v in self.values])
+
+
+@dataclass(frozen=True)
+class Inflation:
+    """Grows a template structure by about ``distance_mm`` along its outward normal: an output point near the
+    structure shows the template anatomy from ``distance_mm`` x the structure's pull field nearer to it."""
+
+    field: TemplateField
+    distance_mm: float
+
+    def apply(self, coords: np.ndarray) -> None:
+        """Shift (3, X, Y, Z) template-mm coordinates in place, only inside the field's support."""
+        lo, hi = self.field.bounds()
+        inside = np.ones(coords.shape[1:], bool)
+        for i in range(3):
+            inside &= (coords[i] >= lo[i]) & (coords[i] <= hi[i])
+        if not inside.any():
+            return
+        box = []
+        for i in range(3):
+            hit = np.nonzero(inside.any(axis=tuple(j for j in range(3) if j != i)))[0]
+            box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        local = coords[(slice(None), *box)]
+        local += np.float32(self.distance_mm) * self.field.at(local)
 
 
 # --- smooth random displacement fields --------------------------------------------------------------------------
@@ -260,13 +316,15 @@ class Swelling:
 
 @dataclass
 class SubjectTransform:
-    """Output mm -> template mm: ``y = centre + linear @ (x - centre) + shift + elastic(x)`` (+ swellings)."""
+    """Output mm -> template mm: ``y = centre + linear @ (x - centre) + shift + elastic(x)``, then the
+    pathology's swellings (output space) and inflations (template space)."""
 
     linear: np.ndarray  # (3, 3)
     shift: np.ndarray  # (3,)
     elastic: SplineField
     centre: np.ndarray  # (3,) the point the linear part turns about (grid centre)
     swellings: list[Swelling]
+    inflations: list[Inflation] = field(default_factory=list)
 
     def at_points(self, points: np.ndarray) -> np.ndarray:
         """Template mm of (N, 3) output mm points (without swellings: they are pathology-specific)."""
@@ -300,6 +358,8 @@ class SubjectTransform:
             for i in range(3):
                 coords[(i, *box)] += (self.linear[i, 0] * disp[0] + self.linear[i, 1] * disp[1]
                                       + self.linear[i, 2] * disp[2])
+        for inflation in self.inflations:
+            inflation.apply(coords)
         return coords
 
 
@@ -320,16 +380,20 @@ def random_transform(rng: np.random.Generator, grid: Grid, elastic_std: float, r
     return SubjectTransform(linear, rng.normal(0.0, shift_std, 3), elastic, np.array(GRID_CENTRE_MNI, float), [])
 
 
+@functools.lru_cache(maxsize=1)
+def _template_brain_bounds() -> tuple[np.ndarray, np.ndarray]:
+    """World-mm corners of the template brain's bounding box."""
+    template = load_template()
+    nz = [np.nonzero(template.total.max(axis=tuple(j for j in range(3) if j != i)) > 0.05)[0] for i in range(3)]
+    lo = np.array([n[0] for n in nz], float) * np.diag(template.affine)[:3] + template.affine[:3, 3]
+    hi = np.array([n[-1] for n in nz], float) * np.diag(template.affine)[:3] + template.affine[:3, 3]
+    return lo, hi
+
+
 def brain_box(grid: Grid, transform: SubjectTransform, margin_mm: float = 14.0) -> tuple[slice, slice, slice]:
     """Index box of the output grid that holds the subject's brain: the template brain's bounding box pulled
     back through the transform's affine part, widened by ``margin_mm`` for the elastic part and swellings."""
-    template = load_template()
-    total = template.maps["wm"] + template.maps["gm"] + template.maps["csf"]
-    nz = [np.nonzero(total.max(axis=tuple(j for j in range(3) if j != i)) > 0.05)[0] for i in range(3)]
-    lo_idx = np.array([n[0] for n in nz], float)
-    hi_idx = np.array([n[-1] for n in nz], float)
-    lo_mm = lo_idx * np.diag(template.affine)[:3] + template.affine[:3, 3]
-    hi_mm = hi_idx * np.diag(template.affine)[:3] + template.affine[:3, 3]
+    lo_mm, hi_mm = _template_brain_bounds()
     corners = np.array([[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1])
                         for c in (lo_mm[2], hi_mm[2])])
     inv = np.linalg.inv(transform.linear)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainsynth.cohort.anatomy import (Grid, Swelling, SubjectTransform, sample_template, template_for_spacing,
+from brainsynth.cohort.anatomy import (Grid, Inflation, Swelling, SubjectTransform, sample_template, template_for_spacing,
                                        template_landmarks)
 
 #: the fine lattice on which tumour shape and edema growth are computed, whatever the output spacing (mm), so
@@ -110,19 +110,17 @@ class Healthy:
 
 
 class Dementia(Healthy):
-    """Atrophy: enlarged lateral ventricles (a swelling centred on each) and sulcal widening with cortical
-    thinning (grey matter that borders CSF partly becomes CSF)."""
+    """Atrophy: enlarged lateral ventricles (their walls pushed out by a few mm) and sulcal widening with
+    cortical thinning (grey matter that borders CSF partly becomes CSF)."""
 
     name = "dementia"
 
     def __init__(self, rng, transform, grid):
-        landmarks = template_landmarks()
-        centres = transform.inverse_points(landmarks.ventricle_centres)
-        amplitude = float(rng.uniform(0.4, 0.65))
-        widths = landmarks.ventricle_extent * np.array([1.6, 1.1, 1.6])
-        transform.swellings.extend(Swelling(c, widths, amplitude) for c in centres)
+        growth = float(rng.uniform(2.0, 4.0))  # mm the ventricle walls move out
+        transform.inflations.append(Inflation(template_landmarks().ventricle_inflation, growth))
         self.cortical_loss = float(rng.uniform(0.3, 0.55))
-        self.parameters = {"ventricle_expansion": amplitude, "cortical_grey_matter_loss": self.cortical_loss}
+        self.parameters = {"ventricle_growth_mm": round(growth, 3),
+                           "cortical_grey_matter_loss": round(self.cortical_loss, 3)}
 
     def apply(self, fractions, axes, grid, transform):
         gm, csf = fractions["gm"], fractions["csf"]
@@ -233,7 +231,8 @@ class Glioblastoma(Healthy):
         """Signed distances (mm, negative inside) of core, necrosis and edema, and the gadolinium map, on a
         2 mm lattice around the tumour in output space."""
         h = TUMOUR_LATTICE_MM
-        half = self.semi_axes.max() * (1.0 + 2 * self.roughness) + 2.5 * self.edema_length + 3 * h
+        extent = max([self.semi_axes.max()] + [np.linalg.norm(offset) + r for offset, r in self.lobes])
+        half = extent * (1.0 + 2 * self.roughness) + 2.5 * self.edema_length + 3 * h
         axes = [c + np.arange(-half, half + h / 2, h) for c in self.centre]
         shape = tuple(len(a) for a in axes)
         anatomy = sample_template(template_for_spacing((h, h, h)), transform.on_axes(axes))

@@ -58,11 +58,14 @@ ACQUISITIONS: dict[str, Acquisition] = {
 
 
 def intensity_scale(modality: str) -> float:
-    """Factor that puts the brightest nominal tissue of a contrast at 1000 (same for every subject, so
-    intensities stay comparable across pathologies; each subject then gets its own scanner gain)."""
-    seq = ACQUISITIONS[modality]
-    peak = max(float(seq.signal(t1, t2, pd, GD_REFERENCE_MM if name == "enhancing" else 0.0))
-               for name, (t1, t2, pd) in TISSUE_PROPERTIES.items())
+    """Factor that puts the brightest nominal tissue of a sequence at 1000. Acquisitions with the same timing
+    (T1w and T1ce) share it, so contrast enhancement shows as brighter tissue, not as a rescaled image; the
+    factor is the same for every subject, so intensities stay comparable across pathologies (each subject then
+    gets its own scanner gain)."""
+    acquisition = ACQUISITIONS[modality]
+    twins = [a for a in ACQUISITIONS.values() if (a.tr, a.te, a.ti) == (acquisition.tr, acquisition.te, acquisition.ti)]
+    peak = max(float(a.signal(t1, t2, pd, GD_REFERENCE_MM if name == "enhancing" else 0.0))
+               for a in twins for name, (t1, t2, pd) in TISSUE_PROPERTIES.items())
     return 1000.0 / peak
 
 

@@ -11,7 +11,7 @@ from brainsynth.cohort.anatomy import Grid, brain_box, make_grid, random_transfo
     template_for_spacing, SplineField
 from brainsynth.cohort.pathology import PATHOLOGY_MODELS, smooth_noise
 from brainsynth.cohort.physics import TISSUE_PROPERTIES, intensity_scale, rician, tissue_signal
-from brainsynth.conventions import LABEL_VALUES, MODALITIES, canonical_modality, canonical_pathology
+from brainsynth.conventions import LABEL_VALUES, LABELS, MODALITIES, canonical_modality, canonical_pathology
 
 #: tissue classes a subject's fractions may hold (healthy ones always; the rest when the pathology makes them)
 TISSUE_CLASSES: tuple[str, ...] = tuple(TISSUE_PROPERTIES)
@@ -20,6 +20,8 @@ TISSUE_LABELS: dict[str, int] = {"necrosis": LABEL_VALUES["necrotic_core"], "ede
                                  "enhancing": LABEL_VALUES["enhancing"], "lesion": LABEL_VALUES["lesion"]}
 #: standard deviation of the multiplicative tissue texture
 TEXTURE_AMPLITUDE = 0.04
+#: share of a voxel one healthy tissue must fill for the voxel to count in that tissue's ground-truth region
+PURE_TISSUE_FRACTION = 0.8
 #: a voxel is brain when its tissue fractions sum to at least this
 BRAIN_FRACTION_THRESHOLD = 0.5
 
@@ -40,6 +42,21 @@ class SimulatedSubject:
     @property
     def affine(self) -> np.ndarray:
         return self.grid.affine
+
+    def regions(self, purity: float = PURE_TISSUE_FRACTION) -> dict[str, np.ndarray]:
+        """Ground-truth regions (boolean masks): "wm", "gm", "csf" where that healthy tissue fills at least
+        ``purity`` of an unlabelled brain voxel, and every canonical label present ("edema", "lesion", ...)."""
+        unlabelled = (self.brain_mask > 0) & (self.labels == 0)
+        out = {t: unlabelled & (self.fractions[t] >= purity) for t in ("wm", "gm", "csf")}
+        for value in np.unique(self.labels):
+            if value:
+                out[LABELS[int(value)]] = self.labels == value
+        return out
+
+    def region_means(self, purity: float = PURE_TISSUE_FRACTION) -> dict[str, dict[str, float]]:
+        """Mean intensity of every contrast in every non-empty region: {region: {modality: mean}}."""
+        return {name: {m: float(image[mask].mean()) for m, image in self.images.items()}
+                for name, mask in self.regions(purity).items() if mask.any()}
 
     def tissue_map(self) -> np.ndarray:
         """Dominant healthy tissue per voxel: 0 background, 1 CSF, 2 grey matter, 3 white matter (uint8)."""
@@ -115,7 +132,10 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
     lo, hi = [a[0] for a in grid.axes()], [a[-1] for a in grid.axes()]
     bias = SplineField.random(scanner_rng, lo, hi, lattice_spacing=90.0, std=bias_std, channels=len(MODALITIES))
     gains = {m: float(scanner_rng.uniform(0.9, 1.1)) for m in MODALITIES}
-    noise_sd = {m: noise_level * float(scanner_rng.uniform(0.8, 1.25)) * 1000.0 * gains[m] for m in MODALITIES}
+    # noise and texture are drawn for a 1 mm acquisition; a coarser grid averages them like voxels do
+    averaging = np.float32(1.0 / np.sqrt(max(float(np.prod(grid.spacing)), 1.0)))
+    noise_sd = {m: noise_level * float(scanner_rng.uniform(0.8, 1.25)) * 1000.0 * gains[m] * averaging
+                for m in MODALITIES}
 
     # the signal is only needed inside the brain: work on those voxels as 1-D arrays
     where = np.flatnonzero(inside)
@@ -123,7 +143,7 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
     gd_at_brain = {name: g.ravel()[where] for name, g in gd.items()}
     # fine tissue heterogeneity the smooth template lacks: a few percent, correlated over ~1 mm
     texture = smooth_noise(texture_rng, total.shape, [1.0 / s for s in grid.spacing]).ravel()[where]
-    texture = 1.0 + np.float32(TEXTURE_AMPLITUDE) * texture
+    texture = 1.0 + np.float32(TEXTURE_AMPLITUDE) * averaging * texture
     bias_fields = bias.on_axes(axes)
 
     images = {}
@@ -145,6 +165,7 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
         return out
 
     parameters = {"pathology": pathology, "elastic_sd_mm": round(elastic_std, 3),
+                  "noise_sd": {m: round(v, 3) for m, v in noise_sd.items()},
                   "linear": [[round(float(v), 4) for v in row] for row in transform.linear],
                   "shift_mm": [round(float(v), 3) for v in transform.shift], "noise_sd_of_full_scale": noise_level,
                   "log_bias_sd": bias_std, "gains": gains, **model.parameters}
