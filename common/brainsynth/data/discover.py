@@ -19,6 +19,7 @@ A path to a ``.json`` or ``.csv`` file is read as an explicit datalist.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from pathlib import Path
@@ -56,13 +57,14 @@ def strip_nifti_extension(name: str) -> str | None:
     return None
 
 
-def _suffix_table() -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=1)
+def _suffix_table() -> tuple[tuple[str, str], ...]:
     """(lower-case suffix, role) pairs, longest first so 't1ce' wins over 't1'."""
     from brainsynth.conventions import _MODALITY_SYNONYMS  # the one synonym table; read, never copied
 
     table = dict(_MODALITY_SYNONYMS)
     table.update(_FILE_ROLE_SUFFIXES)
-    return sorted(table.items(), key=lambda kv: -len(kv[0]))
+    return tuple(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
 def parse_scan_name(stem: str) -> tuple[str, str, str] | None:
