@@ -16,7 +16,7 @@ MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair", "pd")
 #: the four BraTS contrasts, in canonical channel order
 BRATS_MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair")
 
-_MODALITY_SYNONYMS: dict[str, str] = {
+MODALITY_SYNONYMS: dict[str, str] = {
     "t1": "t1w", "t1n": "t1w", "t1w": "t1w", "t1-weighted": "t1w", "t1native": "t1w",
     "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1post": "t1ce", "t1_gd": "t1ce",
     "t2": "t2w", "t2w": "t2w", "t2-weighted": "t2w",
@@ -28,16 +28,16 @@ _MODALITY_SYNONYMS: dict[str, str] = {
 def canonical_modality(name: str) -> str:
     """Map any known modality spelling (t1n, T1-Gd, t2f, ...) to its canonical key; unknown names are an error."""
     key = str(name).strip().lower().replace(" ", "")
-    if key not in _MODALITY_SYNONYMS:
+    if key not in MODALITY_SYNONYMS:
         raise ValueError(f"unknown modality {name!r}; valid: {', '.join(MODALITIES)} (or a synonym such as "
                          f"t1n, t1c, t1gd, t2f)")
-    return _MODALITY_SYNONYMS[key]
+    return MODALITY_SYNONYMS[key]
 
 
 # --- pathologies ------------------------------------------------------------------------------------------
 PATHOLOGIES: tuple[str, ...] = ("healthy", "glioblastoma", "sclerosis", "dementia")
 
-_PATHOLOGY_SYNONYMS: dict[str, str] = {
+PATHOLOGY_SYNONYMS: dict[str, str] = {
     "healthy": "healthy", "normal": "healthy", "control": "healthy", "hc": "healthy",
     "glioblastoma": "glioblastoma", "gbm": "glioblastoma", "glioma": "glioblastoma", "tumour": "glioblastoma",
     "tumor": "glioblastoma",
@@ -49,9 +49,9 @@ _PATHOLOGY_SYNONYMS: dict[str, str] = {
 
 def canonical_pathology(name: str) -> str:
     key = str(name).strip().lower().replace(" ", "_")
-    if key not in _PATHOLOGY_SYNONYMS:
+    if key not in PATHOLOGY_SYNONYMS:
         raise ValueError(f"unknown pathology {name!r}; valid: {', '.join(PATHOLOGIES)}")
-    return _PATHOLOGY_SYNONYMS[key]
+    return PATHOLOGY_SYNONYMS[key]
 
 
 # --- labels -----------------------------------------------------------------------------------------------

@@ -60,9 +60,9 @@ def strip_nifti_extension(name: str) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _suffix_table() -> tuple[tuple[str, str], ...]:
     """(lower-case suffix, role) pairs, longest first so 't1ce' wins over 't1'."""
-    from brainsynth.conventions import _MODALITY_SYNONYMS  # the one synonym table; read, never copied
+    from brainsynth.conventions import MODALITY_SYNONYMS  # the one synonym table; read, never copied
 
-    table = dict(_MODALITY_SYNONYMS)
+    table = dict(MODALITY_SYNONYMS)
     table.update(_FILE_ROLE_SUFFIXES)
     return tuple(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
