@@ -107,3 +107,21 @@ def test_write_augmented_masks_round_trip(tmp_path):
         assert tumour_inside(data, brain)
     with pytest.raises(FileExistsError):
         write_augmented_masks(rows, tmp_path / "aug", per_subject=1)
+
+
+def test_region_is_derived_from_images_when_no_mask_file(tmp_path):
+    seg, brain = _subject()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    t1 = np.where(brain, 100.0, 0.0).astype(np.float32)  # skull-stripped: exactly zero outside the brain
+    nib.save(nib.Nifti1Image(seg, affine), str(tmp_path / "s2_seg.nii.gz"))
+    nib.save(nib.Nifti1Image(t1, affine), str(tmp_path / "s2_t1n.nii.gz"))
+    rows = [{"subject": "s2", "seg": str(tmp_path / "s2_seg.nii.gz"), "t1w": str(tmp_path / "s2_t1n.nii.gz")}]
+    with pytest.raises(ValueError, match="no brain_mask and no images"):
+        write_augmented_masks(rows, tmp_path / "none", per_subject=1)
+    datalist = write_augmented_masks(rows, tmp_path / "aug", per_subject=3, image_keys=["t1w"], seed=2)
+    written = json.loads(datalist.read_text())["augmented"]
+    region = np.asarray(nib.load(written[0]["brain_mask"]).dataobj)
+    np.testing.assert_array_equal(region > 0, brain)
+    for row in written:
+        assert tumour_inside(np.asarray(nib.load(str(datalist.parent / row["seg"])).dataobj), brain)
+    assert len({row["scale"] for row in written}) == len(written)  # distinct factors per subject

@@ -128,18 +128,20 @@ def augment_tumour(seg: np.ndarray, region: np.ndarray, factors: Sequence[float]
 
 def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: Sequence[float] = PAPER_SCALE_FACTORS,
                           per_subject: int | None = None, seed: int = 0, region_key: str = "brain_mask",
-                          seg_key: str = "seg", overwrite: bool = False) -> Path:
+                          seg_key: str = "seg", image_keys: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Write augmented segmentations for dataset rows and a datalist of them; returns the datalist path.
 
     ``items`` are rows with ``seg`` (canonical labels after loading: pass rows from ``brainsynth.data`` whose
     ``label_convention`` says how to read the file) and a region mask. Each new segmentation is written in
     canonical labels, in its source's geometry, as ``<out_dir>/<subject>_aug<k>_seg.nii.gz``; the rows of
     ``<out_dir>/datalist.json`` keep the source's region mask path and record scale and shift. ``per_subject``
-    picks that many factors per subject (evenly spread over ``factors``); ``None`` uses them all.
+    draws that many distinct factors per subject (seeded); ``None`` uses them all. A row without a
+    region mask gets one from the non-zero voxels of its ``image_keys`` files (skull-stripped BraTS has an
+    exactly-zero background), written once as ``<out_dir>/<subject>_<region_key>.nii.gz``.
     """
     import nibabel as nib
 
-    from .conventions import label_convention
+    from .data import remap_labels
     from .io import atomic_write_text, save_nifti
 
     out_dir = Path(out_dir)
@@ -151,21 +153,29 @@ def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: S
     rng = np.random.default_rng(seed)
     rows = []
     for item in items:
-        seg_path, region_path = Path(item[seg_key]), Path(item[region_key])
+        seg_path = Path(item[seg_key])
         seg_img = nib.load(str(seg_path))
-        raw = np.asarray(seg_img.dataobj).astype(np.int16)
-        convention = label_convention(item.get("label_convention", "canonical"))
-        seg = np.zeros_like(raw)
-        for src, dst in convention.to_canonical.items():
-            seg[raw == src] = dst
-        region = np.asarray(nib.load(str(region_path)).dataobj) > 0
+        subject = str(item.get("subject", seg_path.name.split(".")[0]))
+        seg = remap_labels(np.asarray(seg_img.dataobj), item.get("label_convention") or "canonical",
+                           str(seg_path)).astype(np.int16)
+        if item.get(region_key):
+            region_path = Path(item[region_key])
+            region = np.asarray(nib.load(str(region_path)).dataobj) > 0
+        else:
+            images = [item[k] for k in image_keys if item.get(k)]
+            if not images:
+                raise ValueError(f"{seg_path}: subject {subject} has no {region_key} and no images to derive it from")
+            region = np.zeros(seg.shape, bool)
+            for image in images:
+                region |= np.asarray(nib.load(str(image)).dataobj) != 0
+            region_path = out_dir / f"{subject}_{region_key}.nii.gz"
+            save_nifti(region.astype(np.uint8), region_path, reference=seg_img, overwrite=overwrite, dtype=np.uint8)
         if not tumour_mask(seg).any():
             logger.info("%s: no tumour, no augmented masks", seg_path)
             continue
         chosen = list(factors)
         if per_subject is not None and per_subject < len(chosen):
-            chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, per_subject).round().astype(int)]
-        subject = str(item.get("subject", seg_path.name.split(".")[0]))
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), size=per_subject, replace=False))]
         for k, aug in enumerate(augment_tumour(seg, region, chosen, rng)):
             path = out_dir / f"{subject}_aug{k:02d}_seg.nii.gz"
             save_nifti(aug.seg, path, reference=seg_img, overwrite=overwrite, dtype=np.int16)

@@ -1,0 +1,167 @@
+"""The Med-DDPM bundle end to end through ``python -m monai.bundle run`` on a tiny simulated cohort: train, resume
+from the checkpoint with the step count continuing, sample, outputs in the mask's geometry; bad masks rejected
+with a clear error before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
+from brainsynth.io import load_checkpoint, save_nifti
+from brainsynth.mask_conditioning import BRATS_CLASSES, MaskError, SemanticMaskConditioning
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
+COHORT = {"n_subjects": 5, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}
+TINY = {  # a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seconds per run on one core
+    "dataset_dir": "demo", "demo_cohort": COHORT, "spatial_size": [24, 24, 16], "channels": [8, 16],
+    "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 8, "batch_size": 2,
+    "epoch_length": 2, "max_epochs": 1, "num_workers": 0, "cache_rate": 0.0, "ema_start_step": 1,
+    "sampler": "ddim", "num_inference_steps": 2, "progress": False, "split": "test",
+}
+
+
+def _scripts():
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))
+    import scripts.inputs
+
+    return scripts.inputs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("med_ddpm")
+    cohort = resolve_dataset_dir("demo", root / "cache", **COHORT)  # the bundle runs find and reuse it
+    overlay = root / "tiny.json"
+    overlay.write_text(json.dumps({**TINY, "cache_dir": str(root / "cache"), "bundle_root": str(root / "run"),
+                                   "output_dir": str(root / "run" / "outputs")}))
+    return root, cohort, overlay
+
+
+def _run(run_id, configs, *args, expect_ok=True):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(list(configs)), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def test_train_resume_sample_end_to_end(workspace):
+    root, cohort, overlay = workspace
+    train = ["configs/train.json", "configs/demo.json", str(overlay)]
+    _run("training", train)
+    ckpt_path = root / "run" / "models" / "checkpoint_last.pt"
+    first = load_checkpoint(ckpt_path)
+    assert set(first) == {"network", "optimizer", "lr_scheduler", "ema", "trainer"}
+    assert first["trainer"]["iteration"] == 2
+    assert (root / "run" / "models" / "model.pt").is_file()
+
+    # a second run with a longer schedule resumes from checkpoint_last: the step count continues from 2 to 4
+    proc = _run("training", train, "--max_epochs", "2")
+    assert "resumed from" in proc.stdout + proc.stderr
+    second = load_checkpoint(ckpt_path)
+    assert second["trainer"]["iteration"] == 4 and second["trainer"]["epoch"] == 2
+    assert any(not torch.equal(second["network"][k], first["network"][k]) for k in first["network"])
+    assert second["optimizer"]["state"][0]["step"].item() == 4  # Adam continued from its saved moments
+
+    # sample the cohort's test masks with the trained weights; outputs sit on the masks' grids
+    _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)])
+    tests = split_items(discover(cohort), "test")
+    assert tests
+    for row in tests:
+        folder = root / "run" / "outputs" / row["subject"]
+        mask_img = nib.load(row["seg"])
+        for suffix in ("t1n", "t1c", "t2w", "t2f"):
+            out = nib.load(str(folder / f"{row['subject']}-{suffix}.nii.gz"))
+            assert out.shape == mask_img.shape
+            np.testing.assert_allclose(out.affine, mask_img.affine, atol=1e-6)
+            data = np.asarray(out.dataobj)
+            assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1 and data.std() > 0
+        seg = np.asarray(nib.load(str(folder / f"{row['subject']}-seg.nii.gz")).dataobj)
+        np.testing.assert_array_equal(seg, np.asarray(mask_img.dataobj))  # BraTS 2023 labels 1-3 = canonical 1-3
+        assert (folder / f"{row['subject']}-preview.png").stat().st_size > 1000
+
+    # the output folder is itself a dataset (downstream training reads it)
+    synthetic = discover(root / "run" / "outputs")
+    assert {r["subject"] for r in synthetic} == {r["subject"] for r in tests}
+    assert all({"t1w", "t1ce", "t2w", "flair", "seg", "brain_mask"} <= set(r) for r in synthetic)
+
+    # running again must not replace the earlier outputs
+    proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], expect_ok=False)
+    assert proc.returncode != 0 and "already exists" in proc.stdout + proc.stderr
+
+
+def _condition_mask(cohort, subject_index=0):
+    row = split_items(discover(cohort), "training")[subject_index]
+    seg = np.asarray(nib.load(row["seg"]).dataobj)
+    brain = np.asarray(nib.load(row["brain_mask"]).dataobj)
+    lm = SemanticMaskConditioning(BRATS_CLASSES).label_map(seg, {"brain": brain}).numpy()
+    return lm, nib.load(row["seg"]).affine
+
+
+def test_bad_masks_are_rejected_before_any_work(workspace, tmp_path):
+    root, cohort, _ = workspace
+    inputs = _scripts()
+    cond = SemanticMaskConditioning(BRATS_CLASSES)
+    lm, affine = _condition_mask(cohort)
+    good = save_nifti(lm, tmp_path / "good.nii.gz", affine=affine, dtype=np.int16)
+    outside = save_nifti(np.where(lm == 2, 9, lm), tmp_path / "outside.nii.gz", affine=affine, dtype=np.int16)
+    flat = save_nifti(lm[:, :, lm.shape[2] // 2], tmp_path / "flat.nii.gz", affine=affine, dtype=np.int16)
+    big = np.zeros((64, 64, 48), np.int16)
+    big[4:60, 4:60, 2:46] = 4  # brain filling a 64 x 64 x 48 grid cannot be cropped to the model's 24 x 24 x 16
+    big[30:36, 30:36, 20:26] = 2
+    too_big = save_nifti(big, tmp_path / "too_big.nii.gz", affine=affine, dtype=np.int16)
+    kwargs = dict(conditioning=cond, spatial_size=(24, 24, 16), region_keys={"brain": "brain_mask"})
+
+    assert inputs.check_inputs(inputs.mask_rows(str(good)), **kwargs)
+    for path, message in ((outside, r"outside\.nii\.gz: label value\(s\) \[9\] are outside"),
+                          (flat, r"flat\.nii\.gz: a condition mask must be a 3-D label map"),
+                          (too_big, r"too_big\.nii\.gz: shape \(64, 64, 48\) does not match the model's grid")):
+        with pytest.raises(MaskError, match=message):
+            inputs.check_inputs(inputs.mask_rows(str(path)), **kwargs)
+    # a folder: every bad file is listed, the good one is not
+    with pytest.raises(MaskError) as info:
+        inputs.check_inputs(inputs.mask_rows(str(tmp_path)), **kwargs)
+    text = str(info.value)
+    assert all(name in text for name in ("outside.nii.gz", "flat.nii.gz", "too_big.nii.gz"))
+    assert "good.nii.gz" not in text
+
+    # through the bundle: the run fails in `initialize`, nothing is written
+    out_dir = tmp_path / "never"
+    proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(root / "tiny.json")],
+                "--dataset_dir", str(outside), "--output_dir", str(out_dir), expect_ok=False)
+    assert proc.returncode != 0 and "are outside this model's set" in proc.stdout + proc.stderr
+    assert not out_dir.exists()
+
+
+def test_inputs_missing_path_and_bare_segmentation(workspace, tmp_path):
+    root, cohort, _ = workspace
+    inputs = _scripts()
+    with pytest.raises(DatasetError, match="does not exist"):
+        inputs.mask_rows(str(tmp_path / "no_such_dir"))
+    # a tumour segmentation without brain labels is not a condition mask: the error says what is missing
+    row = split_items(discover(cohort), "training")[0]
+    seg_only = save_nifti(np.asarray(nib.load(row["seg"]).dataobj), tmp_path / "seg_only.nii.gz",
+                          reference=row["seg"], dtype=np.int16)
+    with pytest.raises(MaskError, match=r"seg_only\.nii\.gz: no brain voxels"):
+        inputs.check_inputs(inputs.mask_rows(str(seg_only)), SemanticMaskConditioning(BRATS_CLASSES), (24, 24, 16))
+
+
+def test_train_and_inference_configs_agree_on_the_model():
+    """Weights trained with train.json must load into inference.json's network: the shared keys are identical."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    shared = ["imports", "bundle_root", "model_path", "device", "modalities", "classes", "condition_range",
+              "region_keys", "spatial_size", "channels", "attention_levels", "num_res_blocks", "norm_num_groups",
+              "num_train_timesteps", "conditioning", "network_def", "network", "label_convention", "seed"]
+    for key in shared:
+        assert train[key] == infer[key], key
+    assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
