@@ -289,6 +289,17 @@ def test_generate_cohort_reuses_refuses_and_resumes(tmp_path):
     assert not np.array_equal(np.asarray(nib.load(image).dataobj), before)
 
 
+def test_concurrent_requests_for_the_same_cohort_both_succeed(tmp_path):
+    """Two bundles asking for the same demo cohort at once: one builds it, the other waits and reuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(generate_cohort, tmp_path / "shared", 2, 3, **COARSE) for _ in range(2)]
+        results = [f.result() for f in futures]
+    assert results[0] == results[1] == tmp_path / "shared" / "datalist.json"
+    assert len(json.loads(results[0].read_text())["training"]) == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_subjects": 0}, "n_subjects"),
     ({"n_subjects": 2, "layout": "nifti"}, "unknown layout"),

@@ -186,8 +186,9 @@ def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any =
     return _write_png(canvas, texts, path, overwrite)
 
 
-def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike, modalities: Sequence[str] | None = None,
-                 view: str = "axial", overwrite: bool = False, title: str | None = None) -> Path:
+def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                 modalities: Sequence[str] | None = None, view: str = "axial", overwrite: bool = False,
+                 title: str | None = None) -> Path:
     """PNG grid of several subjects: a row per subject, a column per volume, one view through each subject's
     lesion (or brain) centre. Each subject is ``{"volumes": {name: array}, "seg": array or None,
     "title": str, "spacing": (sx, sy, sz), "label_convention": name}`` (only "volumes" required)."""

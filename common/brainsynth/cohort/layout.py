@@ -19,25 +19,27 @@ is deterministic, so files already written are the ones that would be written ag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from brainsynth.cohort.anatomy import TEMPLATE_NAME, make_grid
+from brainsynth.cohort.anatomy import TEMPLATE_NAME, Grid, make_grid
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
 from brainsynth.conventions import (LAYOUT_LABELS, LAYOUT_SUFFIXES, LAYOUTS, MODALITIES, MSD_CHANNELS, PATHOLOGIES,
                                     canonical_pathology, label_convention)
-from brainsynth.io import OutputExistsError, atomic_write_text, save_nifti
+from brainsynth.io import atomic_write_text, save_nifti
 
 #: bump when a seed's output changes, so an old cohort on disk is not mistaken for a current one
 COHORT_FORMAT_VERSION = 1
 DATALIST_NAME = "datalist.json"
 #: written before the first subject: the parameters of a generation in progress (for resuming)
 MARKER_NAME = ".brainsynth_cohort.json"
+LOCK_NAME = ".brainsynth_cohort.lock"
 BRAIN_MASK_SUFFIX = "brain_mask"
 SPLIT_FRACTIONS = {"validation": 0.15, "test": 0.15}
 #: MSD Task01's own channel names (dataset.json "modality") for the canonical channels
@@ -182,6 +184,29 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int = 0,
     parameters = {"generator": "brainsynth.cohort", "format_version": COHORT_FORMAT_VERSION,
                   "n_subjects": n_subjects, "seed": seed, "layout": layout, "pathologies": pathologies,
                   "shape": list(grid.shape), "spacing": [float(s) for s in grid.spacing]}
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):  # two processes asking for the same demo cohort: the second waits, then reuses it
+        return _generate(out, parameters, grid, overwrite, verbose)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no inter-process lock
+        yield
+        return
+    with open(folder / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(out: Path, parameters: dict[str, Any], grid: Grid, overwrite: bool, verbose: bool) -> Path:
+    n_subjects, seed, layout = parameters["n_subjects"], parameters["seed"], parameters["layout"]
+    pathologies = parameters["pathologies"]
     datalist_path = out / DATALIST_NAME
     marker_path = out / MARKER_NAME
     existing = _read_json(datalist_path)
@@ -203,7 +228,6 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int = 0,
                               f"(first: {missing[0]}); pass overwrite=True to rebuild it")
     resume = previous == parameters
     replace = overwrite or resume  # rewriting a file of the same deterministic cohort changes nothing
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker_path, json.dumps(parameters, indent=1), overwrite=replace)
 
     for i, sid in enumerate(ids):

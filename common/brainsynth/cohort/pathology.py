@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainsynth.cohort.anatomy import (Grid, Inflation, Swelling, SubjectTransform, sample_template, template_for_spacing,
-                                       template_landmarks)
+from brainsynth.cohort.anatomy import (Grid, Inflation, SubjectTransform, Swelling, sample_template,
+                                       template_for_spacing, template_landmarks)
 
 #: the fine lattice on which tumour shape and edema growth are computed, whatever the output spacing (mm), so
 #: a seed gives the same tumour at every resolution
@@ -27,6 +27,7 @@ GREY_MATTER_INVOLVEMENT = {"edema": 0.6, "lesion": 0.5}
 
 
 def soft_indicator(distance_mm: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """Share of a voxel inside a boundary at signed distance ``distance_mm`` (negative inside)."""
     return np.clip(0.5 - distance_mm / np.float32(voxel_mm), 0.0, 1.0).astype(np.float32)
 
 
@@ -98,6 +99,8 @@ def _edema_spread(core: np.ndarray, wm: np.ndarray, gm: np.ndarray, length: floa
 
 
 class Healthy:
+    """No pathology; the base of the other models."""
+
     name = "healthy"
 
     def __init__(self, rng: np.random.Generator, transform: SubjectTransform, grid: Grid):
@@ -205,7 +208,7 @@ class Glioblastoma(Healthy):
         landmarks = template_landmarks()
         where = landmarks.tumour_sites[rng.integers(len(landmarks.tumour_sites))] + rng.uniform(-1.0, 1.0, 3)
         self.centre = transform.inverse_points(where)[0]
-        self.radius = float(rng.uniform(11.0, 22.0))
+        self.radius = float(rng.uniform(13.0, 26.0))
         self.semi_axes = self.radius * np.exp(rng.normal(0.0, 0.15, 3))
         self.basis = random_rotation(rng)
         self.roughness = float(rng.uniform(0.12, 0.25))
