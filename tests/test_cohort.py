@@ -1,6 +1,6 @@
 """The simulated cohort: MR physics by ground-truth region, pathology models, determinism, layouts on disk.
 
-Subjects are simulated on coarse grids (3 mm, 6 mm for files) so the module runs in well under a minute after
+Subjects are simulated on coarse grids (2-3 mm, 6 mm for files) so the module runs in well under a minute after
 the template (nilearn's MNI ICBM152) is loaded once.
 """
 
@@ -21,6 +21,8 @@ from brainsynth.cohort.physics import ACQUISITIONS, TISSUE_PROPERTIES, intensity
 from brainsynth.conventions import LAYOUTS, MSD_CHANNELS, PATHOLOGIES, label_convention
 
 PATHOLOGY_SEED = 11
+#: grid of the physics tests: fine enough that a necrotic core is not mostly partial volume with its rim
+SPACING = 2.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,14 +37,14 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def subjects():
-    """One subject per pathology at 3 mm, all from the same seed (same anatomy and scanner). The glioblastoma
+    """One subject per pathology at 2 mm, all from the same seed (same anatomy and scanner). The glioblastoma
     seed is the first that gives all three tumour labels (a tenth of tumours have no necrosis)."""
-    out = {p: simulate_subject(p, seed=PATHOLOGY_SEED, spacing=3.0) for p in PATHOLOGIES}
+    out = {p: simulate_subject(p, seed=PATHOLOGY_SEED, spacing=SPACING) for p in PATHOLOGIES}
     seed = PATHOLOGY_SEED
     while not {1, 2, 3} <= set(np.unique(out["glioblastoma"].labels).tolist()):
         seed += 1
         assert seed < PATHOLOGY_SEED + 10, "no glioblastoma with necrosis, edema and enhancing rim in 10 seeds"
-        out["glioblastoma"] = simulate_subject("glioblastoma", seed=seed, spacing=3.0)
+        out["glioblastoma"] = simulate_subject("glioblastoma", seed=seed, spacing=SPACING)
     return out
 
 
@@ -95,7 +97,7 @@ def test_glioblastoma_region_contrasts(subjects):
         assert edema[contrast] > 1.15 * max(wm[contrast], gm[contrast])
     assert enhancing["t1ce"] > 1.4 * wm["t1ce"]  # bright after gadolinium ...
     assert enhancing["t1w"] < wm["t1w"]  # ... but not before
-    assert necrosis["t1ce"] < gm["t1ce"] and necrosis["t1ce"] < 0.6 * enhancing["t1ce"]
+    assert necrosis["t1ce"] < min(wm["t1ce"], gm["t1ce"]) and necrosis["t1ce"] < 0.6 * enhancing["t1ce"]
 
 
 def test_sclerosis_lesions_are_bright_on_flair_and_t2(subjects):
