@@ -46,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from brainsynth.preview import preview_cohort
 
             target = datalist.parent / "preview.png"
-            print(preview_cohort(datalist, target, overwrite=args.overwrite or target.exists()))
+            if target.exists() and not args.overwrite:
+                print(f"{target} (kept: it exists; --overwrite replaces it)")
+            else:
+                print(preview_cohort(datalist.parent, target, overwrite=args.overwrite))
     except (CohortError, OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

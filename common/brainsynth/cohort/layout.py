@@ -35,7 +35,7 @@ from brainsynth.conventions import (LAYOUT_LABELS, LAYOUT_SUFFIXES, LAYOUTS, MOD
 from brainsynth.io import atomic_write_text, save_nifti
 
 #: bump when a seed's output changes, so an old cohort on disk is not mistaken for a current one
-COHORT_FORMAT_VERSION = 1
+COHORT_FORMAT_VERSION = 2
 DATALIST_NAME = "datalist.json"
 #: written before the first subject: the parameters of a generation in progress (for resuming)
 MARKER_NAME = ".brainsynth_cohort.json"
