@@ -79,7 +79,7 @@ def test_vocabularies_are_config_and_travel_with_the_weights():
     cond = CategoricalConditioning({"pathology": ["healthy", "stroke"], "modality": ["t1w", "dwi"]}, 4)
     assert cond.encode(pathology="stroke", modality="dwi").tolist() == [1, 1]
     other = CategoricalConditioning({"pathology": ["stroke", "healthy"], "modality": ["t1w", "dwi"]}, 4)
-    with pytest.raises(ValueError, match="trained with condition vocabularies"):
+    with pytest.raises(ValueError, match="trained with other condition vocabularies"):
         other.load_state_dict(cond.state_dict())
 
 

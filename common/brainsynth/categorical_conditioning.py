@@ -70,6 +70,7 @@ class CategoricalConditioning(nn.Module):
         # row len(vocabulary) of each table is that condition's null token
         self.embeddings = nn.ModuleDict({n: nn.Embedding(len(v) + 1, self.embedding_dim)
                                          for n, v in self.vocabularies.items()})
+        self.register_buffer("vocabulary_fingerprint", self._fingerprint(self.vocabularies))
 
     # --- names <-> indices ---------------------------------------------------------------------------------
     def index(self, condition: str, value: str | None) -> int:
@@ -153,15 +154,24 @@ class CategoricalConditioning(nn.Module):
             tokens.append(self.embeddings[n](torch.where(col < 0, torch.full_like(col, size), col)))
         return torch.stack(tokens, dim=1)
 
-    # the vocabularies travel with the weights: loading into a model configured differently is an error
-    def get_extra_state(self) -> dict:
-        return {"vocabularies": {n: list(v) for n, v in self.vocabularies.items()}}
+    # the vocabularies travel with the weights (as a fingerprint buffer: state dicts stay all-tensor for EMA and
+    # weights-only loading): loading into a model configured with other vocabularies is an error
+    @staticmethod
+    def _fingerprint(vocabularies: Mapping[str, Sequence[str]]) -> torch.Tensor:
+        import hashlib
+        import json
 
-    def set_extra_state(self, state: Any) -> None:
-        saved = {n: tuple(v) for n, v in dict(state).get("vocabularies", {}).items()}
-        if saved and saved != self.vocabularies:
-            raise ValueError(f"checkpoint was trained with condition vocabularies {saved}, but this model is "
-                             f"configured with {self.vocabularies}; use the training vocabularies (same order)")
+        digest = hashlib.sha256(json.dumps([[n, list(v)] for n, v in vocabularies.items()]).encode()).digest()
+        return torch.tensor(int.from_bytes(digest[:8], "little", signed=True), dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        saved = state_dict.get(prefix + "vocabulary_fingerprint")
+        if saved is not None and int(saved) != int(self.vocabulary_fingerprint):
+            raise ValueError(f"checkpoint was trained with other condition vocabularies than this model's "
+                             f"{self.vocabularies}; use the training vocabularies, in the same order")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class ConditionalDenoiser(nn.Module):

@@ -189,7 +189,10 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
 def _scan_transforms(input_shape: Sequence[int], augment: bool):
     from monai import transforms as mt
 
-    steps = [mt.LoadImaged("image", image_only=True), mt.EnsureChannelFirstd("image"),
+    from brainsynth.data import LoadSubjectd
+
+    # LoadSubjectd reads NIfTI, DICOM series and channels of MSD 4-D files alike
+    steps = [LoadSubjectd("image", seg_key=None),
              mt.Resized("image", spatial_size=tuple(input_shape), mode="trilinear"),
              mt.Lambdad("image", lambda x: robust_rescale(torch.as_tensor(x)[None])[0])]
     if augment:  # small geometric and intensity jitter: scanners and head positions differ between datasets
@@ -209,7 +212,8 @@ def _targets(rows: Sequence[dict], net: PathologyModalityNet) -> list[dict]:
             bad.append(f"{r.get('image')}: pathology {r.get('pathology')!r} / modality {r.get('modality')!r} "
                        f"not in {list(net.pathologies)} / {list(net.modalities)}")
             continue
-        out.append({"image": r["image"], "pathology": net.pathologies.index(r["pathology"]),
+        out.append({"image": r["image"], **({"image_channel": r["image_channel"]} if "image_channel" in r else {}),
+                    "pathology": net.pathologies.index(r["pathology"]),
                     "modality": net.modalities.index(r["modality"])})
     if bad:
         raise ValueError("feature-network training rows with unknown labels:\n" + "\n".join(bad))

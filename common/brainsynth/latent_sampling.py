@@ -1,0 +1,277 @@
+"""Conditional sampling from a latent diffusion model with MONAI's ``SupervisedEvaluator``.
+
+One row of the evaluator's dataset is one requested volume ``{"pathology", "modality", "condition", "seed",
+"name"}`` (``condition_requests``: one combination, or the whole pathology x modality grid). For each batch
+``NoisePrepareBatch`` draws the starting latent noise from each row's own seed (so a volume does not depend
+on the batch size), ``LatentSampler`` runs MONAI's ``LatentDiffusionInferer.sample`` with the guided denoiser
+and decodes with the autoencoder's stored scale factor, ``SaveGeneratedd`` writes each volume as NIfTI
+(atomically, never over an earlier output) and ``SampleMontage`` writes a PNG grid when the run completes.
+``evaluate_conditions`` scores the generated volumes per combination against real scans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.engines import PrepareBatch
+from monai.inferers import Inferer, LatentDiffusionInferer
+from monai.transforms import MapTransform
+
+from brainsynth.categorical_conditioning import CategoricalConditioning, all_combinations
+from brainsynth.io import atomic_write_text, save_nifti
+from brainsynth.training import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def condition_requests(conditioning: CategoricalConditioning, pathology: str | None = None,
+                       modality: str | None = None, num_samples: int = 1, grid: bool = False,
+                       combinations: Sequence[Sequence[str]] | None = None, seed: int = 0) -> list[dict]:
+    """Rows for the sampler: ``num_samples`` volumes of one combination, of each listed combination, or of every
+    combination (``grid=True``). Names are validated here, before any sampling starts."""
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    names = conditioning.names
+    if grid:
+        combos = [tuple(c[n] for n in names) for c in all_combinations(conditioning)]
+    elif combinations:
+        combos = [tuple(c) for c in combinations]
+    else:
+        combos = [(pathology, modality)] if names == ("pathology", "modality") else None
+        if combos is None:
+            raise ValueError(f"give `combinations` (one value per condition {list(names)}) or grid=True")
+    rows = []
+    for combo in combos:
+        if len(combo) != len(names):
+            raise ValueError(f"combination {combo!r} must give one value per condition {list(names)}")
+        idx = conditioning.encode(dict(zip(names, combo)))
+        resolved = conditioning.decode(idx)
+        label = "_".join(resolved[n] or "any" for n in names)
+        for k in range(int(num_samples)):
+            rows.append({**{n: (resolved[n] or "any") for n in names}, "condition": idx, "sample": k,
+                         # a distinct, reproducible seed per volume, independent of batch size and order
+                         "seed": int(seed) * 1_000_003 + len(rows), "name": f"{label}_{k:03d}"})
+    return rows
+
+
+class NoisePrepareBatch(PrepareBatch):
+    """Evaluator ``prepare_batch``: (latent noise from each row's seed, no target, condition as kwargs)."""
+
+    def __init__(self, latent_shape: Sequence[int], condition_name: str = "condition", seed_key: str = "seed") -> None:
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.condition_name = condition_name
+        self.seed_key = seed_key
+
+    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any):
+        seeds = torch.as_tensor(batchdata[self.seed_key]).reshape(-1).tolist()
+        noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds]).to(device)
+        condition = torch.as_tensor(batchdata[self.condition_name]).long().to(device)
+        return noise, None, (), {"conditioning": condition}
+
+
+class LatentSampler(Inferer):
+    """``inferer(noise, guided_denoiser, conditioning=...) -> images``: MONAI ``LatentDiffusionInferer.sample``
+    with ``num_inference_steps`` steps of ``scheduler`` and the autoencoder's stored latent scale factor."""
+
+    def __init__(self, autoencoder: torch.nn.Module, scheduler: Any, num_inference_steps: int = 50,
+                 verbose: bool = True) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.verbose = verbose
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any,
+                 conditioning: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        ae = unwrap(self.autoencoder).eval()
+        self.scheduler.set_timesteps(self.num_inference_steps, device=inputs.device)
+        inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
+        return inferer.sample(input_noise=inputs, autoencoder_model=ae, diffusion_model=network,
+                              scheduler=self.scheduler, conditioning=conditioning, mode="crossattn",
+                              verbose=self.verbose)
+
+
+def pixdim_affine(pixdim: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """RAS affine of a generated volume: voxel size ``pixdim``, centred on the origin."""
+    affine = np.diag([float(p) for p in pixdim] + [1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(shape[:3]) - 1) * np.asarray(pixdim, dtype=float)
+    return affine
+
+
+class SaveGeneratedd(MapTransform):
+    """Write ``data[key]`` (1, H, W, D) to ``<output_dir>/<data[name_key]>.nii.gz`` atomically; an existing file
+    is an error unless ``overwrite``. Records the path under ``<key>_path``."""
+
+    def __init__(self, keys: str = "pred", output_dir: str | os.PathLike = "outputs", pixdim: Sequence[float] = (1, 1, 1),
+                 name_key: str = "name", overwrite: bool = False) -> None:
+        super().__init__(keys)
+        self.output_dir = Path(output_dir)
+        self.pixdim = tuple(pixdim)
+        self.name_key = name_key
+        self.overwrite = overwrite
+
+    def __call__(self, data: Mapping[str, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume = torch.as_tensor(d[key]).detach().float().cpu()[0]
+            path = self.output_dir / f"{d[self.name_key]}.nii.gz"
+            save_nifti(volume.numpy(), path, affine=pixdim_affine(self.pixdim, volume.shape), overwrite=self.overwrite)
+            d[f"{key}_path"] = str(path)
+        return d
+
+
+class SampleMontage:
+    """Ignite handler: collects the middle axial slice of every generated volume and, when the run completes,
+    writes one PNG: rows = pathologies, columns = modalities (several samples of a combination side by side)."""
+
+    def __init__(self, path: str | os.PathLike, key: str = "pred", row_key: str = "pathology",
+                 col_key: str = "modality", overwrite: bool = False, max_per_cell: int = 4) -> None:
+        self.path = Path(path)
+        self.key, self.row_key, self.col_key = key, row_key, col_key
+        self.overwrite = overwrite
+        self.max_per_cell = int(max_per_cell)
+        self.cells: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+
+    def collect(self, engine) -> None:
+        # after MONAI's decollation: batch rows carry the request, output rows the generated volume
+        for row, item in zip(engine.state.batch, engine.state.output):
+            vol = torch.as_tensor(item[self.key]).detach().float().cpu()[0]
+            cell = self.cells[(str(row[self.row_key]), str(row[self.col_key]))]
+            if len(cell) < self.max_per_cell:
+                cell.append(vol[:, :, vol.shape[2] // 2].numpy())
+
+    def write(self, engine=None) -> Path | None:
+        if not self.cells:
+            return None
+        from PIL import Image, ImageDraw
+
+        rows = list(dict.fromkeys(r for r, _ in self.cells))
+        cols = list(dict.fromkeys(c for _, c in self.cells))
+        per = max(len(v) for v in self.cells.values())
+        h, w = next(iter(self.cells.values()))[0].shape
+        scale = max(1, 96 // max(h, w))
+        tile_h, tile_w, pad_top, pad_left = h * scale, w * scale, 16, 90
+        canvas = Image.new("L", (pad_left + len(cols) * per * tile_w, pad_top + len(rows) * tile_h), 0)
+        draw = ImageDraw.Draw(canvas)
+        for j, c in enumerate(cols):
+            draw.text((pad_left + j * per * tile_w + 2, 2), c, fill=255)
+        for i, r in enumerate(rows):
+            draw.text((2, pad_top + i * tile_h + tile_h // 2 - 5), r, fill=255)
+            for j, c in enumerate(cols):
+                for k, sl in enumerate(self.cells.get((r, c), [])):
+                    img = np.clip(np.rot90(sl), 0.0, 1.0)  # display in radiological-ish orientation
+                    tile = Image.fromarray((img * 255).astype(np.uint8)).resize((tile_w, tile_h), Image.NEAREST)
+                    canvas.paste(tile, (pad_left + (j * per + k) * tile_w, pad_top + i * tile_h))
+        from brainsynth.io import atomic_path
+
+        with atomic_path(self.path, overwrite=self.overwrite) as tmp:
+            canvas.save(tmp, format="PNG")
+        logger.info("montage of %d combination(s) written to %s", len(self.cells), self.path)
+        return self.path
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+
+def check_output_dir(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], overwrite: bool = False) -> Path:
+    """Fail before sampling if any output of this run already exists (outputs never replace earlier ones)."""
+    output_dir = Path(output_dir)
+    if not overwrite:
+        clash = [str(output_dir / f"{r['name']}.nii.gz") for r in rows if (output_dir / f"{r['name']}.nii.gz").exists()]
+        if clash:
+            raise FileExistsError(f"{len(clash)} output(s) already exist, e.g. {clash[0]}; choose another output_dir "
+                                  "or pass --overwrite true")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def _load_volume(path: str | os.PathLike) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+
+
+def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike,
+                        real_rows: Sequence[Mapping[str, Any]], real_transform: Any, extractor: Any,
+                        held_out: Sequence[Sequence[str]] | None, report_dir: str | os.PathLike,
+                        max_real_per_combination: int | None = None, max_pairs: int | None = 200, seed: int = 0,
+                        overwrite: bool = False) -> dict[str, Any]:
+    """Score generated volumes per (pathology, modality) combination against real scans of that combination.
+
+    ``requests``: the sampler rows (their volumes are read from ``output_dir``); ``real_rows``: per-scan rows
+    (``image``, ``pathology``, ``modality``) loaded and preprocessed by ``real_transform`` exactly as training
+    images were; ``held_out``: the combinations left out of training. Writes ``metrics.json`` and
+    ``metrics.md`` (a table, seen and held-out marked) under ``report_dir`` and returns the results.
+    """
+    from brainsynth.generative_metrics import evaluate_generated
+
+    held = {(str(p).lower(), str(m).lower()) for p, m in (held_out or [])}
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in requests:
+        groups[(r["pathology"], r["modality"])].append(str(Path(output_dir) / f"{r['name']}.nii.gz"))
+    real_by_combo: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in real_rows:
+        real_by_combo[(r["pathology"], r["modality"])].append(r)
+    results = []
+    for (pathology, modality), paths in groups.items():
+        generated = np.stack([_load_volume(p) for p in paths])
+        refs = real_by_combo.get((pathology, modality), [])
+        if max_real_per_combination:
+            refs = refs[:int(max_real_per_combination)]
+        entry: dict[str, Any] = {"pathology": pathology, "modality": modality,
+                                 "split": "held-out" if (pathology, modality) in held else "seen",
+                                 "n_generated": len(paths), "n_real": len(refs)}
+        if len(refs) >= 2 and len(paths) >= 2:
+            real = np.stack([np.asarray(real_transform(dict(r))["image"])[0] for r in refs])
+            entry.update(evaluate_generated(extractor, generated, real, pathology, modality, max_pairs=max_pairs,
+                                            seed=seed))
+        else:  # too few scans for a distribution metric: keep what can be measured honestly
+            from brainsynth.generative_metrics import conditioning_accuracy, diversity_ms_ssim
+            from brainsynth.feature_network import prepare_volumes
+
+            entry["feature_network"] = extractor.name
+            if len(paths) >= 2:
+                entry["diversity_ms_ssim"] = diversity_ms_ssim(prepare_volumes(generated, generated.shape[1:]),
+                                                               max_pairs=max_pairs, seed=seed)
+            if getattr(extractor, "has_heads", False):
+                entry.update({f"conditioning_{k}": v for k, v in
+                              conditioning_accuracy(extractor, generated, pathology, modality).items()})
+            entry["note"] = "fewer than 2 real or generated volumes: no feature distance"
+        results.append(entry)
+        logger.info("%s / %s (%s): %s", pathology, modality, entry["split"],
+                    {k: v for k, v in entry.items() if isinstance(v, float)})
+    report = {"feature_network": getattr(extractor, "name", "?"), "combinations": results}
+    report_dir = Path(report_dir)
+    atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2), overwrite=overwrite)
+    atomic_write_text(report_dir / "metrics.md", metrics_table(report), overwrite=overwrite)
+    return report
+
+
+def metrics_table(report: Mapping[str, Any]) -> str:
+    """Markdown table of ``evaluate_conditions`` results; column names say what each number is."""
+    cols = [("feature_frechet_distance", "Frechet distance ({net} features)"),
+            ("feature_mmd", "MMD ({net} features)"),
+            ("diversity_ms_ssim", "MS-SSIM among generated"), ("real_diversity_ms_ssim", "MS-SSIM among real"),
+            ("conditioning_pathology_accuracy", "pathology recognised"),
+            ("conditioning_modality_accuracy", "modality recognised"),
+            ("conditioning_joint_accuracy", "both recognised")]
+    net = report.get("feature_network", "?")
+    head = ["pathology", "modality", "split", "n gen", "n real"] + [c[1].format(net=net) for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in sorted(report["combinations"], key=lambda e: (e["split"] != "held-out", e["pathology"], e["modality"])):
+        vals = [e["pathology"], e["modality"], e["split"], str(e["n_generated"]), str(e["n_real"])]
+        vals += [f"{e[k]:.3f}" if isinstance(e.get(k), float) else "-" for k, _ in cols]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
