@@ -224,6 +224,36 @@ def _workflow_type(kind: str) -> str:
     return "train" if kind == "train" else "infer"
 
 
+def missing_properties(workflow: Any) -> list[str]:
+    """MONAI's required workflow properties (monai.bundle.properties) whose config id is absent, and optional ones
+    that the config refers to under another id: ConfigWorkflow.check_properties without instantiating anything (it
+    would load the dataset and build the trainer), and reading "@a#b" and "@a::b" as the same reference."""
+    from monai.utils import BundleProperty, BundlePropertyConfig
+
+    def norm(ref: Any) -> Any:
+        return ref.replace("#", "::") if isinstance(ref, str) else ref
+
+    parser = workflow.parser
+    missing = []
+    for name, prop in (workflow.properties or {}).items():
+        prop_id, ref_id = prop.get(BundlePropertyConfig.ID), prop.get(BundlePropertyConfig.REF_ID)
+        if prop.get(BundleProperty.REQUIRED, False):
+            if prop_id not in parser:
+                missing.append(name)
+            continue
+        if ref_id is None:
+            continue
+        if name in ("evaluator", "val_interval"):  # referred to from a ValidationHandler, if any
+            handlers = parser.get("train::handlers", []) if "train::handlers" in parser else []
+            refs = [h.get(ref_id) for h in handlers if isinstance(h, dict) and h.get("_target_") == "ValidationHandler"]
+        else:
+            refs = [parser.get(ref_id, None)]
+        for ref in refs:
+            if isinstance(ref, str) and not ref.startswith("$") and norm(ref) != "@" + norm(prop_id):
+                missing.append(f"{name} ({ref_id} is {ref!r}, MONAI expects '@{prop_id}')")
+    return missing
+
+
 def check_configs(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
     from monai.bundle import ConfigWorkflow
 
@@ -248,7 +278,7 @@ def check_configs(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
             workflow = ConfigWorkflow(config_file=files, meta_file=str(cfg_dir / "metadata.json"),
                                       logging_file=False, workflow_type=_workflow_type(kind))
             run_id_for(workflow.parser.config, kind)
-            missing = workflow.check_properties()
+            missing = missing_properties(workflow)
             if missing:
                 problems.append(f"{'+'.join(stack)}: MONAI {kind} properties missing or with a wrong id: {missing}")
         except Exception as e:
@@ -289,6 +319,30 @@ def _forward_extras(net: Any, io: dict, device: str) -> dict:
     return extras
 
 
+CPU_MAX_SIDE = 32
+
+
+def cpu_sized(io: dict) -> tuple[dict, str]:
+    """The network I/O with each concrete spatial size over CPU_MAX_SIDE replaced by its power-of-two factor (capped
+    at CPU_MAX_SIDE): still a size the declared one is a multiple of, so down-sampling networks accept it, but a
+    paper-scale 3D forward pass stays seconds on a CPU. Symbolic sizes ("16*n") are MONAI's own and kept."""
+    import copy
+
+    io = copy.deepcopy(io)
+    changed = []
+    for section in ("inputs", "outputs"):
+        for spec in io.get(section, {}).values():
+            shape = spec.get("spatial_shape") if isinstance(spec, dict) else None
+            if not shape or spec.get("type") != "image":
+                continue
+            new = [d if not isinstance(d, int) or d <= CPU_MAX_SIDE or (d & -d) < 8 else min(d & -d, CPU_MAX_SIDE)
+                   for d in shape]
+            if new != shape:
+                changed.append(f"{shape} -> {new}")
+                spec["spatial_shape"] = new
+    return io, f"; spatial size reduced for CPU: {changed[0]}" if changed else ""
+
+
 def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str], list[str]]:
     """verify_net_in_out for each ``<net>_data_format`` (``network_data_format`` -> ``network_def``) found in a
     config; returns (problems, what was verified)."""
@@ -316,6 +370,7 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
             continue
         stack, net_id = located
         files = [str(cfg_dir / c) for c in stack]
+        io, note = cpu_sized(io)
         try:
             parser = ConfigParser()
             parser.read_config(files)
@@ -325,12 +380,78 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
             torch.manual_seed(0)
             verify_net_in_out(net_id=net_id, meta_file=str(cfg_dir / "metadata.json"), config_file=files,
                               device="cpu", extra_forward_args=extras, **{"_meta_#network_data_format": io})
-            verified.append(f"{net_id} ({'+'.join(stack)}; extra args: {sorted(extras) or 'none'})")
+            verified.append(f"{net_id} ({'+'.join(stack)}; extra args: {sorted(extras) or 'none'}{note})")
         except Exception as e:
             problems.append(f"verify_net_in_out {net_id} in {'+'.join(stack)}: {type(e).__name__}: {e}")
     if "network_data_format" not in formats:
         problems.append("metadata.json has no network_data_format")
     return problems, verified
+
+
+# MONAI components whose optional dependency a config pulls in by name (MONAI itself only requires torch + numpy)
+CONFIG_COMPONENT_PACKAGES = {"DiffusionModelUNet": "einops", "TensorBoardStatsHandler": "tensorboard",
+                             "TensorBoardImageHandler": "tensorboard", "LoadImage": "nibabel",
+                             "MLFlowHandler": "mlflow"}
+BASE_PACKAGES = {"monai", "torch", "numpy", "brainsynth"}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_modules(files: list[Path]) -> dict[str, Path]:
+    """Top-level modules imported anywhere in ``files`` (also inside functions), except imports guarded by
+    ``try: ... except ImportError`` (optional by design); maps each to a file that imports it."""
+    found: dict[str, Path] = {}
+
+    def visit(node: ast.AST, guarded: bool, path: Path) -> None:
+        if isinstance(node, ast.Try):
+            catches = {getattr(h.type, "id", None) for h in node.handlers} | \
+                      {getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple) for e in h.type.elts}
+            optional = bool(catches & {"ImportError", "ModuleNotFoundError"})
+            for child in node.body:
+                visit(child, guarded or optional, path)
+            for child in node.handlers + node.orelse + node.finalbody:
+                visit(child, guarded, path)
+            return
+        if not guarded and isinstance(node, ast.Import):
+            for alias in node.names:
+                found.setdefault(alias.name.split(".")[0], path)
+        elif not guarded and isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.setdefault(node.module.split(".")[0], path)
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded, path)
+
+    for f in files:
+        visit(ast.parse(Path(f).read_text(encoding="utf-8")), False, Path(f))
+    return found
+
+
+def check_requirements(bundle_dir: Path, library_dir: Path = REPO / "common" / "brainsynth") -> list[str]:
+    """Everything an unpacked archive imports beyond MONAI's base requirements (torch, numpy) must be listed in
+    metadata.json's required_packages_version: the vendored brainsynth, the bundle's scripts, and the optional
+    dependencies of MONAI components its configs use."""
+    import importlib.metadata
+
+    meta = load_json(bundle_dir / "configs" / "metadata.json")
+    listed = {_normalise(k) for k in (meta.get("required_packages_version") or {})}
+    files = sorted(library_dir.rglob("*.py")) + sorted((bundle_dir / "scripts").rglob("*.py"))
+    local = {p.stem for p in (bundle_dir / "scripts").glob("*.py")} | {"scripts"}
+    distributions = importlib.metadata.packages_distributions()
+    needed: dict[str, str] = {}
+    for module, where in imported_modules(files).items():
+        if module in sys.stdlib_module_names or module in local or module in BASE_PACKAGES:
+            continue
+        for dist in distributions.get(module, [module]):
+            if _normalise(dist) not in {_normalise(b) for b in BASE_PACKAGES}:
+                needed.setdefault(_normalise(dist), f"imported by {where.relative_to(REPO) if where.is_relative_to(REPO) else where}")
+    for cfg in sorted((bundle_dir / "configs").glob("*.json")):
+        text = cfg.read_text(encoding="utf-8")
+        for component, dist in CONFIG_COMPONENT_PACKAGES.items():
+            if re.search(rf"\b{component}\b", text):
+                needed.setdefault(dist, f"{component} in configs/{cfg.name}")
+    return [f"required_packages_version lacks {dist!r} ({why})" for dist, why in sorted(needed.items())
+            if dist not in listed]
 
 
 def check_overrides_static(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
@@ -354,9 +475,7 @@ def check_overrides_cli(bundle_dir: Path, configs: BundleConfigs, timeout: float
     name = (configs.train or configs.infer)[0]
     kind = "train" if name in configs.train else "infer"
     stack = config_stack(bundle_dir, name, configs.train if kind == "train" else configs.runnable)
-    run_id = run_id_for(_merged(bundle_dir, stack), kind)
-    config_arg = repr([f"configs/{c}" for c in stack]) if len(stack) > 1 else f"configs/{stack[0]}"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg, f"--{UNKNOWN_KEY}", "1"]
+    cmd = [sys.executable, "-m", *bundle_run_args(bundle_dir, stack, kind), f"--{UNKNOWN_KEY}", "1"]
     proc = subprocess.run(cmd, cwd=bundle_dir, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
@@ -385,92 +504,141 @@ def scratch_copy(bundle_dir: Path, work: Path) -> Path:
     return dest
 
 
-def run_workflow(bundle_root: Path, stack: list[str], kind: str, max_iterations: int | None,
-                 overrides: dict | None = None, timeout: float = 600) -> dict:
-    """Run one workflow in a fresh process through ConfigWorkflow (what ``monai.bundle run`` does), optionally
-    stopping every engine after ``max_iterations``; returns the probe's report (iterations, losses, new files)."""
-    report = Path(tempfile.mkstemp(prefix="probe_", suffix=".json")[1])
-    spec = {"bundle_root": str(bundle_root), "configs": [str(bundle_root / "configs" / c) for c in stack],
-            "kind": kind, "max_iterations": max_iterations, "overrides": overrides or {}, "report": str(report)}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    started = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], cwd=bundle_root,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    result = json.loads(report.read_text()) if report.stat().st_size else {}
-    report.unlink()
-    result.update(returncode=proc.returncode, seconds=time.time() - started, output=(proc.stdout + proc.stderr))
-    return result
+PROBE_ENV = "BRAINSYNTH_ENGINE_PROBE"
 
 
-def _probe(spec: dict) -> None:
-    """Subprocess side of run_workflow."""
+def install_engine_probe() -> None:
+    """Instrument this process (called from the sitecustomize that ``probe_environment`` writes): every ignite
+    engine run is recorded (iterations, last losses, a checksum of a trainer's weights) and optionally stopped
+    after ``max_iterations``; checkpoint writes (torch.save) are counted. The report is rewritten after each engine
+    run to ``<report_dir>/probe_<pid>.json``, with the process's distributed rank and world size."""
+    import atexit
+
     import torch
     from ignite.engine import Engine, Events
-    from monai.bundle import ConfigWorkflow
 
-    torch.set_num_threads(1)
-    from brainsynth.training import check_overrides
+    settings = json.loads(os.environ[PROBE_ENV])
+    report = Path(settings["report_dir"]) / f"probe_{os.getpid()}.json"
+    state: dict = {"engines": [], "saves": []}
+    original_run, original_save = Engine.run, torch.save
 
-    root = Path(spec["bundle_root"])
-    before = {p for p in root.rglob("*") if p.is_file()}
-    engines: list[dict] = []
-    original_run = Engine.run
+    def write() -> None:
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized()
+        state.update(rank=dist.get_rank() if ready else int(os.environ.get("RANK", 0)),
+                     world_size=dist.get_world_size() if ready else int(os.environ.get("WORLD_SIZE", 1)))
+        if state["engines"]:
+            report.write_text(json.dumps(state))
+
+    def checksum(engine) -> float | None:
+        network = getattr(engine, "network", None) or getattr(engine, "g_network", None)  # AdversarialTrainer
+        if not isinstance(network, torch.nn.Module):
+            return None
+        return float(sum(p.detach().double().abs().sum() for p in network.parameters()))
 
     def counting_run(engine, *args, **kwargs):
-        record = {"engine": type(engine).__name__, "iterations": 0, "losses": []}
-        engines.append(record)
+        trains = any(k.endswith("optimizer") and v is not None for k, v in vars(engine).items())
+        record = {"engine": type(engine).__name__, "iterations": 0, "losses": [], "trains": trains}
+        state["engines"].append(record)
 
         def count(e):
             record["iterations"] = e.state.iteration
             out = e.state.output
+            out = out[0] if isinstance(out, list) and out else out
             loss = out.get("loss") if isinstance(out, dict) else out if torch.is_tensor(out) else None
             if torch.is_tensor(loss) and loss.numel() == 1:
-                record["losses"].append(float(loss))
-            if spec["max_iterations"] and e.state.iteration >= spec["max_iterations"]:
+                record["losses"] = (record["losses"] + [float(loss)])[-5:]
+            if settings.get("max_iterations") and e.state.iteration >= settings["max_iterations"]:
                 e.terminate()
 
-        if not engine.has_event_handler(count, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, count)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, count)
         try:
             return original_run(engine, *args, **kwargs)
         finally:
             engine.remove_event_handler(count, Events.ITERATION_COMPLETED)
+            record["weights_checksum"] = checksum(engine)
+            write()
+
+    def counting_save(obj, f, *args, **kwargs):
+        state["saves"].append(Path(str(f)).name)
+        return original_save(obj, f, *args, **kwargs)
 
     Engine.run = counting_run
-    overrides = {"bundle_root": str(root), **spec["overrides"]}
-    check_overrides(spec["configs"], overrides)  # never add a key the configs do not define
-    workflow = ConfigWorkflow(config_file=spec["configs"], meta_file=str(root / "configs" / "metadata.json"),
-                              logging_file=str(root / "configs" / "logging.conf"),
-                              workflow_type=_workflow_type(spec["kind"]),
-                              run_id=run_id_for(_merged(root, [Path(c).name for c in spec["configs"]]), spec["kind"]),
-                              **overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    after = {p for p in root.rglob("*") if p.is_file()}
-    Path(spec["report"]).write_text(json.dumps({
-        "engines": engines,
-        "new_files": sorted(str(p.relative_to(root)) for p in after - before)}))
+    torch.save = counting_save
+    atexit.register(write)
 
 
-def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: float) -> list[tuple[str, list[str]]]:
+def probe_environment(report_dir: Path, max_iterations: int | None) -> dict:
+    """Environment for a subprocess (``python -m monai.bundle run ...``, also under torchrun) that installs the
+    engine probe at interpreter start, through a sitecustomize module on PYTHONPATH."""
+    hook = Path(report_dir) / "_hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"if os.environ.get({PROBE_ENV!r}):\n"
+        f"    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "    import verify_bundles\n"
+        "    verify_bundles.install_engine_probe()\n"
+        "    sys.path.pop(0)\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    env[PROBE_ENV] = json.dumps({"report_dir": str(report_dir), "max_iterations": max_iterations})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def read_probe_reports(report_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("probe_*.json"))]
+
+
+def bundle_run_args(bundle_dir: Path, stack: list[str], kind: str) -> list[str]:
+    """``monai.bundle run RUN_ID --config_file ...`` (to follow ``python -m``), configs relative to the bundle."""
+    run_id = run_id_for(_merged(bundle_dir, stack), kind)
+    config_arg = repr([f"configs/{c}" for c in stack]) if len(stack) > 1 else f"configs/{stack[0]}"
+    return ["monai.bundle", "run", run_id, "--config_file", config_arg]
+
+
+def run_workflow(bundle_root: Path, stack: list[str], kind: str, max_iterations: int | None,
+                 extra_args: list[str] | None = None, timeout: float = 600) -> dict:
+    """Run ``python -m monai.bundle run`` (MONAI's own runner) from ``bundle_root`` in a fresh process with the
+    engine probe; returns the probe's report (engines, iterations, losses) plus new files and the output."""
+    bundle_root = Path(bundle_root)
+    before = {p for p in bundle_root.rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", *bundle_run_args(bundle_root, stack, kind), "--bundle_root", str(bundle_root),
+           *(extra_args or [])]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="probe_") as reports:
+        proc = subprocess.run(cmd, cwd=bundle_root, capture_output=True, text=True, timeout=timeout,
+                              env=probe_environment(Path(reports), max_iterations))
+        found = read_probe_reports(Path(reports))
+    result = found[0] if found else {"engines": [], "saves": []}
+    after = {p for p in bundle_root.rglob("*") if p.is_file()}
+    result.update(returncode=proc.returncode, seconds=time.time() - started, output=proc.stdout + proc.stderr,
+                  command=" ".join(cmd[1:]), new_files=sorted(str(p.relative_to(bundle_root)) for p in after - before))
+    return result
+
+
+def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path,
+               timeout: float) -> list[tuple[str, list[str], float]]:
     """Train configs for one iteration (dependency order), then inference configs once, in one scratch copy."""
     root = scratch_copy(bundle_dir, work)
     results = []
     demo = configs.demo[:1]
-    for name in configs.train:
-        stack = config_stack(bundle_dir, name, configs.train) + demo
+    stacks = sorted((config_stack(bundle_dir, name, configs.train) for name in configs.train), key=len)
+    for stack in stacks:  # a stage before the stages built on it
+        stack = stack + demo
         label = f"train {'+'.join(stack)}"
         r = run_workflow(root, stack, "train", max_iterations=1, timeout=timeout)
         problems = _run_problems(r)
-        trainers = [e for e in r.get("engines", []) if e["iterations"] and "Trainer" in e["engine"]]
+        trainers = [e for e in r.get("engines", []) if e["iterations"] and e["trains"]]
         if not problems and not trainers:
             problems.append(f"no trainer ran an iteration (engines: {r.get('engines')})")
+        problems += [f"{e['engine']} ran {e['iterations']} iterations, not 1" for e in trainers if e["iterations"] != 1]
         for e in trainers:
             bad = [x for x in e["losses"] if not (x == x and abs(x) != float("inf"))]
             if bad:
                 problems.append(f"{e['engine']}: non-finite loss {bad}")
-        results.append((f"{label} ({r['seconds']:.0f} s)", problems))
+        results.append((label, problems, r["seconds"]))
     for name in configs.infer:
         stack = config_stack(bundle_dir, name, configs.runnable) + demo
         label = f"infer {'+'.join(stack)}"
@@ -479,7 +647,7 @@ def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: fl
         outputs = [f for f in r.get("new_files", []) if f.endswith((".nii.gz", ".nii"))]
         if not problems and not outputs:
             problems.append(f"wrote no NIfTI output (new files: {r.get('new_files')})")
-        results.append((f"{label} ({r['seconds']:.0f} s, {len(outputs)} NIfTI)", problems))
+        results.append((f"{label} ({len(outputs)} NIfTI written)", problems, r["seconds"]))
     return results
 
 
@@ -512,6 +680,7 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
         _timed(b, "files", lambda: check_files(bundle_dir, configs)),
         _timed(b, "metadata", lambda: check_metadata(bundle_dir, schema_path, online)),
         _timed(b, "configs", lambda: check_configs(bundle_dir, configs)),
+        _timed(b, "requirements", lambda: check_requirements(bundle_dir)),
     ]
     verified: list[str] = []
 
@@ -526,13 +695,11 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
     checks.append(_timed(b, "overrides", lambda: check_overrides_static(bundle_dir, configs)
                          + check_overrides_cli(bundle_dir, configs)))
     if runs:
-        started = time.time()
         try:
-            for label, problems in run_checks(bundle_dir, configs, work, timeout):
-                checks.append(Check(b, f"run {label}", not problems, "\n".join(problems), time.time() - started))
-                started = time.time()
+            for label, problems, seconds in run_checks(bundle_dir, configs, work, timeout):
+                checks.append(Check(b, f"run {label}", not problems, "\n".join(problems), seconds))
         except Exception as e:
-            checks.append(Check(b, "runs", False, f"{type(e).__name__}: {e}", time.time() - started))
+            checks.append(Check(b, "runs", False, f"{type(e).__name__}: {e}"))
     return checks
 
 
@@ -555,11 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", type=Path, default=None, help="a local copy of the metadata schema")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for runs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per workflow run")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.probe:
-        _probe(json.loads(args.probe))
-        return 0
     available = {p.name: p for p in discover_bundles()}
     names = args.bundles or sorted(available)
     unknown = [n for n in names if n not in available]

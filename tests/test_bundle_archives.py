@@ -237,16 +237,15 @@ def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path)
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
 
     infer_stack = vb.config_stack(bundle_dir, "inference.json", configs.runnable) + configs.demo[:1]
-    run_id = vb.run_id_for(vb._merged(bundle_dir, infer_stack), "infer")
-    config_arg = repr([f"configs/{c}" for c in infer_stack])
+    run_args = vb.bundle_run_args(bundle_dir, infer_stack, "infer")
     before = {p for p in scratch.rglob("*") if p.is_file()}
-    _run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg], cwd=scratch)
+    _run([sys.executable, "-m", *run_args], cwd=scratch)
     repo_outputs = {str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before}
     assert repo_outputs
 
     (tmp_path / "workflow").mkdir()
     unpacked = _download(zip_path, bundle_dir.name, tmp_path / "workflow")
-    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", run_id, "--config_file", config_arg)
+    cmd, env = pb.without_repository_command("-m", *run_args)
     _run(cmd, cwd=unpacked, env=env)
     for rel in sorted(repo_outputs):
         np.testing.assert_array_equal(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
