@@ -25,6 +25,8 @@ from brainsynth.io import atomic_path
 LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (235, 50, 50), 2: (40, 215, 70), 3: (255, 215, 0),
                                                   4: (0, 200, 255)}
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+#: column headings: the view and which patient side is on the viewer's left / right
+_VIEW_HEADINGS = {"axial": "axial  (R | L)", "coronal": "coronal  (R | L)", "sagittal": "sagittal  (A | P)"}
 #: displayed size of the longest field-of-view side of a panel, pixels
 PANEL_PIXELS = 240
 _MARGIN, _HEADER = 64, 18
@@ -174,7 +176,7 @@ def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any =
                       np.uint8)
     texts = [(4, 2, title)] if title else []
     lefts = np.cumsum([_MARGIN] + [w + 2 for w in col_w])[:-1]
-    texts += [(int(l) + 2, top0 - _HEADER + 2, v) for l, v in zip(lefts, VIEWS)]
+    texts += [(int(l) + 2, top0 - _HEADER + 2, _VIEW_HEADINGS[v]) for l, v in zip(lefts, VIEWS)]
     top = top0
     for (name, row), h in zip(panels.items(), row_h):
         texts.append((4, top + h // 2 - 6, name))
@@ -216,7 +218,8 @@ def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     canvas = np.zeros((top0 + sum(row_h) + 2 * len(rows), sum(col_w) + 2 * len(col_w), 3), np.uint8)
     texts = [(4, 2, title)] if title else []
     lefts = np.cumsum([0] + [w + 2 for w in col_w])[:-1]
-    texts += [(int(l) + 2, top0 - _HEADER + 2, m) for l, m in zip(lefts, names)]
+    texts += [(int(l) + 2, top0 - _HEADER + 2, f"{m}  {_VIEW_HEADINGS[view].split('  ')[1]}")
+              for l, m in zip(lefts, names)]
     top = top0
     for (label, panels), h in zip(rows, row_h):
         for panel, left in zip(panels, lefts):
