@@ -402,14 +402,17 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike, cache_dir: str | os.Path
         return path
     import hashlib
 
-    from brainsynth.cohort import generate_cohort  # written in parallel; imported only when a demo is wanted
+    from brainsynth.cohort import generate_cohort  # imported only when a demo is wanted
+    from brainsynth.cohort.layout import COHORT_FORMAT_VERSION
 
     cohort_kwargs.setdefault("n_subjects", 8)
     if cache_dir is None:
         cache_dir = os.environ.get("BRAINSYNTH_CACHE", "~/.cache/brainsynth")
-    key = json.dumps(cohort_kwargs, sort_keys=True, default=str)
+    # the simulator's format version is part of the key: a newer simulator gets a fresh folder, never stale files
+    key = json.dumps({**cohort_kwargs, "format_version": COHORT_FORMAT_VERSION}, sort_keys=True, default=str)
     out_dir = Path(cache_dir).expanduser() / f"demo-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if not (out_dir / "datalist.json").is_file():
-        generate_cohort(out_dir, **cohort_kwargs)
+    # always ask the generator: it reuses a matching cohort cheaply, and rebuilds nothing silently when the
+    # simulator's format version or the parameters changed (it raises instead of serving stale files)
+    generate_cohort(out_dir, **cohort_kwargs)
     return out_dir
 
