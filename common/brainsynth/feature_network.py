@@ -124,6 +124,8 @@ class FeatureExtractor:
         self.has_heads = has_heads
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        #: accuracy on real validation scans stored with the in-house network ({} when unknown)
+        self.validation: dict[str, float] = {}
 
     def _batches(self, volumes: Any):
         if torch.is_tensor(volumes) or isinstance(volumes, np.ndarray):
@@ -171,7 +173,10 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
         cfg = ckpt["config"]
         net = PathologyModalityNet(**cfg)
         net.load_state_dict(ckpt["state_dict"])
-        return FeatureExtractor(net, net.input_shape, net.name, has_heads=True, device=device, batch_size=batch_size)
+        extractor = FeatureExtractor(net, net.input_shape, net.name, has_heads=True, device=device,
+                                     batch_size=batch_size)
+        extractor.validation = dict(ckpt.get("validation", {}))
+        return extractor
     try:
         if path.suffix == ".pt2":  # torch.export archive
             module = torch.export.load(str(path)).module()
@@ -186,13 +191,14 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
 
 
 # --- training ----------------------------------------------------------------------------------------------
-def _scan_transforms(input_shape: Sequence[int], augment: bool):
+def _scan_transforms(input_shape: Sequence[int], augment: bool, preprocessing: Any = None):
     from monai import transforms as mt
 
     from brainsynth.data import LoadSubjectd
 
-    # LoadSubjectd reads NIfTI, DICOM series and channels of MSD 4-D files alike
-    steps = [LoadSubjectd("image", seg_key=None),
+    # default: LoadSubjectd reads NIfTI, DICOM series and channels of MSD 4-D files alike. A bundle passes its
+    # own preprocessing so the network learns on the exact image space its generator produces.
+    steps = [preprocessing if preprocessing is not None else LoadSubjectd("image", seg_key=None),
              mt.Resized("image", spatial_size=tuple(input_shape), mode="trilinear"),
              mt.Lambdad("image", lambda x: robust_rescale(torch.as_tensor(x)[None])[0])]
     if augment:  # small geometric and intensity jitter: scanners and head positions differ between datasets
@@ -238,10 +244,12 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
                           pathologies: Sequence[str] = PATHOLOGIES, modalities: Sequence[str] = MODALITIES,
                           block_inplanes: Sequence[int] = (16, 32, 64, 128), epochs: int = 30, batch_size: int = 8,
                           lr: float = 1e-3, seed: int = 0, augment: bool = True, device: str = "cpu",
-                          num_workers: int = 0, overwrite: bool = False) -> Path:
+                          num_workers: int = 0, overwrite: bool = False, preprocessing: Any = None) -> Path:
     """Train the in-house network on real per-scan rows ``{"image", "pathology", "modality"}`` (e.g. from
     ``brainsynth.data.expand_scans``) and write a weights-only checkpoint to ``out_path``.
 
+    ``preprocessing``: a transform turning a row into ``{"image": (1, H, W, D)}`` (default: load the file);
+    give the generator's own preprocessing so real and generated volumes share one image space.
     Loss: cross-entropy of the pathology head + cross-entropy of the modality head. The validation accuracy
     (``val_rows``, other subjects) is stored in the checkpoint so every report can say how well the network
     recognises what it is asked to judge.
@@ -263,7 +271,8 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
     # classes are unbalanced in pooled datasets: weight each pathology by its inverse frequency
     weight = torch.tensor([1.0 / c if c else 0.0 for c in counts], dtype=torch.float32)
     weight = (weight * (counts > 0).sum() / weight.sum()).to(device)
-    loader = DataLoader(Dataset(train_items, _scan_transforms(input_shape, augment)), batch_size=batch_size,
+    loader = DataLoader(Dataset(train_items, _scan_transforms(input_shape, augment, preprocessing)),
+                        batch_size=batch_size,
                         shuffle=True, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -284,7 +293,7 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
         logger.info("feature network epoch %d/%d loss %.4f", epoch + 1, epochs, total / len(train_items))
     validation = {}
     if val_rows:
-        val_loader = DataLoader(Dataset(_targets(val_rows, net), _scan_transforms(input_shape, False)),
+        val_loader = DataLoader(Dataset(_targets(val_rows, net), _scan_transforms(input_shape, False, preprocessing)),
                                 batch_size=batch_size, num_workers=num_workers)
         validation = _accuracy(net, val_loader, device)
         logger.info("feature network validation: %s", validation)
@@ -293,6 +302,20 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
                      "validation": validation, "seed": seed, "epochs": epochs,
                      "n_training_scans": len(train_items)}, out_path)
     return out_path
+
+
+def ensure_feature_network(path: str | os.PathLike, train_rows: Sequence[dict] | None = None,
+                           val_rows: Sequence[dict] | None = None, device: str | torch.device = "cpu",
+                           **train_kwargs: Any) -> FeatureExtractor:
+    """Load the feature network at ``path``; if there is none yet and real training rows are given, train the
+    in-house one on them first (``train_feature_network``). A user's own network is used by giving its path."""
+    path = Path(path)
+    if not path.is_file():
+        if not train_rows:
+            raise FileNotFoundError(f"{path}: no feature network there and no real scans given to train one")
+        logger.info("training the in-house feature network on %d real scans -> %s", len(train_rows), path)
+        train_feature_network(train_rows, path, val_rows, device=str(device), **train_kwargs)
+    return load_feature_network(path, device=device)
 
 
 def feature_network_validation(path: str | os.PathLike) -> dict[str, float]:

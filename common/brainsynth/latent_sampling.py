@@ -185,11 +185,14 @@ class SampleMontage:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
 
-def check_output_dir(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], overwrite: bool = False) -> Path:
-    """Fail before sampling if any output of this run already exists (outputs never replace earlier ones)."""
+def check_output_dir(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], overwrite: bool = False,
+                     extra_files: Sequence[str] = ()) -> Path:
+    """Fail before sampling if any output of this run (a volume per row, plus ``extra_files``) already exists:
+    outputs never replace earlier ones unless asked."""
     output_dir = Path(output_dir)
     if not overwrite:
-        clash = [str(output_dir / f"{r['name']}.nii.gz") for r in rows if (output_dir / f"{r['name']}.nii.gz").exists()]
+        names = [f"{r['name']}.nii.gz" for r in rows] + [str(f) for f in extra_files if f]
+        clash = [str(output_dir / n) for n in names if (output_dir / n).exists()]
         if clash:
             raise FileExistsError(f"{len(clash)} output(s) already exist, e.g. {clash[0]}; choose another output_dir "
                                   "or pass --overwrite true")
@@ -252,7 +255,9 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
         results.append(entry)
         logger.info("%s / %s (%s): %s", pathology, modality, entry["split"],
                     {k: v for k, v in entry.items() if isinstance(v, float)})
-    report = {"feature_network": getattr(extractor, "name", "?"), "combinations": results}
+    report = {"feature_network": getattr(extractor, "name", "?"),
+              "feature_network_validation": dict(getattr(extractor, "validation", {}) or {}),
+              "combinations": results}
     report_dir = Path(report_dir)
     atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2), overwrite=overwrite)
     atomic_write_text(report_dir / "metrics.md", metrics_table(report), overwrite=overwrite)
