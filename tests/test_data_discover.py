@@ -273,22 +273,16 @@ def test_resolve_dataset_dir_never_falls_back_to_simulated_data(tmp_path):
         discover(tmp_path / "does-not-exist")
 
 
-def test_demo_cohort_is_built_once_per_setting_and_reused(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_generate_cohort(out_dir, n_subjects, seed=0, **kw):
-        calls.append((Path(out_dir), n_subjects, seed))
-        Path(out_dir).mkdir(parents=True)
-        (Path(out_dir) / "datalist.json").write_text("{}")
-        return Path(out_dir) / "datalist.json"
-
-    monkeypatch.setitem(sys.modules, "brainsynth.cohort",
-                        types.SimpleNamespace(generate_cohort=fake_generate_cohort))
-    first = resolve_dataset_dir("demo", tmp_path, n_subjects=3, seed=1)
-    assert resolve_dataset_dir("demo", tmp_path, seed=1, n_subjects=3) == first and len(calls) == 1
-    other = resolve_dataset_dir("demo", tmp_path, n_subjects=3, seed=2)
-    assert other != first and len(calls) == 2 and calls[1][2] == 2
-    assert first.parent == tmp_path
+def test_demo_cohort_is_built_once_per_setting_and_reused(tmp_path):
+    first = resolve_dataset_dir("demo", tmp_path, n_subjects=2, seed=1, spacing=8)
+    files = sorted(p for p in first.rglob("*.nii.gz"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    assert len(files) >= 2 * 5 and first.parent == tmp_path
+    again = resolve_dataset_dir("demo", tmp_path, seed=1, spacing=8, n_subjects=2)  # same settings, any order
+    assert again == first and [p.stat().st_mtime_ns for p in files] == stamps  # reused, not rewritten
+    other = resolve_dataset_dir("demo", tmp_path, n_subjects=2, seed=2, spacing=8)
+    assert other != first and other.parent == tmp_path
+    assert json.loads((other / "datalist.json").read_text())["seed"] == 2
 
 
 # --- the simulated cohort, written in each of its layouts, discovered back ------------------------------------
