@@ -68,7 +68,7 @@ def test_train_resume_sample_end_to_end(workspace):
     proc = _run("training", train, "--max_epochs", "2")
     assert "resumed from" in proc.stdout + proc.stderr
     second = load_checkpoint(ckpt_path)
-    assert second["trainer"]["iteration"] == 4 and second["trainer"]["epoch"] == 2
+    assert second["trainer"]["iteration"] == 4 and second["trainer"]["max_epochs"] == 2
     assert any(not torch.equal(second["network"][k], first["network"][k]) for k in first["network"])
     assert second["optimizer"]["state"][0]["step"].item() == 4  # Adam continued from its saved moments
 

@@ -150,21 +150,23 @@ class SemanticMaskConditioning:
         return out
 
     def validate(self, label_map: Any, source: str | None = None, spatial_dims: int = 3,
-                 spatial_size: Sequence[int] | None = None) -> None:
+                 spatial_size: Sequence[int] | None = None, channel_first: bool | None = None) -> None:
         """Raise :class:`MaskError` naming ``source`` when ``label_map`` is not a usable condition mask.
 
-        Checks: ``spatial_dims`` spatial axes (an optional leading channel of 1), integer values in 0..n, the
+        Checks: ``spatial_dims`` spatial axes (plus a leading channel of 1: required with ``channel_first=True``, as
+        for loaded MONAI data, optional with ``None``), integer values in 0..n, the
         required classes present, and - when ``spatial_size`` is the model's grid - that centre cropping/padding to
         that grid keeps every non-zero voxel (so the output can be put back in the mask's geometry).
         """
         lm = _as_tensor(label_map)
         source = source or source_name(label_map)
         shape = tuple(lm.shape)
-        if lm.ndim == spatial_dims + 1 and shape[0] == 1:
+        spatial_shape = shape[1:] if channel_first else shape
+        if lm.ndim == spatial_dims + 1 and shape[0] == 1 and channel_first is not False:
             lm = lm[0]
-        elif lm.ndim != spatial_dims:
-            raise MaskError(f"{source}: a condition mask must be a {spatial_dims}-D label map (optionally with one "
-                            f"leading channel), got shape {shape}")
+        elif lm.ndim != spatial_dims or channel_first:
+            raise MaskError(f"{source}: a condition mask must be a {spatial_dims}-D label map (one label channel), "
+                            f"got {'spatial ' if channel_first else ''}shape {spatial_shape}")
         if lm.numel() == 0:
             raise MaskError(f"{source}: empty mask")
         if torch.is_floating_point(lm):
@@ -304,7 +306,8 @@ class ValidateConditionMaskd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            self.conditioning.validate(d[key], spatial_dims=self.spatial_dims, spatial_size=self.spatial_size)
+            self.conditioning.validate(d[key], spatial_dims=self.spatial_dims, spatial_size=self.spatial_size,
+                                       channel_first=True)
         return d
 
 

@@ -183,7 +183,7 @@ def check_inputs(rows: Sequence[dict], conditioning: SemanticMaskConditioning, s
         seen[subject] = str(where)
         try:
             item = load(row)
-            conditioning.validate(item["mask"], source=str(where), spatial_size=spatial_size)
+            conditioning.validate(item["mask"], source=str(where), spatial_size=spatial_size, channel_first=True)
         except (MaskError, DatasetError) as e:
             problems.append(str(e))
             continue
