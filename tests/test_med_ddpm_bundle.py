@@ -165,3 +165,20 @@ def test_train_and_inference_configs_agree_on_the_model():
     for key in shared:
         assert train[key] == infer[key], key
     assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
+
+
+@pytest.mark.slow
+def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 alone checkpoints, and a second run resumes."""
+    root, _, overlay = workspace
+    configs = str(["configs/train.json", "configs/multi_gpu_train.json", "configs/demo.json", str(overlay)])
+    run_root = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for epochs in ("1", "2"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+               "run", "training", "--config_file", configs, "--bundle_root", str(run_root), "--max_epochs", epochs]
+        proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = load_checkpoint(run_root / "models" / "checkpoint_last.pt")
+    assert ckpt["trainer"]["iteration"] == 4
+    assert all(not k.startswith("module.") for k in ckpt["network"])  # portable: no DDP wrapper prefix
