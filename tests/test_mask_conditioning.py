@@ -191,3 +191,18 @@ def test_sampler_sees_condition_at_every_step(scheduler, steps):
 def test_ancestral_sampler_refuses_fewer_steps():
     with pytest.raises(ValueError, match="runs all 250 steps"):
         MaskConditionedSampler(DDPMScheduler(num_train_timesteps=250, schedule="cosine"), 1, num_inference_steps=50)
+
+
+def test_region_from_images_fills_only_missing_masks():
+    from brainsynth.mask_conditioning import RegionFromImagesd
+
+    t1 = torch.zeros(1, 6, 6, 6)
+    t1[0, 1:4, 1:5, 2:5] = 3.0
+    flair = torch.zeros(1, 6, 6, 6)
+    flair[0, 4, 4, 4] = 1.0  # a voxel non-zero in one modality only still counts as brain
+    out = RegionFromImagesd(["t1w", "flair"], output_keys="brain_mask")({"t1w": t1, "flair": flair})
+    expected = (t1 != 0) | (flair != 0)
+    assert torch.equal(out["brain_mask"].bool(), expected)
+    given = torch.ones(1, 6, 6, 6, dtype=torch.uint8)
+    kept = RegionFromImagesd(["t1w"], output_keys="brain_mask")({"t1w": t1, "brain_mask": given})
+    assert kept["brain_mask"] is given
