@@ -250,3 +250,48 @@ def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path)
     for rel in sorted(repo_outputs):
         np.testing.assert_array_equal(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
                                       err_msg=rel)
+
+
+@pytest.fixture(scope="module")
+def fresh_venv_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("fresh_venvs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
+def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_venv_root):
+    """The issue's 'done when': a fresh virtual environment with only torch, MONAI and the packages in
+    metadata.json's required_packages_version (nothing of this repository) downloads the archive with MONAI's
+    CLI, runs its inference, and writes the same volumes as the repository run (same weights, same seed)."""
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    venv = fresh_venv_root / bundle_dir.name
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    pins = [f"{name}=={version}" for name, version in meta["required_packages_version"].items()]
+    _run([py, "-m", "pip", "install", "-q", f"torch=={meta['pytorch_version']}", f"monai=={meta['monai_version']}",
+          *pins], cwd=tmp_path)
+    probe = _run([py, "-c", "import importlib.util as u; print(u.find_spec('brainsynth'))"], cwd=tmp_path)
+    assert probe.stdout.strip() == "None"
+
+    configs = vb.classify_configs(bundle_dir)
+    scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
+    for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
+        r = vb.run_workflow(scratch, stack + configs.demo[:1], "train", 1)
+        assert r["returncode"] == 0, r["output"][-3000:]
+    zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
+    run_args = vb.bundle_run_args(bundle_dir, vb.config_stack(bundle_dir, "inference.json", configs.runnable)
+                                  + configs.demo[:1], "infer")
+    before = {p for p in scratch.rglob("*") if p.is_file()}
+    _run([sys.executable, "-m", *run_args], cwd=scratch)
+    repo_outputs = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before)
+    assert repo_outputs
+
+    workflow = tmp_path / "workflow"
+    workflow.mkdir()
+    _run([py, "-m", "monai.bundle", "download", "--name", bundle_dir.name, "--url", zip_path.resolve().as_uri(),
+          "--bundle_dir", str(workflow)], cwd=workflow)
+    unpacked = workflow / bundle_dir.name
+    _run([py, "-m", *run_args], cwd=unpacked)
+    for rel in repo_outputs:
+        np.testing.assert_allclose(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
+                                   atol=1e-5, err_msg=rel)

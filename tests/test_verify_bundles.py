@@ -1,0 +1,129 @@
+"""The verification command (ci/verify_bundles.py): it passes for every bundle, and it fails - naming the
+problem - for a bundle with the faults it is there to catch."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ci"))
+
+import verify_bundles as vb  # noqa: E402
+
+BUNDLES = vb.discover_bundles()
+CHECKS = ("files", "metadata", "configs", "requirements", "net_in_out", "overrides")
+
+
+@pytest.mark.skipif(not BUNDLES, reason="no bundle under bundles/ yet")
+def test_verification_command_passes_for_every_bundle(tmp_path):
+    """CI's verification: the one command, all bundles, including a one-iteration train run of every train config
+    and one run of every inference config on tiny simulated-cohort data (the demo overlays)."""
+    proc = subprocess.run([sys.executable, str(REPO / "ci" / "verify_bundles.py"), "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    report = proc.stdout
+    print(report)
+    assert proc.returncode == 0, report[-6000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(PASS|FAIL)  (\S+)\s+(.+?)  \[", report, flags=re.M)
+    for bundle in BUNDLES:
+        names = [name for status, b, name in rows if b == bundle.name and status == "PASS"]
+        assert set(CHECKS) <= set(names), (bundle.name, names)
+        configs = vb.classify_configs(bundle)
+        assert sum(n.startswith("run train ") for n in names) == len(configs.train), names
+        assert sum(n.startswith("run infer ") for n in names) == len(configs.infer), names
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A copy of a real bundle with the faults the verification exists to catch."""
+    if not BUNDLES:
+        pytest.skip("no bundle under bundles/ yet")
+    src = BUNDLES[0]
+    dest = tmp_path / src.name
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "cache", "outputs"))
+    cfg = dest / "configs"
+    meta = json.loads((cfg / "metadata.json").read_text())
+    meta["version"] = "9.9.9"                       # not in the changelog
+    del meta["authors"]                             # required by the schema
+    meta["required_packages_version"] = {}          # nibabel, einops, ... unlisted
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] += 1   # not what the network returns
+    (cfg / "metadata.json").write_text(json.dumps(meta))
+    inference = json.loads((cfg / "inference.json").read_text())
+    inference["initialize"] = inference["initialize"][1:]   # no reject_unknown_overrides() first
+    del inference["device"]                                  # a MONAI inference property
+    (cfg / "inference.json").write_text(json.dumps(inference))
+    for overlay in cfg.glob("multi_gpu*.json"):
+        overlay.unlink()
+    (dest / "LICENSE").unlink(missing_ok=True)
+    readme = dest / "docs" / "README.md"
+    readme.parent.mkdir(exist_ok=True)
+    readme.write_text("no word on loading\n")
+    return dest
+
+
+def test_verifier_names_each_fault(broken):
+    configs = vb.classify_configs(broken)
+    files = "\n".join(vb.check_files(broken, configs))
+    assert "missing LICENSE" in files
+    assert "does not say what monai.bundle.load returns" in files
+
+    metadata = "\n".join(vb.check_metadata(broken))
+    assert "'authors' is a required property" in metadata
+    assert "version '9.9.9' is not in the changelog" in metadata
+
+    config_problems = "\n".join(vb.check_configs(broken, configs))
+    assert "inference.json: the first 'initialize' item must be $brainsynth.training.reject_unknown_overrides()" \
+        in config_problems
+    assert re.search(r"inference\.json.*MONAI infer properties missing.*'device'", config_problems)
+    assert "no multi-GPU overlay" in config_problems
+
+    requirements = "\n".join(vb.check_requirements(broken))
+    assert "lacks 'nibabel'" in requirements and "lacks 'einops'" in requirements
+
+    net_problems, verified = vb.check_net_in_out(broken, configs)
+    assert not verified and "output channel number" in "\n".join(net_problems)
+
+
+def test_unknown_override_is_rejected_with_the_valid_keys(tmp_path):
+    """The static half of the override check on a two-key config: the typo is refused, the valid keys listed."""
+    from brainsynth.training import check_overrides
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"max_epochs": 1, "lr": 0.1}))
+    assert vb.check_overrides_static(tmp_path, vb.BundleConfigs(tmp_path, train=["train.json"])) == []
+    with pytest.raises(KeyError, match=r"--max_epoch: no such config key \(did you mean --max_epochs\?\).*lr"):
+        check_overrides(str(tmp_path / "configs" / "train.json"), {"max_epoch": 3})
+
+
+def test_stages_merge_on_the_configs_they_build_on(tmp_path):
+    cfg = tmp_path / "configs"
+    cfg.mkdir()
+    (cfg / "train_autoencoder.json").write_text(json.dumps({"autoencoder_def": {}, "train": {"trainer": {}}}))
+    (cfg / "train_diffusion.json").write_text(json.dumps({"diffusion_def": {},
+                                                          "latent": "$@autoencoder_def.encode(@x)", "x": 1}))
+    (cfg / "inference.json").write_text(json.dumps({"autoencoder_def": {}, "y": "@autoencoder_def"}))
+    assert vb.config_stack(tmp_path, "train_diffusion.json", ["train_autoencoder.json", "train_diffusion.json"]) \
+        == ["train_autoencoder.json", "train_diffusion.json"]
+    assert vb.config_stack(tmp_path, "train_autoencoder.json", ["train_autoencoder.json", "train_diffusion.json"]) \
+        == ["train_autoencoder.json"]
+    assert vb.config_stack(tmp_path, "inference.json", ["inference.json", "train_autoencoder.json"]) \
+        == ["inference.json"]
+
+
+def test_paper_scale_shapes_are_reduced_to_a_compatible_cpu_size():
+    io = {"inputs": {"image": {"type": "image", "spatial_shape": [192, 192, 144]},
+                     "timesteps": {"type": "tensor", "spatial_shape": [1]}},
+          "outputs": {"pred": {"type": "image", "spatial_shape": [155, "16*n", 24]}}}
+    reduced, note = vb.cpu_sized(io)
+    assert reduced["inputs"]["image"]["spatial_shape"] == [32, 32, 16]  # 192 = 64 * 3, 144 = 16 * 9
+    assert all(a % b == 0 for a, b in zip([192, 192, 144], [32, 32, 16]))
+    assert reduced["outputs"]["pred"]["spatial_shape"] == [155, "16*n", 24]  # odd, symbolic, small: kept
+    assert reduced["inputs"]["timesteps"]["spatial_shape"] == [1]
+    assert "[192, 192, 144] -> [32, 32, 16]" in note
+    assert io["inputs"]["image"]["spatial_shape"] == [192, 192, 144]  # the caller's dict is untouched
