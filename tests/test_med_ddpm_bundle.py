@@ -182,3 +182,19 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
     ckpt = load_checkpoint(run_root / "models" / "checkpoint_last.pt")
     assert ckpt["trainer"]["iteration"] == 4
     assert all(not k.startswith("module.") for k in ckpt["network"])  # portable: no DDP wrapper prefix
+
+
+@pytest.mark.parametrize("overlays,io,millions", [
+    ([], (8, 4), 57.563),                              # BraTS variant: authors' 57.6 M parameters
+    (["single_modality.json"], (3, 1), 40.226),        # whole-head variant: authors' 40.2 M parameters
+])
+def test_paper_networks_match_the_authors_size(overlays, io, millions):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in ["train.json", *overlays]])
+    net = parser.get_parsed_content("network_def")
+    assert (net.in_channels, net.out_channels) == io
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=1e-3)
+    cond = parser.get_parsed_content("conditioning")
+    assert cond.num_channels + len(parser["modalities"]) == io[0]
