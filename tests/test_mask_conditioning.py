@@ -9,8 +9,9 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import LoadImage
 
-from brainsynth.mask_conditioning import (BRATS_CLASSES, WHOLE_HEAD_CLASSES, ConditionLabelsd, MaskConditionedPrepareBatch,
-                                          MaskConditionedSampler, MaskError, MaskOneHotd, SemanticMaskConditioning)
+from brainsynth.mask_conditioning import (BRATS_CLASSES, WHOLE_HEAD_CLASSES, ConditionLabelsd,
+                                          MaskConditionedPrepareBatch, MaskConditionedSampler, MaskError, MaskOneHotd,
+                                          SemanticMaskConditioning)
 from brainsynth.samplers import ExactDDIMScheduler
 
 

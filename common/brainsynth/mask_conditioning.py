@@ -127,11 +127,12 @@ class SemanticMaskConditioning:
         regions = dict(regions or {})
         values = torch.unique(seg_t)
         if torch.is_floating_point(values) and not torch.equal(values, values.round()):
-            raise MaskError(f"{source}: segmentation has non-integer values {values[values != values.round()][:5].tolist()}")
+            fractional = values[values != values.round()][:5].tolist()
+            raise MaskError(f"{source}: segmentation has non-integer values {fractional}")
         stray = sorted(set(int(v) for v in values.tolist()) - self.covered_labels)
         if stray:
-            raise MaskError(f"{source}: label(s) {stray} in the segmentation are not represented by the conditioning classes "
-                            f"{list(self.classes)} (canonical labels: {LABEL_VALUES})")
+            raise MaskError(f"{source}: label(s) {stray} in the segmentation are not represented by the "
+                            f"conditioning classes {list(self.classes)} (canonical labels: {LABEL_VALUES})")
         out = torch.zeros(seg_t.shape, dtype=torch.int64, device=seg_t.device)
         for index, name in enumerate(self.classes, start=1):
             if name in REGION_CLASSES:
@@ -139,8 +140,8 @@ class SemanticMaskConditioning:
                     raise MaskError(f"{source}: class {name!r} needs a {name} mask, none was given")
                 region = _as_tensor(regions[name]).to(seg_t.device)
                 if tuple(region.shape) != tuple(seg_t.shape):
-                    raise MaskError(f"{source_name(regions[name], name + ' mask')}: shape {tuple(region.shape)} differs "
-                                    f"from the segmentation's {tuple(seg_t.shape)}")
+                    raise MaskError(f"{source_name(regions[name], name + ' mask')}: shape {tuple(region.shape)} "
+                                    f"differs from the segmentation's {tuple(seg_t.shape)}")
                 out[region > 0.5] = index
         for index, name in enumerate(self.classes, start=1):
             if name in LABEL_CLASSES:
@@ -227,9 +228,9 @@ class SemanticMaskConditioning:
         """Inverse of :meth:`one_hot`: the label map (singleton channel) from one-hot channels."""
         off, on = self.value_range
         hot = condition > (off + on) / 2
-        lm = (hot * torch.arange(1, self.num_channels + 1, device=condition.device).view(
-            [-1 if d == channel_dim % condition.ndim else 1 for d in range(condition.ndim)])).amax(channel_dim, keepdim=True)
-        return lm.long()
+        view = [-1 if d == channel_dim % condition.ndim else 1 for d in range(condition.ndim)]
+        codes = torch.arange(1, self.num_channels + 1, device=condition.device).view(view)
+        return (hot * codes).amax(channel_dim, keepdim=True).long()
 
 
 # --- MONAI transforms ----------------------------------------------------------------------------------------
@@ -318,7 +319,10 @@ class MaskOneHotd(MapTransform):
                  output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.conditioning = conditioning
-        outs = self.keys if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+        if output_keys is None:
+            outs = self.keys
+        else:
+            outs = (output_keys,) if isinstance(output_keys, str) else tuple(output_keys)
         if len(outs) != len(self.keys):
             raise ValueError("output_keys must have one entry per key")
         self.output_keys = dict(zip(self.keys, outs))

@@ -63,11 +63,13 @@ def train_segmenter(rows: Sequence[dict], modalities: Sequence[str], spatial_siz
     seed_everything(seed)
     net = segmentation_network(len(modalities), init_filters).to(device)
     loader = DataLoader(Dataset(list(rows), segmentation_transforms(modalities, spatial_size, augment=True)),
-                        batch_size=batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
+                        batch_size=batch_size, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(seed))
     trainer = SupervisedTrainer(
         device=device, max_epochs=1, epoch_length=iterations, train_data_loader=loader, network=net,
         optimizer=torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5),
-        loss_function=DiceCELoss(sigmoid=True), prepare_batch=lambda b, d, nb, **k: (b["image"].to(d), b["seg"].to(d)))
+        loss_function=DiceCELoss(sigmoid=True),
+        prepare_batch=lambda batch, device, non_blocking, **kw: (batch["image"].to(device), batch["seg"].to(device)))
     trainer.run()
     return net.eval()
 
@@ -90,8 +92,9 @@ def tumour_dice(net: torch.nn.Module, rows: Sequence[dict], modalities: Sequence
 
 def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module, inferer: Any, preprocessing: Any,
                    conditioning: Any, modalities: Sequence[str], spatial_size: Sequence[int], model_path: str,
-                   region_keys: dict | None = None, augment_per_subject: int = 2, seg_spatial_size: Sequence[int] = (192, 192, 144),
-                   seg_iterations: int = 2000, seg_batch_size: int = 2, seg_lr: float = 1e-4, seg_init_filters: int = 16,
+                   region_keys: dict | None = None, augment_per_subject: int = 2,
+                   seg_spatial_size: Sequence[int] = (192, 192, 144), seg_iterations: int = 2000,
+                   seg_batch_size: int = 2, seg_lr: float = 1e-4, seg_init_filters: int = 16,
                    seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 1,
                    overwrite: bool = False) -> dict[str, Any]:
     from brainsynth.data import discover, split_items, validate_items
@@ -118,7 +121,8 @@ def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module,
     from .inputs import mask_rows
 
     aug_dir = generate(mask_rows(str(aug_list)), out / "synthetic_augmented_masks", **gen)
-    arms = {"real": real_train, "synthetic": discover(same_dir), "real + synthetic": list(real_train) + discover(aug_dir)}
+    arms = {"real": real_train, "synthetic": discover(same_dir),
+            "real + synthetic": list(real_train) + discover(aug_dir)}
     result: dict[str, Any] = {"test_subjects": len(real_test), "seg_iterations": seg_iterations,
                               "seg_spatial_size": list(seg_spatial_size), "arms": {}}
     for name, train_rows in arms.items():
