@@ -176,7 +176,8 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for epochs in ("1", "2"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(run_root), "--max_epochs", epochs]
+               "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(run_root),
+               "--max_epochs", epochs]
         proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = load_checkpoint(run_root / "models" / "checkpoint_last.pt")
