@@ -222,14 +222,16 @@ class SliceSynthesisInferer(Inferer):
     channel 0 the mean synthetic image over samples, 1 the fraction of samples whose mask channel is foreground
     (0 without a mask channel), 2 the voxel-wise standard deviation of the image over samples (0 for one sample).
 
-    The initial noise of slice z, sample k is drawn from a generator seeded with (seed, k, z), so results do not
+    With ``mask_background`` voxels where every condition channel is background (outside the head) are set to
+    background in the output, as in the input. The initial noise of slice z, sample k is drawn from a generator seeded with (seed, k, z), so results do not
     depend on the batch size or on which other slices are synthesised.
     """
 
     def __init__(self, diffusion_inferer, target_channels: int = 2, mask_channel: int | None = 1,
                  spatial_size: Sequence[int] = (256, 256), inplane_mode: str = "pad", slice_batch_size: int = 16,
                  num_samples: int = 1, num_inference_steps: int | None = None, seed: int = 0,
-                 skip_empty_slices: bool = True, background: float = -1.0, progress: bool = True):
+                 skip_empty_slices: bool = True, mask_background: bool = True, background: float = -1.0,
+                 progress: bool = True):
         super().__init__()
         if inplane_mode not in INPLANE_MODES:
             raise ValueError(f"inplane_mode must be one of {INPLANE_MODES}, got {inplane_mode!r}")
@@ -242,6 +244,7 @@ class SliceSynthesisInferer(Inferer):
         self.slice_batch_size, self.num_samples = int(slice_batch_size), int(num_samples)
         self.num_inference_steps = num_inference_steps
         self.seed, self.skip_empty_slices, self.background = int(seed), bool(skip_empty_slices), float(background)
+        self.mask_background = bool(mask_background)
         self.progress = progress
 
     def _noise(self, slices: Sequence[int], sample: int, device) -> torch.Tensor:
@@ -302,6 +305,10 @@ class SliceSynthesisInferer(Inferer):
                 result[2][..., zs] = images_t.std(0)
         if progress is not None:
             progress.close()
+        if self.mask_background:  # outside the head (every condition at background) the output is background too
+            outside = (cond <= BRAIN_THRESHOLD).all(dim=0)
+            result[0][outside] = self.background
+            result[1:, outside] = 0.0
         return result
 
 
