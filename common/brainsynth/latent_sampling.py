@@ -130,13 +130,16 @@ class SaveGeneratedd(MapTransform):
 
 
 class SampleMontage:
-    """Ignite handler: collects the middle axial slice of every generated volume and, when the run completes,
-    writes one PNG: rows = pathologies, columns = modalities (several samples of a combination side by side)."""
+    """Ignite handler: keeps up to ``max_per_cell`` generated volumes per (pathology, modality) and, when the run
+    completes, writes one PNG with ``brainsynth.preview.save_montage``: a row per pathology (and sample), a
+    column per modality, one axial slice through the brain centre."""
 
     def __init__(self, path: str | os.PathLike, key: str = "pred", row_key: str = "pathology",
-                 col_key: str = "modality", overwrite: bool = False, max_per_cell: int = 4) -> None:
+                 col_key: str = "modality", pixdim: Sequence[float] = (1.0, 1.0, 1.0), overwrite: bool = False,
+                 max_per_cell: int = 2) -> None:
         self.path = Path(path)
         self.key, self.row_key, self.col_key = key, row_key, col_key
+        self.pixdim = tuple(float(p) for p in pixdim)
         self.overwrite = overwrite
         self.max_per_cell = int(max_per_cell)
         self.cells: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
@@ -144,37 +147,26 @@ class SampleMontage:
     def collect(self, engine) -> None:
         # after MONAI's decollation: batch rows carry the request, output rows the generated volume
         for row, item in zip(engine.state.batch, engine.state.output):
-            vol = torch.as_tensor(item[self.key]).detach().float().cpu()[0]
             cell = self.cells[(str(row[self.row_key]), str(row[self.col_key]))]
             if len(cell) < self.max_per_cell:
-                cell.append(vol[:, :, vol.shape[2] // 2].numpy())
+                cell.append(torch.as_tensor(item[self.key]).detach().float().cpu()[0].numpy().astype(np.float16))
 
     def write(self, engine=None) -> Path | None:
         if not self.cells:
             return None
-        from PIL import Image, ImageDraw
+        from brainsynth.preview import save_montage
 
         rows = list(dict.fromkeys(r for r, _ in self.cells))
         cols = list(dict.fromkeys(c for _, c in self.cells))
-        per = max(len(v) for v in self.cells.values())
-        h, w = next(iter(self.cells.values()))[0].shape
-        scale = max(1, 96 // max(h, w))
-        tile_h, tile_w, pad_top, pad_left = h * scale, w * scale, 16, 90
-        canvas = Image.new("L", (pad_left + len(cols) * per * tile_w, pad_top + len(rows) * tile_h), 0)
-        draw = ImageDraw.Draw(canvas)
-        for j, c in enumerate(cols):
-            draw.text((pad_left + j * per * tile_w + 2, 2), c, fill=255)
-        for i, r in enumerate(rows):
-            draw.text((2, pad_top + i * tile_h + tile_h // 2 - 5), r, fill=255)
-            for j, c in enumerate(cols):
-                for k, sl in enumerate(self.cells.get((r, c), [])):
-                    img = np.clip(np.rot90(sl), 0.0, 1.0)  # display in radiological-ish orientation
-                    tile = Image.fromarray((img * 255).astype(np.uint8)).resize((tile_w, tile_h), Image.NEAREST)
-                    canvas.paste(tile, (pad_left + (j * per + k) * tile_w, pad_top + i * tile_h))
-        from brainsynth.io import atomic_path
-
-        with atomic_path(self.path, overwrite=self.overwrite) as tmp:
-            canvas.save(tmp, format="PNG")
+        shape = next(iter(self.cells.values()))[0].shape
+        subjects = []
+        for r in rows:
+            for k in range(max(len(self.cells.get((r, c), [])) for c in cols)):
+                vols = {c: (self.cells[(r, c)][k].astype(np.float32) if k < len(self.cells.get((r, c), []))
+                            else np.zeros(shape, np.float32)) for c in cols}  # blank where nothing was asked
+                subjects.append({"volumes": vols, "title": r if k == 0 else f"{r} #{k + 1}",
+                                 "spacing": self.pixdim})
+        save_montage(subjects, self.path, modalities=cols, overwrite=self.overwrite)
         logger.info("montage of %d combination(s) written to %s", len(self.cells), self.path)
         return self.path
 
