@@ -7,7 +7,10 @@ Per modality, generated volume vs the real volume of the same subject (same mask
 * MS-SSIM: paired, with a kernel and number of scales that fit the volume (``brainsynth.generative_metrics``);
 * MMD and Frechet distance between the sets of generated and real volumes, on features of a 3D network: the
   in-house pathology/modality ResNet trained on the real training split (MedicalNet weights cannot be
-  downloaded here), or a user-supplied network; the table names the network.
+  downloaded here), or a user-supplied network; the table names the network. Both depend on the network and on
+  the number of volumes, so the same two numbers between as many *real* volumes of other subjects
+  (``reference_rows``, e.g. the validation split) and the real test volumes are reported beside them as the
+  floor a perfect generator would reach.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
 
 
 def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalities: Sequence[str], out_dir: str,
-                        extractor: Any, overwrite: bool = False) -> dict[str, Any]:
+                        extractor: Any, reference_rows: Sequence[dict] | None = None,
+                        overwrite: bool = False) -> dict[str, Any]:
     """Metrics of generated vs real volumes; writes ``metrics.json`` and ``metrics.md`` into ``out_dir``."""
     from brainsynth.data import LoadSubjectd
     from brainsynth.generative_metrics import frechet_distance, maximum_mean_discrepancy, ms_ssim
@@ -78,7 +82,13 @@ def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalitie
                                  f"{tuple(r[m].shape)}")
             real[m].append(_unit(r[m].as_tensor()[0].float()))
             gen[m].append(g[m].as_tensor()[0].float().clamp(0, 1))
-    result: dict[str, Any] = {"feature_network": extractor.name, "n_subjects": len(real_rows), "modalities": {}}
+    result: dict[str, Any] = {"feature_network": extractor.name, "n_subjects": len(real_rows), "modalities": {},
+                              "n_reference_subjects": len(reference_rows or [])}
+    references = {m: [] for m in modalities}
+    for row in reference_rows or []:
+        r = load_real(row)
+        for m in modalities:
+            references[m].append(_unit(r[m].as_tensor()[0].float()))
     for m in modalities:
         rs, gs = torch.stack(real[m]), torch.stack(gen[m])
         mse = ((gs - rs) ** 2).flatten(1).mean(1).tolist()
@@ -88,6 +98,10 @@ def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalitie
             fr, fg = extractor.extract(rs), extractor.extract(gs)
             entry["feature_mmd"] = maximum_mean_discrepancy(fg, fr)
             entry["feature_frechet_distance"] = frechet_distance(fg, fr)
+            if len(references[m]) >= 2:  # real vs real: what the same numbers are for two sets of real scans
+                fref = extractor.extract(torch.stack(references[m]))
+                entry["reference_feature_mmd"] = maximum_mean_discrepancy(fref, fr)
+                entry["reference_feature_frechet_distance"] = frechet_distance(fref, fr)
         result["modalities"][m] = entry
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=1), overwrite=overwrite)
     atomic_write_text(out / "metrics.md", metrics_table(result), overwrite=overwrite)
@@ -97,14 +111,19 @@ def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalitie
 
 def metrics_table(result: dict[str, Any]) -> str:
     name = result["feature_network"]
+
+    def num(value):
+        return "n/a" if value is None else f"{value:.4g}"
+
     lines = [f"Generated vs real, {result['n_subjects']} subjects (same masks). MSE and MS-SSIM paired per subject "
-             f"(mean +- sd), intensities in [0, 1]; MMD and Frechet distance on features of the {name}.", "",
-             f"| modality | MSE | MS-SSIM | MMD ({name}) | Frechet distance ({name}) |",
+             f"(mean +- sd), intensities in [0, 1]; MMD and Frechet distance on features of the {name}; in "
+             f"brackets the same between {result.get('n_reference_subjects', 0)} other real subjects and the real "
+             f"test scans (the floor for a perfect generator).", "",
+             f"| modality | MSE | MS-SSIM | MMD ({name}) [real vs real] | Frechet distance ({name}) [real vs real] |",
              "|---|---|---|---|---|"]
     for m, e in result["modalities"].items():
-        fd = e.get("feature_frechet_distance")
-        mmd = e.get("feature_mmd")
         lines.append(f"| {m} | {e['mse']['mean']:.4f} +- {e['mse']['sd']:.4f} | {e['ms_ssim']['mean']:.4f} +- "
-                     f"{e['ms_ssim']['sd']:.4f} | {'n/a' if mmd is None else f'{mmd:.4g}'} | "
-                     f"{'n/a' if fd is None else f'{fd:.4g}'} |")
+                     f"{e['ms_ssim']['sd']:.4f} | {num(e.get('feature_mmd'))} [{num(e.get('reference_feature_mmd'))}] "
+                     f"| {num(e.get('feature_frechet_distance'))} "
+                     f"[{num(e.get('reference_feature_frechet_distance'))}] |")
     return "\n".join(lines) + "\n"
