@@ -17,7 +17,7 @@ Checks, per bundle:
   overrides    an unknown ``--key`` is rejected with the list of valid keys: statically for every runnable
                config, and once through ``python -m monai.bundle run`` itself
   runs         every train config runs one iteration and every inference config runs once (one batch), with the
-               bundle's demo overlay, on one tiny simulated cohort shared by all bundles (--dataset_dir), in a
+               bundle's demo overlay on its simulated cohort cut to 8 subjects (or on --dataset-dir), in a
                scratch copy of the bundle (the repository stays clean)
 
 Exit status 0 only when every check passes; a table of results (with seconds per check) is printed.
@@ -135,21 +135,26 @@ def config_stack(bundle_dir: Path, name: str, candidates: list[str]) -> list[str
     complete config (it defines ``bundle_root``) runs alone; a stage or overlay that refers to ids it does not
     define (a diffusion stage on its autoencoder stage, evaluate.json on inference.json) goes on top of the
     configs that define them, inference configs preferred."""
-    # prefer inference configs under an evaluation overlay, then earlier stages of the same kind
-    candidates = sorted(candidates, key=lambda c: (not c.startswith("inference"), candidates.index(c)))
     configs = {c: load_json(Path(bundle_dir) / "configs" / c) for c in candidates}
     if "bundle_root" in configs[name]:  # a complete config stands alone; a missing id in it is its own fault
         return [name]
-    stack = [name]
-    missing = _referenced_ids(configs[name]) - _defined_ids(configs[name])
-    for other in candidates:
-        if other == name or not missing:
-            continue
-        provided = {m for m in missing if m in _defined_ids(configs[other])}
-        if provided:
-            stack.insert(len(stack) - 1, other)
-            missing -= _defined_ids(configs[other])
-    return stack
+
+    def suffix(c: str) -> str:  # inference_autoencoder.json goes with train_autoencoder.json
+        return Path(c).stem.partition("_")[2]
+
+    # prefer a stage of the same name, then inference configs (evaluate.json on inference.json), then file order
+    order = sorted((c for c in candidates if c != name),
+                   key=lambda c: (suffix(c) != suffix(name) or not suffix(name), not c.startswith("inference"),
+                                  candidates.index(c)))
+    defined = {c: _defined_ids(configs[c]) for c in candidates}
+    base: list[str] = []
+    missing = _referenced_ids(configs[name]) - defined[name]
+    for other in order:
+        if missing & defined[other]:
+            base.append(other)
+            missing -= defined[other]
+    base.sort(key=candidates.index)  # merge in file order: earlier stages first
+    return base + [name]
 
 
 def multi_gpu_overlay(configs: BundleConfigs, train_name: str) -> str | None:
@@ -554,7 +559,8 @@ def install_engine_probe() -> None:
             out = e.state.output
             out = out[0] if isinstance(out, list) and out else out
             values = [v for k, v in out.items() if "loss" in str(k)] if isinstance(out, dict) else [out]
-            losses = [float(v) for v in values if torch.is_tensor(v) and v.numel() == 1]
+            losses = [float(v) for v in values  # a decollated batch may carry the loss as a Python number
+                      if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))]
             if losses:  # the first loss of each iteration (e.g. "loss"; an adversarial trainer's reconstruction)
                 record["losses"] = (record["losses"] + [losses[0]])[-5:]
             record["finite"] = record.get("finite", True) and all(math.isfinite(x) for x in losses)
@@ -628,32 +634,34 @@ def run_workflow(bundle_root: Path, stack: list[str], kind: str, max_iterations:
     return result
 
 
-# no sclerosis: its lesion label is outside the BraTS tumour labels a tumour-mask model rightly refuses
-TINY_COHORT = {"n_subjects": 8, "seed": 0, "spacing": 6.0,
-               "pathologies": ["glioblastoma", "glioblastoma", "healthy", "dementia"]}
+SMALL_COHORT = 8  # subjects: six training, one validation, one test in the simulated cohort's split
 
 
-def tiny_cohort(work: Path) -> Path:
-    """Eight simulated subjects at 6 mm (40 x 40 x 26 voxels; six training, one validation, one test), four with
-    a glioblastoma, built once per verification and shared by all bundles' runs."""
-    from brainsynth.cohort import generate_cohort
-
-    return generate_cohort(Path(work) / "_tiny_cohort", **TINY_COHORT).parent
+def data_arguments(merged: dict, dataset_dir: Path | None) -> list[str]:
+    """``--dataset_dir`` when a dataset is given; otherwise the demo overlay's own simulated cohort (its grid and
+    pathologies, which its sizes are tuned to) shrunk to SMALL_COHORT subjects through its ``demo_cohort`` key."""
+    if dataset_dir is not None:
+        return ["--dataset_dir", str(dataset_dir)]
+    cohort = merged.get("demo_cohort")
+    if merged.get("dataset_dir") == "demo" and isinstance(cohort, dict) and \
+            cohort.get("n_subjects", SMALL_COHORT + 1) > SMALL_COHORT:
+        return ["--demo_cohort", repr({**cohort, "n_subjects": SMALL_COHORT})]
+    return []
 
 
 def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: float,
                dataset_dir: Path | None = None) -> list[tuple[str, list[str], float]]:
     """Train configs for one iteration (dependency order), then inference configs on one batch, in one scratch
-    copy of the bundle with its demo overlay, on ``dataset_dir`` (default: the overlay's own demo data)."""
+    copy of the bundle with its demo overlay, on ``dataset_dir`` (default: the overlay's demo data, small)."""
     root = scratch_copy(bundle_dir, work)
     results = []
     demo = configs.demo[:1]
-    data_args = ["--dataset_dir", str(dataset_dir)] if dataset_dir else []
     stacks = sorted((config_stack(bundle_dir, name, configs.train) for name in configs.train), key=len)
     for stack in stacks:  # a stage before the stages built on it
         stack = stack + demo
         label = f"train {'+'.join(stack)}"
-        r = run_workflow(root, stack, "train", max_iterations=1, extra_args=data_args, timeout=timeout)
+        r = run_workflow(root, stack, "train", max_iterations=1, timeout=timeout,
+                         extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir))
         problems = _run_problems(r)
         trainers = [e for e in r.get("engines", []) if e["iterations"] and e["trains"]]
         if not problems and not trainers:
@@ -664,7 +672,8 @@ def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: fl
     for name in configs.infer:
         stack = config_stack(bundle_dir, name, configs.runnable) + demo
         label = f"infer {'+'.join(stack)}"
-        r = run_workflow(root, stack, "infer", max_iterations=1, extra_args=data_args, timeout=timeout)
+        r = run_workflow(root, stack, "infer", max_iterations=1, timeout=timeout,
+                         extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir))
         problems = _run_problems(r)
         outputs = [f for f in r.get("new_files", []) if f.endswith((".nii.gz", ".nii"))]
         if not problems and not outputs:
@@ -744,8 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", type=Path, default=None, help="a local copy of the metadata schema")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for runs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per workflow run")
-    parser.add_argument("--demo-data", action="store_true",
-                        help="run on each demo overlay's own data instead of one shared tiny cohort")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="bundles verified at the same time (default: 2, or 1 on a one-core machine)")
+    parser.add_argument("--dataset-dir", type=Path, default=None,
+                        help="run the workflows on this dataset instead of each demo overlay's simulated cohort")
     args = parser.parse_args(argv)
     available = {p.name: p for p in discover_bundles()}
     names = args.bundles or sorted(available)
@@ -756,11 +767,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="verify_bundles_") as tmp:
         work = args.work or Path(tmp)
-        cohort = None if args.static or args.demo_data else tiny_cohort(work)
-        checks = []
-        for name in names:
-            checks += verify_bundle(available[name], work, not args.static, args.schema, args.online, args.timeout,
-                                    cohort)
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        torch.set_num_threads(1)  # in-process checks share the cores with the workflow subprocesses
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = pool.map(lambda n: verify_bundle(available[n], work, not args.static, args.schema, args.online,
+                                                       args.timeout, args.dataset_dir), names)
+            checks = [c for bundle_checks in results for c in bundle_checks]
     print(format_report(checks))
     print(f"verification of {len(names)} bundle(s) took {time.time() - started:.0f} s")
     return 0 if all(c.ok for c in checks) else 1

@@ -199,3 +199,27 @@ def test_paper_networks_match_the_authors_size(overlays, io, millions):
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=1e-3)
     cond = parser.get_parsed_content("conditioning")
     assert cond.num_channels + len(parser["modalities"]) == io[0]
+
+
+@pytest.mark.slow
+def test_evaluating_and_downstream_workflows(workspace, tmp_path):
+    """The paper's table and the downstream experiment run end to end on the tiny cohort and write their tables."""
+    root, _, overlay = workspace
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"bundle_root": str(tmp_path / "run"), "feature_input_shape": [16, 16, 16],
+                                 "feature_epochs": 1, "seg_spatial_size": [24, 24, 16], "seg_iterations": 2,
+                                 "augment_per_subject": 1, "split": "training"}))
+    _run("training", ["configs/train.json", "configs/demo.json", str(overlay), str(extra)])
+    _run("evaluating", ["configs/inference.json", "configs/evaluate.json", "configs/demo.json", str(overlay),
+                        str(extra)])
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert set(metrics["modalities"]) == {"t1w", "t1ce", "t2w", "flair"}
+    assert all(0 <= e["mse"]["mean"] <= 1 and -1 <= e["ms_ssim"]["mean"] <= 1 for e in metrics["modalities"].values())
+    assert "in-house" in metrics["feature_network"]
+    _run("downstream", ["configs/inference.json", "configs/downstream.json", "configs/demo.json", str(overlay),
+                        str(extra)])
+    result = json.loads((tmp_path / "run" / "eval" / "downstream" / "downstream.json").read_text())
+    assert list(result["arms"]) == ["real", "synthetic", "real + synthetic"]
+    arms = result["arms"]
+    assert arms["real + synthetic"]["n_training_volumes"] > arms["real"]["n_training_volumes"]
+    assert all(0 <= a["dice_mean"] <= 1 for a in arms.values())

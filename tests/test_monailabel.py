@@ -45,12 +45,17 @@ def _run(cmd, cwd):
     return proc
 
 
-def _infer(scratch: Path, bundle_dir: Path, *overrides: str) -> None:
-    """The repository-side inference (demo overlay), with extra ``--key value`` overrides."""
+def _stack(bundle_dir: Path, name: str) -> list[str]:
     configs = vb.classify_configs(bundle_dir)
-    stack = vb.config_stack(bundle_dir, "inference.json", configs.runnable) + configs.demo[:1]
+    return vb.config_stack(bundle_dir, name, configs.train if name in configs.train else configs.runnable) + \
+        configs.demo[:1]
+
+
+def _infer(scratch: Path, bundle_dir: Path, *overrides: str) -> None:
+    """The repository-side inference (demo overlay, its cohort cut small as in verification), with overrides."""
+    stack = _stack(bundle_dir, "inference.json")
     _run([sys.executable, "-m", *vb.bundle_run_args(scratch, stack, "infer"), "--bundle_root", str(scratch),
-          *overrides], cwd=scratch)
+          *vb.data_arguments(vb._merged(bundle_dir, stack), None), *overrides], cwd=scratch)
 
 
 # --- what each bundle takes from MONAI Label, and the repository run it must agree with -------------------------
@@ -64,7 +69,20 @@ def med_ddpm_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dic
     return mask, {"output_modality": "t1ce"}, nib.load(reference).get_fdata()
 
 
-CASES = {"brats_mri_med_ddpm": med_ddpm_case}
+def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np.ndarray]:
+    """One 4-D volume (T1w, T2w, FLAIR) in, the synthetic T1ce out."""
+    t1n = sorted(scratch.rglob("*-t1n.nii.gz"))[0]  # a subject of the simulated cohort the training run built
+    files = {m: str(t1n).replace("-t1n.", f"-{s}.") for m, s in (("t1w", "t1n"), ("t2w", "t2w"), ("flair", "t2f"))}
+    images = [nib.load(f) for f in files.values()]
+    stacked = tmp / "t1w_t2w_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([i.get_fdata(dtype=np.float32) for i in images], -1), images[0].affine),
+             stacked)
+    _infer(scratch, bundle_dir, "--input_files", repr(files), "--output_dir", str(tmp / "reference"))
+    (reference,) = sorted((tmp / "reference").rglob("*_t1ce_synthetic.nii.gz"))
+    return stacked, {"output": "t1ce"}, nib.load(reference).get_fdata()
+
+
+CASES = {"brats_mri_med_ddpm": med_ddpm_case, "brats_mri_d3m_cemri": d3m_case}
 BUNDLES = pb.discover_bundles()
 
 
@@ -79,8 +97,9 @@ def test_monailabel_serves_bundle(bundle_dir, monailabel_python, tmp_path):
 
     configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
-    for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
-        r = vb.run_workflow(scratch, stack + configs.demo[:1], "train", max_iterations=1)
+    for stack in sorted((_stack(bundle_dir, t) for t in configs.train), key=len):
+        r = vb.run_workflow(scratch, stack, "train", max_iterations=1,
+                            extra_args=vb.data_arguments(vb._merged(bundle_dir, stack), None))
         assert r["returncode"] == 0, r["output"][-3000:]
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
     (tmp_path / "workflow").mkdir()

@@ -19,10 +19,13 @@ sys.path.insert(0, str(REPO / "ci"))
 import verify_bundles as vb  # noqa: E402
 
 ITERATIONS = 2
-CASES = [(b, t) for b in vb.discover_bundles() for t in vb.classify_configs(b).train]
+# every train config's overlay; by default only each bundle's first stage (later stages build on an earlier one
+# and take minutes on a shared 2-core CPU: -m slow)
+CASES = [pytest.param(b, t, id=f"{b.name}-{t}", marks=[pytest.mark.slow] if i else [])
+         for b in vb.discover_bundles() for i, t in enumerate(vb.classify_configs(b).train)]
 
 
-@pytest.mark.parametrize("bundle_dir, train_name", CASES, ids=[f"{b.name}-{t}" for b, t in CASES])
+@pytest.mark.parametrize("bundle_dir, train_name", CASES)
 def test_ddp_on_cpu_two_processes(bundle_dir, train_name, tmp_path):
     configs = vb.classify_configs(bundle_dir)
     overlay = vb.multi_gpu_overlay(configs, train_name)
@@ -61,9 +64,17 @@ def test_ddp_on_cpu_two_processes(bundle_dir, train_name, tmp_path):
     assert trained[0]["losses"] != trained[1]["losses"], "both ranks computed identical losses: same data?"
     # checkpoints and logs from rank 0 only
     assert ranks[1]["saves"] == [], f"rank 1 wrote {ranks[1]['saves']}"
-    assert any(s.startswith("checkpoint") for s in ranks[0]["saves"]), ranks[0]["saves"]
+    assert any("checkpoint" in s for s in ranks[0]["saves"]), ranks[0]["saves"]  # atomic: a temporary name
     new = [p for p in scratch.rglob("*") if p.is_file() and p not in before]
     checkpoints = [p for p in new if p.name.startswith("checkpoint") and p.suffix == ".pt"]
     assert len(checkpoints) == 1, checkpoints
-    event_dirs = [p.parent for p in new if p.name.startswith("events.out.tfevents")]
-    assert len(event_dirs) == len(set(event_dirs)), "more than one process wrote TensorBoard events"
+    # a TensorBoard handler built on every rank opens an (empty) event file there; only rank 0 may log into one
+    logged = [p.parent for p in new if p.name.startswith("events.out.tfevents") and _has_summaries(p)]
+    assert logged, "no TensorBoard scalars were written"
+    assert len(logged) == len(set(logged)), f"more than one process logged to TensorBoard: {logged}"
+
+
+def _has_summaries(event_file: Path) -> bool:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return any(event.summary.value for event in EventFileLoader(str(event_file)).Load())
