@@ -13,7 +13,11 @@ Checks, per bundle:
   configs      every runnable config imports brainsynth and calls reject_unknown_overrides() first in
                ``initialize``; MONAI's required workflow properties present (ConfigWorkflow.check_properties);
                every train config has a multi-GPU overlay
+  tracking     every train config logs to TensorBoard (and its one-iteration run writes an event file), shows a
+               progress bar (ignite ProgressBar) and writes preview PNGs every N iterations (TrainingPreview)
   net_in_out   MONAI's verify_net_in_out (Python API) for each network with a ``<net>_data_format`` in metadata
+  export       (with --export DIR) each described network to TorchScript: script, else trace with its extra
+               inputs, checked against the eager output; one that exports neither way must be explained in the README
   overrides    an unknown ``--key`` is rejected with the list of valid keys: statically for every runnable
                config, and once through ``python -m monai.bundle run`` itself
   runs         every train config runs one iteration and every inference config runs once (one batch), with the
@@ -400,6 +404,104 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     return problems, verified
 
 
+TRACKING = {"TensorBoard logging": r"TensorBoardStatsHandler", "a training progress bar": r"ProgressBar",
+            "preview PNGs during training": r"TrainingPreview"}
+
+
+def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
+    """Every train config (with the stages it builds on) logs to TensorBoard, shows a progress bar and writes
+    preview images every N iterations (brainsynth.training.TrainingPreview)."""
+    problems = []
+    for name in configs.train:
+        stack = config_stack(bundle_dir, name, configs.train)
+        text = "\n".join((bundle_dir / "configs" / c).read_text(encoding="utf-8") for c in stack)
+        missing = [what for what, pattern in TRACKING.items() if not re.search(pattern, text)]
+        if missing:
+            problems.append(f"{'+'.join(stack)}: no {', no '.join(missing)}")
+    return problems
+
+
+def _networks(bundle_dir: Path, configs: BundleConfigs) -> list[tuple[str, list[str], str, dict]]:
+    """(metadata format key, config stack, network id, I/O at a CPU size) for each ``<net>_data_format``."""
+    from monai.bundle import ConfigParser
+
+    cfg_dir = bundle_dir / "configs"
+    meta = load_json(cfg_dir / "metadata.json")
+    found = []
+    for fmt_key, io in ((k, v) for k, v in meta.items() if k.endswith("_data_format")):
+        net = fmt_key[: -len("_data_format")]
+        candidates = ["network_def"] if net == "network" else [f"{net}_def", net]
+        for name in configs.infer + configs.evaluate + configs.train:
+            stack = config_stack(bundle_dir, name, configs.runnable)
+            parser = ConfigParser()
+            parser.read_config([str(cfg_dir / c) for c in stack])
+            net_id = next((c for c in candidates if c in parser), None)
+            if net_id:
+                found.append((fmt_key, stack, net_id, cpu_sized(io)[0]))
+                break
+        else:
+            found.append((fmt_key, [], candidates[0], io))
+    return found
+
+
+def check_export(bundle_dir: Path, configs: BundleConfigs, out_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """TorchScript export of each described network: ``torch.jit.script`` (what ``monai.bundle ckpt_export``
+    does), else ``torch.jit.trace`` with the network's extra inputs (ckpt_export can only trace one input), the
+    traced module checked against the eager one on the same seeded call. A network that exports neither way must
+    be explained in docs/README.md (a section mentioning "export"). Returns (problems, what was done)."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.utils import get_equivalent_dtype
+
+    readme = bundle_dir / "docs" / "README.md"
+    documented = readme.is_file() and "export" in readme.read_text(encoding="utf-8").lower()
+    problems, done = [], []
+    for fmt_key, stack, net_id, io in _networks(bundle_dir, configs):
+        if not stack:
+            problems.append(f"metadata {fmt_key}: {net_id} is defined in no config")
+            continue
+        parser = ConfigParser()
+        parser.read_config([str(bundle_dir / "configs" / c) for c in stack])
+        net = parser.get_parsed_content(net_id).eval()
+        spec = next(iter(io["inputs"].values()))
+        shape = [int(d) if isinstance(d, int) else 16 for d in spec["spatial_shape"]]
+        x = torch.rand(1, int(spec["num_channels"]), *shape,
+                       dtype=get_equivalent_dtype(spec.get("dtype", "float32"), torch.Tensor))
+        extras = _forward_extras(net, io, "cpu")
+        outcome = []
+        try:
+            module = torch.jit.script(net)
+            outcome.append("TorchScript script OK")
+        except Exception as e:
+            module = None
+            outcome.append(f"script fails ({type(e).__name__}: {str(e).strip().splitlines()[0][:80] if str(e).strip() else ''})")
+        if module is None:
+            try:
+                with torch.no_grad():
+                    module = torch.jit.trace(net, (x, *extras.values()), check_trace=False)
+                    torch.manual_seed(0)
+                    eager = net(x, *extras.values())
+                    torch.manual_seed(0)
+                    traced = module(x, *extras.values())
+                first = (lambda o: o[0] if isinstance(o, (tuple, list)) else o)
+                if torch.allclose(first(eager), first(traced), atol=1e-4):
+                    outcome.append(f"trace with {['x', *extras]} OK (output equals eager)")
+                else:
+                    module = None
+                    outcome.append("trace runs but its output differs from eager")
+            except Exception as e:
+                module = None
+                outcome.append(f"trace fails ({type(e).__name__})")
+        if module is not None and out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            module.save(str(Path(out_dir) / f"{bundle_dir.name}_{net_id}.ts"))
+        done.append(f"{net_id}: " + "; ".join(outcome))
+        if module is None and not documented:
+            problems.append(f"{net_id} exports neither by script nor by trace and docs/README.md says nothing about "
+                            f"export")
+    return problems, done
+
+
 # MONAI components whose optional dependency a config pulls in by name (MONAI itself only requires torch + numpy)
 CONFIG_COMPONENT_PACKAGES = {"DiffusionModelUNet": "einops", "TensorBoardStatsHandler": "tensorboard",
                              "TensorBoardImageHandler": "tensorboard", "LoadImage": "nibabel",
@@ -615,12 +717,12 @@ def bundle_run_args(bundle_dir: Path, stack: list[str], kind: str) -> list[str]:
 
 
 def run_workflow(bundle_root: Path, stack: list[str], kind: str, max_iterations: int | None,
-                 extra_args: list[str] | None = None, timeout: float = 600) -> dict:
+                 extra_args: list[str] | None = None, timeout: float = 600, python: str = sys.executable) -> dict:
     """Run ``python -m monai.bundle run`` (MONAI's own runner) from ``bundle_root`` in a fresh process with the
     engine probe; returns the probe's report (engines, iterations, losses) plus new files and the output."""
     bundle_root = Path(bundle_root)
     before = {p for p in bundle_root.rglob("*") if p.is_file()}
-    cmd = [sys.executable, "-m", *bundle_run_args(bundle_root, stack, kind), "--bundle_root", str(bundle_root),
+    cmd = [python, "-m", *bundle_run_args(bundle_root, stack, kind), "--bundle_root", str(bundle_root),
            *(extra_args or [])]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="probe_") as reports:
@@ -667,6 +769,8 @@ def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: fl
         if not problems and not trainers:
             problems.append(f"no trainer ran an iteration (engines: {r.get('engines')})")
         problems += [f"{e['engine']} ran {e['iterations']} iterations, not 1" for e in trainers if e["iterations"] != 1]
+        if not problems and not any("tfevents" in f for f in r["new_files"]):
+            problems.append("wrote no TensorBoard event file")
         problems += [f"{e['engine']}: a loss was not finite" for e in trainers if not e.get("finite", True)]
         results.append((label, problems, r["seconds"]))
     for name in configs.infer:
@@ -703,7 +807,8 @@ def _timed(bundle: str, name: str, fn: Callable[[], list[str]]) -> Check:
 
 
 def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: Path | None = None,
-                  online: bool = False, timeout: float = 600, dataset_dir: Path | None = None) -> list[Check]:
+                  online: bool = False, timeout: float = 600, dataset_dir: Path | None = None,
+                  export_dir: Path | None = None) -> list[Check]:
     bundle_dir = Path(bundle_dir)
     b = bundle_dir.name
     configs = classify_configs(bundle_dir)
@@ -712,6 +817,7 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
         _timed(b, "metadata", lambda: check_metadata(bundle_dir, schema_path, online)),
         _timed(b, "configs", lambda: check_configs(bundle_dir, configs)),
         _timed(b, "requirements", lambda: check_requirements(bundle_dir)),
+        _timed(b, "tracking", lambda: check_tracking(bundle_dir, configs)),
     ]
     verified: list[str] = []
 
@@ -723,6 +829,16 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
     checks.append(_timed(b, "net_in_out", net_in_out))
     if verified:
         checks[-1].detail = "\n".join(filter(None, [checks[-1].detail, "verified: " + "; ".join(verified)]))
+    if export_dir is not None:
+        exported: list[str] = []
+
+        def export():
+            problems, done = check_export(bundle_dir, configs, export_dir)
+            exported.extend(done)
+            return problems
+
+        checks.append(_timed(b, "export", export))
+        checks[-1].detail = "\n".join(filter(None, [checks[-1].detail, *exported]))
     checks.append(_timed(b, "overrides", lambda: check_overrides_static(bundle_dir, configs)
                          + check_overrides_cli(bundle_dir, configs)))
     if runs:
@@ -738,7 +854,7 @@ def format_report(checks: list[Check]) -> str:
     lines = []
     for c in checks:
         lines.append(f"{'PASS' if c.ok else 'FAIL'}  {c.bundle:28s} {c.name}  [{c.seconds:.1f} s]")
-        if c.detail and (not c.ok or c.name == "net_in_out"):
+        if c.detail and (not c.ok or c.name in ("net_in_out", "export")):
             lines += [f"        {line}" for line in c.detail.splitlines()]
     passed = sum(c.ok for c in checks)
     lines.append(f"{passed} passed, {len(checks) - passed} failed")
@@ -753,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", type=Path, default=None, help="a local copy of the metadata schema")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for runs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per workflow run")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="also export each described network to TorchScript into DIR (script, else trace)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="bundles verified at the same time (default: 2, or 1 on a one-core machine)")
     parser.add_argument("--dataset-dir", type=Path, default=None,
@@ -774,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # in-process checks share the cores with the workflow subprocesses
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = pool.map(lambda n: verify_bundle(available[n], work, not args.static, args.schema, args.online,
-                                                       args.timeout, args.dataset_dir), names)
+                                                       args.timeout, args.dataset_dir, args.export), names)
             checks = [c for bundle_checks in results for c in bundle_checks]
     print(format_report(checks))
     print(f"verification of {len(names)} bundle(s) took {time.time() - started:.0f} s")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "ci"))
 import verify_bundles as vb  # noqa: E402
 
 BUNDLES = vb.discover_bundles()
-CHECKS = ("files", "metadata", "configs", "requirements", "net_in_out", "overrides")
+CHECKS = ("files", "metadata", "configs", "requirements", "tracking", "net_in_out", "overrides")
 
 
 @pytest.mark.skipif(not BUNDLES, reason="no bundle under bundles/ yet")
@@ -58,6 +58,8 @@ def broken(tmp_path):
     inference["initialize"] = inference["initialize"][1:]   # no reject_unknown_overrides() first
     del inference["device"]                                  # a MONAI inference property
     (cfg / "inference.json").write_text(json.dumps(inference))
+    for train in cfg.glob("train*.json"):  # logs to the console only
+        train.write_text(train.read_text().replace("TensorBoardStatsHandler", "StatsHandler"))
     for overlay in cfg.glob("multi_gpu*.json"):
         overlay.unlink()
     (dest / "LICENSE").unlink(missing_ok=True)
@@ -82,6 +84,8 @@ def test_verifier_names_each_fault(broken):
         in config_problems
     assert re.search(r"inference\.json.*MONAI infer properties missing.*'device'", config_problems)
     assert "no multi-GPU overlay" in config_problems
+
+    assert "no TensorBoard logging" in "\n".join(vb.check_tracking(broken, configs))
 
     requirements = "\n".join(vb.check_requirements(broken))
     assert "lacks 'nibabel'" in requirements and "lacks 'einops'" in requirements
@@ -127,3 +131,38 @@ def test_paper_scale_shapes_are_reduced_to_a_compatible_cpu_size():
     assert reduced["inputs"]["timesteps"]["spatial_shape"] == [1]
     assert "[192, 192, 144] -> [32, 32, 16]" in note
     assert io["inputs"]["image"]["spatial_shape"] == [192, 192, 144]  # the caller's dict is untouched
+
+
+@pytest.fixture(scope="module")
+def mlflow_python():
+    """The project's environment plus mlflow (the `mlflow` extra), in a venv that sees the system packages, so
+    installing mlflow never changes the project's own environment."""
+    venv = Path.home() / ".cache" / "brainsynth" / "mlflow-venv"
+    py = venv / "bin" / "python"
+    if subprocess.run([str(py), "-c", "import mlflow, monai, brainsynth"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "mlflow>=3.15.2"], check=True, timeout=1800)
+    return str(py)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle_dir", BUNDLES, ids=[b.name for b in BUNDLES])
+def test_tracking_mlflow_with_a_local_store(bundle_dir, mlflow_python, tmp_path):
+    """`--tracking mlflow`: the first train config's one-iteration demo run records a finished run with a finite
+    loss in MONAI's default local store (SQLite under <bundle_root>/eval)."""
+    configs = vb.classify_configs(bundle_dir)
+    scratch = vb.scratch_copy(bundle_dir, tmp_path)
+    stack = vb.config_stack(bundle_dir, configs.train[0], configs.train) + configs.demo[:1]
+    r = vb.run_workflow(scratch, stack, "train", max_iterations=1, python=mlflow_python,
+                        extra_args=["--tracking", "mlflow", *vb.data_arguments(vb._merged(bundle_dir, stack), None)])
+    assert r["returncode"] == 0, r["output"][-3000:]
+    store = scratch / "eval" / "mlruns.db"
+    assert store.is_file(), r["new_files"]
+    query = ("import json, mlflow; c = mlflow.tracking.MlflowClient(tracking_uri='sqlite:///' + __import__('sys')"
+             ".argv[1]); runs = [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]; "
+             "print(json.dumps([[r.info.status, r.data.metrics] for r in runs]))")
+    runs = json.loads(subprocess.run([mlflow_python, "-c", query, str(store)], capture_output=True, text=True,
+                                     check=True).stdout.strip().splitlines()[-1])
+    assert [status for status, _ in runs] == ["FINISHED"]
+    losses = {k: v for k, v in runs[0][1].items() if "loss" in k}
+    assert losses and all(v == v and abs(v) != float("inf") for v in losses.values()), runs
