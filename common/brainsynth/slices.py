@@ -189,7 +189,7 @@ def inplane_transform(spatial_size: Sequence[int], mode: str = "pad", keys: Keys
                       pad_value: float = -1.0, interp: str | Sequence[str] = "bilinear"):
     """The in-plane step from the input grid to the network's (H, W), depth untouched.
 
-    "pad": centre zero-padding with ``pad_value`` (background) or centre cropping (MONAI ResizeWithPadOrCrop) -
+    "pad": centre padding with ``pad_value`` (background) or centre cropping (MONAI ResizeWithPadOrCrop) -
     exactly reversible where the input fits; "resize": interpolation (MONAI Resize), as the authors' 240 -> 256.
     With ``keys`` the dictionary version (``interp`` may be per key, e.g. "nearest" for label maps).
     """
@@ -261,7 +261,8 @@ class SliceSynthesisInferer(Inferer):
             raise ValueError(f"SliceSynthesisInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}")
         was_training = network.training
         network.eval()
-        volumes = [self._one_volume(v, network) for v in torch.as_tensor(inputs)]
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
+        volumes = [self._one_volume(v, network) for v in plain]
         network.train(was_training)
         out = torch.stack(volumes)
         if isinstance(inputs, MetaTensor):
@@ -285,7 +286,8 @@ class SliceSynthesisInferer(Inferer):
             progress = tqdm(total=len(batches) * self.num_samples, desc="slice batches", leave=False)
         for zs in batches:
             stack = to_net(cond[..., zs])  # (C, S, S, n)
-            stack = torch.as_tensor(stack).permute(3, 0, 1, 2).contiguous().float()  # (n, C, S, S)
+            stack = stack.as_tensor() if isinstance(stack, MetaTensor) else torch.as_tensor(stack)
+            stack = stack.permute(3, 0, 1, 2).contiguous().float()  # (n, C, S, S)
             images, masks = [], []
             for k in range(self.num_samples):
                 sample = self.diffusion_inferer.sample(
