@@ -44,7 +44,8 @@ def broken(tmp_path):
     """A copy of a real bundle with the faults the verification exists to catch."""
     if not BUNDLES:
         pytest.skip("no bundle under bundles/ yet")
-    src = BUNDLES[0]
+    # the bundle whose own configs already pass, so each fault found below is the injected one
+    src = next((b for b in BUNDLES if b.name == "brats_mri_med_ddpm"), BUNDLES[0])
     dest = tmp_path / src.name
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "cache", "outputs"))
     cfg = dest / "configs"
