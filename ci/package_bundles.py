@@ -2,6 +2,7 @@
 
     python ci/package_bundles.py                                  # every bundle under bundles/, into dist/
     python ci/package_bundles.py --bundles brats_mri_med_ddpm --models brats_mri_med_ddpm=/tmp/run/models
+    python ci/package_bundles.py --demo-weights 1                  # weights from a 1-iteration demo training
     python ci/package_bundles.py --url-base https://example.org/releases   # where weight files will be hosted
 
 The zip holds one top-level folder named after the bundle (MONAI's layout): LICENSE, configs/, docs/, any other
@@ -174,6 +175,22 @@ def without_repository_command(*args: str) -> tuple[list[str], dict]:
     return [sys.executable, "-S", *args], env
 
 
+def train_demo_weights(bundle_dir: Path, work: Path, iterations: int | None = None) -> Path:
+    """Train every train config of the bundle (stages in order) with its demo overlay in a scratch copy under
+    ``work`` (``iterations`` per stage, default the demo's full length); returns the scratch models/ folder."""
+    import verify_bundles as vb
+
+    configs = vb.classify_configs(bundle_dir)
+    scratch = vb.scratch_copy(Path(bundle_dir), Path(work))
+    for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
+        stack = stack + configs.demo[:1]
+        result = vb.run_workflow(scratch, stack, "train", max_iterations=iterations, timeout=3600)
+        if result["returncode"] != 0:
+            raise PackagingError(f"{bundle_dir.name}: demo training {'+'.join(stack)} failed:\n"
+                                 + "\n".join(result["output"].splitlines()[-20:]))
+    return scratch / "models"
+
+
 def _parse_models(pairs: list[str]) -> dict[str, Path]:
     models = {}
     for pair in pairs:
@@ -193,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights to ship: every .pt/.ts/.onnx in DIR (training checkpoints excluded)")
     parser.add_argument("--url-base", default=None,
                         help="where weight files are hosted: url = URL_BASE/<name>_v<version>/models/<file>")
+    parser.add_argument("--demo-weights", nargs="?", type=int, const=0, default=None, metavar="ITERATIONS",
+                        help="ship weights from a demo training run in a temporary folder (ITERATIONS per stage; "
+                             "without a number, the demo's full length) for bundles without --models")
     parser.add_argument("--overwrite", action="store_true", help="replace existing archives")
     args = parser.parse_args(argv)
     try:
@@ -205,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         stray = sorted(set(models) - set(names))
         if stray:
             raise PackagingError(f"--models names {stray} are not among the bundles being packaged {names}")
-        for name in names:
-            path = build_archive(available[name], args.out, models.get(name), args.url_base, args.overwrite)
-            print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
+        with tempfile.TemporaryDirectory(prefix="demo_weights_") as work:
+            for name in names:
+                weights = models.get(name)
+                if weights is None and args.demo_weights is not None:
+                    weights = train_demo_weights(available[name], Path(work), args.demo_weights or None)
+                path = build_archive(available[name], args.out, weights, args.url_base, args.overwrite)
+                print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
     except PackagingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

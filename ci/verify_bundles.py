@@ -404,8 +404,9 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     return problems, verified
 
 
-TRACKING = {"TensorBoard logging": r"TensorBoardStatsHandler", "a training progress bar": r"ProgressBar",
-            "preview PNGs during training": r"TrainingPreview"}
+TRACKING = {"TensorBoard logging (TensorBoardStatsHandler)": r"TensorBoardStatsHandler",
+            "training progress bar (ignite ProgressBar)": r"ProgressBar",
+            "preview PNGs during training (brainsynth.training.TrainingPreview)": r"TrainingPreview"}
 
 
 def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
@@ -417,7 +418,7 @@ def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
         text = "\n".join((bundle_dir / "configs" / c).read_text(encoding="utf-8") for c in stack)
         missing = [what for what, pattern in TRACKING.items() if not re.search(pattern, text)]
         if missing:
-            problems.append(f"{'+'.join(stack)}: no {', no '.join(missing)}")
+            problems.append(f"{'+'.join(stack)} lacks: {'; '.join(missing)}")
     return problems
 
 

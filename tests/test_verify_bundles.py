@@ -86,7 +86,7 @@ def test_verifier_names_each_fault(broken):
     assert re.search(r"inference\.json.*MONAI infer properties missing.*'device'", config_problems)
     assert "no multi-GPU overlay" in config_problems
 
-    assert "no TensorBoard logging" in "\n".join(vb.check_tracking(broken, configs))
+    assert "lacks: TensorBoard logging" in "\n".join(vb.check_tracking(broken, configs))
 
     requirements = "\n".join(vb.check_requirements(broken))
     assert "lacks 'nibabel'" in requirements and "lacks 'einops'" in requirements
