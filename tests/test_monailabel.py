@@ -82,7 +82,20 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
     return stacked, {"output": "t1ce"}, nib.load(reference).get_fdata()
 
 
-CASES = {"brats_mri_med_ddpm": med_ddpm_case, "brats_mri_d3m_cemri": d3m_case}
+def ldm_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np.ndarray]:
+    """Conditions in (request params), a volume out; the sent volume only fixes the grid, so it is a volume of the
+    generated size and spacing, and the result must be the repository's first sample for that combination."""
+    _infer(scratch, bundle_dir, "--pathology", "sclerosis", "--modality", "flair", "--num_samples", "1",
+           "--output_dir", str(tmp / "reference"))
+    (reference,) = sorted((tmp / "reference").rglob("*.nii.gz"))
+    ref = nib.load(reference)
+    grid = tmp / "grid.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.float32), ref.affine), grid)
+    return grid, {"pathology": "sclerosis", "modality": "flair"}, ref.get_fdata()
+
+
+CASES = {"brats_mri_med_ddpm": med_ddpm_case, "brats_mri_d3m_cemri": d3m_case,
+         "brain_mri_conditional_ldm": ldm_case}
 BUNDLES = pb.discover_bundles()
 
 
