@@ -224,20 +224,32 @@ def test_real_bundle_archive_layout(bundle_dir, tmp_path):
         assert f"{name}/large_files.yml" in names and f"{name}/LICENSE" in names
 
 
+def _train_one_iteration(bundle_dir: Path, scratch: Path) -> None:
+    """Every stage one iteration with the demo overlay on its cohort cut small (as verification does)."""
+    configs = vb.classify_configs(bundle_dir)
+    for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
+        stack = stack + configs.demo[:1]
+        r = vb.run_workflow(scratch, stack, "train", 1, extra_args=vb.data_arguments(vb._merged(bundle_dir, stack),
+                                                                                    None))
+        assert r["returncode"] == 0, r["output"][-3000:]
+
+
+def _inference_args(bundle_dir: Path) -> list[str]:
+    """``monai.bundle run <id> --config_file [inference, demo]`` on the same small demo cohort."""
+    configs = vb.classify_configs(bundle_dir)
+    stack = vb.config_stack(bundle_dir, "inference.json", configs.runnable) + configs.demo[:1]
+    return vb.bundle_run_args(bundle_dir, stack, "infer") + vb.data_arguments(vb._merged(bundle_dir, stack), None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
 def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path):
     """Train one iteration (demo overlay), package the weights, download the zip with MONAI, run its inference in a
     process that cannot see the repository, and compare every NIfTI output with the repository-side run."""
-    configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
-    for name in configs.train:
-        r = vb.run_workflow(scratch, vb.config_stack(bundle_dir, name, configs.train) + configs.demo[:1], "train", 1)
-        assert r["returncode"] == 0, r["output"][-3000:]
+    _train_one_iteration(bundle_dir, scratch)
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
-
-    infer_stack = vb.config_stack(bundle_dir, "inference.json", configs.runnable) + configs.demo[:1]
-    run_args = vb.bundle_run_args(bundle_dir, infer_stack, "infer")
+    run_args = _inference_args(bundle_dir)
     before = {p for p in scratch.rglob("*") if p.is_file()}
     _run([sys.executable, "-m", *run_args], cwd=scratch)
     repo_outputs = {str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before}
@@ -273,14 +285,10 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
     probe = _run([py, "-c", "import importlib.util as u; print(u.find_spec('brainsynth'))"], cwd=tmp_path)
     assert probe.stdout.strip() == "None"
 
-    configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
-    for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
-        r = vb.run_workflow(scratch, stack + configs.demo[:1], "train", 1)
-        assert r["returncode"] == 0, r["output"][-3000:]
+    _train_one_iteration(bundle_dir, scratch)
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
-    run_args = vb.bundle_run_args(bundle_dir, vb.config_stack(bundle_dir, "inference.json", configs.runnable)
-                                  + configs.demo[:1], "infer")
+    run_args = _inference_args(bundle_dir)
     before = {p for p in scratch.rglob("*") if p.is_file()}
     _run([sys.executable, "-m", *run_args], cwd=scratch)
     repo_outputs = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before)
