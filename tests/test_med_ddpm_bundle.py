@@ -72,6 +72,22 @@ def test_train_resume_sample_end_to_end(workspace):
     assert any(not torch.equal(second["network"][k], first["network"][k]) for k in first["network"])
     assert second["optimizer"]["state"][0]["step"].item() == 4  # Adam continued from its saved moments
 
+    # monai.bundle.load builds network_def (initialize touches no data) and loads the EMA weights, weights_only
+    import shutil
+
+    import monai.bundle
+
+    copy = root / "bundle_copy" / BUNDLE.name
+    shutil.copytree(BUNDLE / "configs", copy / "configs", dirs_exist_ok=True)
+    (copy / "models").mkdir(exist_ok=True)
+    shutil.copy(root / "run" / "models" / "model.pt", copy / "models" / "model.pt")
+    tiny_net = {k: TINY[k] for k in ("channels", "attention_levels", "num_res_blocks", "norm_num_groups")}
+    net = monai.bundle.load(name=BUNDLE.name, bundle_dir=str(copy.parent), device="cpu",
+                            net_override={**tiny_net, "num_head_channels": TINY["channels"]})
+    ema = load_checkpoint(root / "run" / "models" / "model.pt")
+    assert all(torch.equal(ema[k], v) for k, v in net.state_dict().items())
+    assert any(not torch.equal(ema[k], second["network"][k]) for k in ema)  # EMA weights, not the live ones
+
     # sample the cohort's test masks with the trained weights; outputs sit on the masks' grids
     _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)])
     tests = split_items(discover(cohort), "test")

@@ -372,9 +372,10 @@ class MaskConditionedSampler(Inferer):
         out_channels: channels of the generated image (number of modalities).
         num_inference_steps: steps for a few-step scheduler; ``None`` = all training steps.
         progress: show a progress bar while sampling.
-        seed: if given, the initial noise of the ``i``-th call is drawn from a generator seeded ``seed + i`` so a
-            run is reproducible whatever the batch composition. (The ancestral sampler's per-step noise comes from
-            the global torch generator: seed it, e.g. with ``brainsynth.training.seed_everything``.)
+        seed: if given, the initial noise of the ``i``-th call (batch) is drawn from a generator seeded
+            ``seed + i``, so a run with the same inputs and batch size is reproducible. (The ancestral sampler's
+            per-step noise comes from the global torch generator: seed it, e.g. with
+            ``brainsynth.training.seed_everything``.)
     """
 
     def __init__(self, scheduler: Scheduler, out_channels: int, num_inference_steps: int | None = None,
@@ -393,12 +394,15 @@ class MaskConditionedSampler(Inferer):
         self.seed = seed
         self.calls = 0
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, noise_seed: int | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Sample images for the one-hot ``inputs`` (B, classes, *spatial); ``noise_seed`` fixes this call's noise."""
         condition = torch.as_tensor(inputs)
         shape = (condition.shape[0], self.out_channels, *condition.shape[2:])
         generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(self.seed + self.calls)
+        if noise_seed is not None or self.seed is not None:
+            seed = noise_seed if noise_seed is not None else self.seed + self.calls
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         self.calls += 1
         noise = torch.randn(shape, generator=generator, dtype=condition.dtype).to(condition.device)
         was_training = network.training

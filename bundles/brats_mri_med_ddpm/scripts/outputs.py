@@ -88,3 +88,28 @@ class SaveGeneratedd(MapTransform):
         logger.info("%s: wrote %s", subject, paths[self.modalities[0]].parent)
         d["written"] = str(paths[self.modalities[0]].parent)
         return d
+
+
+class TrainingPreviewWriter:
+    """``fn`` of ``brainsynth.training.TrainingPreview``: sample one fixed condition with the EMA network and the
+    fast sampler (same noise every time, so successive previews show training progress) and write a PNG."""
+
+    def __init__(self, network: torch.nn.Module, sampler: Any, dataset: Any, conditioning: SemanticMaskConditioning,
+                 modalities: Sequence[str], out_dir: str, seed: int = 0):
+        self.network, self.sampler, self.dataset = network, sampler, dataset
+        self.conditioning, self.modalities = conditioning, list(modalities)
+        self.out_dir, self.seed = Path(out_dir), seed
+
+    def __call__(self, engine: Any) -> Path:
+        from brainsynth.preview import save_preview
+
+        item = self.dataset[0]
+        device = next(self.network.parameters()).device
+        condition = torch.as_tensor(item["condition"])[None].to(device)
+        image = self.sampler(condition, self.network, noise_seed=self.seed)[0].cpu()
+        volumes = {m: to_unit_range(image[c]).numpy() for c, m in enumerate(self.modalities)}
+        seg = canonical_seg(self.conditioning.from_one_hot(condition.cpu(), channel_dim=1)[0, 0], self.conditioning)
+        path = self.out_dir / f"preview_iteration{engine.state.iteration:07d}.png"
+        save_preview(volumes, path, seg=seg, overwrite=True)
+        logger.info("training preview: %s", path)
+        return path
