@@ -15,6 +15,8 @@ Checks, per bundle:
                every train config has a multi-GPU overlay
   tracking     every train config logs to TensorBoard (and its one-iteration run writes an event file), shows a
                progress bar (ignite ProgressBar) and writes preview PNGs every N iterations (TrainingPreview)
+  monailabel   inference.json has what MONAI Label's monaibundle app reads: network_def + models/model.pt, an
+               inferer, transforms that read the key "image" (the opt-in test serves it for real)
   net_in_out   MONAI's verify_net_in_out (Python API) for each network with a ``<net>_data_format`` in metadata
   export       (with --export DIR) each described network to TorchScript: script, else trace with its extra
                inputs, checked against the eager output; one that exports neither way must be explained in the README
@@ -402,6 +404,24 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     if "network_data_format" not in formats:
         problems.append("metadata.json has no network_data_format")
     return problems, verified
+
+
+def check_monailabel(bundle_dir: Path) -> list[str]:
+    """What MONAI Label's stock monaibundle app needs from configs/inference.json (ci/monailabel/README.md):
+    network_def whose weights are models/model.pt, an inferer, and transforms that read the volume it sends under
+    the key "image" (``pre_transforms``, else ``preprocessing``)."""
+    config = load_json(bundle_dir / "configs" / "inference.json")
+    problems = [f"inference.json has no '{k}'" for k in ("network_def", "inferer") if k not in config]
+    if "model.pt" not in json.dumps(config):
+        problems.append("inference.json never loads models/model.pt (MONAI Label and monai.bundle.load load "
+                        "network_def's weights from that file and skip a bundle without it)")
+    pre = config.get("pre_transforms") or config.get("preprocessing")
+    transforms = pre.get("transforms", []) if isinstance(pre, dict) else pre if isinstance(pre, list) else []
+    first = transforms[0] if transforms and isinstance(transforms[0], dict) else {}
+    if "image" not in json.dumps(first.get("keys", "")):
+        problems.append("the first of pre_transforms (else preprocessing) does not read the key 'image', where "
+                        "MONAI Label puts the input volume; add MONAI-Label-only 'pre_transforms'/'post_transforms'")
+    return problems
 
 
 TRACKING = {"TensorBoard logging (TensorBoardStatsHandler)": r"TensorBoardStatsHandler",
@@ -819,6 +839,7 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
         _timed(b, "configs", lambda: check_configs(bundle_dir, configs)),
         _timed(b, "requirements", lambda: check_requirements(bundle_dir)),
         _timed(b, "tracking", lambda: check_tracking(bundle_dir, configs)),
+        _timed(b, "monailabel", lambda: check_monailabel(bundle_dir)),
     ]
     verified: list[str] = []
 

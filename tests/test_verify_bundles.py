@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "ci"))
 import verify_bundles as vb  # noqa: E402
 
 BUNDLES = vb.discover_bundles()
-CHECKS = ("files", "metadata", "configs", "requirements", "tracking", "net_in_out", "overrides")
+CHECKS = ("files", "metadata", "configs", "requirements", "tracking", "monailabel", "net_in_out", "overrides")
 
 
 # Opt-in (about 6 min on 2 cores): every bundle's train and inference configs run through MONAI's runner. Not yet
@@ -61,6 +61,7 @@ def broken(tmp_path):
     inference = json.loads((cfg / "inference.json").read_text())
     inference["initialize"] = inference["initialize"][1:]   # no reject_unknown_overrides() first
     del inference["device"]                                  # a MONAI inference property
+    inference.pop("pre_transforms", None)                    # MONAI Label falls back to a pipeline without "image"
     (cfg / "inference.json").write_text(json.dumps(inference))
     for train in cfg.glob("train*.json"):  # logs to the console only
         train.write_text(train.read_text().replace("TensorBoardStatsHandler", "StatsHandler"))
@@ -90,6 +91,8 @@ def test_verifier_names_each_fault(broken):
     assert "no multi-GPU overlay" in config_problems
 
     assert "lacks: TensorBoard logging" in "\n".join(vb.check_tracking(broken, configs))
+
+    assert "does not read the key 'image'" in "\n".join(vb.check_monailabel(broken))
 
     requirements = "\n".join(vb.check_requirements(broken))
     assert "lacks 'nibabel'" in requirements and "lacks 'einops'" in requirements
