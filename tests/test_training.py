@@ -107,3 +107,16 @@ def test_monai_runner_fails_on_misspelled_override(tmp_path):
     bad = subprocess.run(base + ["--epoch", "5"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert "--epoch: no such config key" in bad.stderr and "epochs" in bad.stderr
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    from brainsynth.io import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -74,6 +74,8 @@ class EMAHandler:
             return
         live = unwrap(self.network).state_dict()
         for name, ema_value in self.ema_network.state_dict().items():
+            if not isinstance(ema_value, torch.Tensor):  # extra state (e.g. a vocabulary): nothing to average
+                continue
             value = live[name].detach()
             if iteration < self.start_step or not torch.is_floating_point(ema_value):
                 ema_value.copy_(value)
