@@ -28,11 +28,17 @@ TINY = {  # a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seco
 
 
 def _scripts():
-    if str(BUNDLE) not in sys.path:
-        sys.path.insert(0, str(BUNDLE))
-    import scripts.inputs
+    """The bundle's scripts/inputs.py, loaded by path: every bundle has a ``scripts`` package, so importing it by
+    name in a shared pytest process could pick up another bundle's."""
+    import importlib.util
 
-    return scripts.inputs
+    name = "brats_mri_med_ddpm_scripts_inputs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BUNDLE / "scripts" / "inputs.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
