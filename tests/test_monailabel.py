@@ -51,11 +51,18 @@ def _stack(bundle_dir: Path, name: str) -> list[str]:
         configs.demo[:1]
 
 
+# settings both sides use, so the comparison is exact: a deterministic sampler (an ancestral sampler draws its
+# per-step noise from the global RNG, which a long-running server does not reseed per request)
+SHARED_SETTINGS = {"brats_mri_med_ddpm": {"sampler": "ddim", "num_inference_steps": 10}}
+
+
 def _infer(scratch: Path, bundle_dir: Path, *overrides: str) -> None:
-    """The repository-side inference (demo overlay, its cohort cut small as in verification), with overrides."""
+    """The repository-side inference (demo overlay, its cohort cut small as in verification, the shared settings),
+    with extra ``--key value`` overrides."""
     stack = _stack(bundle_dir, "inference.json")
+    shared = [a for k, v in SHARED_SETTINGS.get(bundle_dir.name, {}).items() for a in (f"--{k}", str(v))]
     _run([sys.executable, "-m", *vb.bundle_run_args(scratch, stack, "infer"), "--bundle_root", str(scratch),
-          *vb.data_arguments(vb._merged(bundle_dir, stack), None), *overrides], cwd=scratch)
+          *vb.data_arguments(vb._merged(bundle_dir, stack), None), *shared, *overrides], cwd=scratch)
 
 
 # --- what each bundle takes from MONAI Label, and the repository run it must agree with -------------------------
@@ -77,7 +84,8 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
     stacked = tmp / "t1w_t2w_flair.nii.gz"
     nib.save(nib.Nifti1Image(np.stack([i.get_fdata(dtype=np.float32) for i in images], -1), images[0].affine),
              stacked)
-    _infer(scratch, bundle_dir, "--input_files", repr(files), "--output_dir", str(tmp / "reference"))
+    _infer(scratch, bundle_dir, "--input_files", repr(files), "--subjects_split", "$None",  # this subject, whatever
+           "--output_dir", str(tmp / "reference"))                                          # its split
     (reference,) = sorted((tmp / "reference").rglob("*_t1ce_synthetic.nii.gz"))
     return stacked, {"output": "t1ce"}, nib.load(reference).get_fdata()
 
@@ -122,6 +130,7 @@ def test_monailabel_serves_bundle(bundle_dir, monailabel_python, tmp_path):
     parser = ConfigParser()
     parser.read_config([str(served / "configs" / "inference.json")] +
                        [str(served / "configs" / d) for d in configs.demo[:1]])
+    parser.config.update(SHARED_SETTINGS.get(bundle_dir.name, {}))
     (served / "configs" / "inference.json").write_text(json.dumps(parser.config, indent=1))
 
     image, params, expected = CASES[bundle_dir.name](scratch, bundle_dir, tmp_path)
