@@ -11,8 +11,8 @@ Checks, per bundle:
   metadata     configs/metadata.json valid against meta_schema_20240725 (the copy in
                ../shared/reference/monai-schema/, or the schema's URL with --online); its version in the changelog
   configs      every runnable config imports brainsynth and calls reject_unknown_overrides() first in
-               ``initialize``; MONAI's required workflow properties present (ConfigWorkflow.check_properties);
-               every train config has a multi-GPU overlay
+               ``initialize``; MONAI's workflow properties (monai.bundle.properties) at the ids MONAI expects;
+               every train config has a multi-GPU overlay; stages and overlays merge on the configs they build on
   tracking     every train config logs to TensorBoard (and its one-iteration run writes an event file), shows a
                progress bar (ignite ProgressBar) and writes preview PNGs every N iterations (TrainingPreview)
   monailabel   inference.json has what MONAI Label's monaibundle app reads: network_def + models/model.pt, an
@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO / "bundles"
-SCHEMA_DIRS = (REPO.parent / "shared" / "reference" / "monai-schema", REPO / "ci" / "monai-schema")
+SCHEMA_DIRS = (REPO.parent / "shared" / "reference" / "monai-schema",)  # CI checks out shared/ beside the repo
 SCHEMA_NAME = "meta_schema_20240725.json"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/demo.json",
                   "configs/logging.conf", "docs/README.md", "docs/data_license.txt")
