@@ -113,14 +113,10 @@ def load_json(path: Path) -> Any:
         raise ValueError(f"{path}: not readable JSON ({e})") from e
 
 
-def _defined_ids(config: Any, prefix: str = "") -> set[str]:
-    ids: set[str] = set()
-    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
-    for k, v in items:
-        key = f"{prefix}#{k}" if prefix else str(k)
-        ids.add(key)
-        ids |= _defined_ids(v, key)
-    return ids
+def _defined_ids(config: Any) -> set[str]:
+    from brainsynth.training import config_ids
+
+    return config_ids(config)
 
 
 def _referenced_ids(config: Any) -> set[str]:

@@ -179,13 +179,14 @@ class TrainingPreview:
 
 
 # --- strict overrides ---------------------------------------------------------------------------------------
-def _flatten_keys(config: Any, prefix: str = "") -> set[str]:
+def config_ids(config: Any, prefix: str = "") -> set[str]:
+    """Every id a MONAI config defines, nested ones as ``a#b#c``."""
     keys: set[str] = set()
     items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
     for k, v in items:
         path = f"{prefix}#{k}" if prefix else str(k)
         keys.add(path)
-        keys |= _flatten_keys(v, path)
+        keys |= config_ids(v, path)
     return keys
 
 
@@ -217,7 +218,7 @@ def check_overrides(config_files: Any, overrides: Mapping[str, Any]) -> None:
 
     parser = ConfigParser()
     parser.read_config(config_files)
-    valid = _flatten_keys(parser.config)
+    valid = config_ids(parser.config)
     unknown = [k for k in overrides if k not in valid]
     if not unknown:
         return
