@@ -28,7 +28,6 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES_DIR = REPO / "bundles"
 LIBRARY_DIR = REPO / "common" / "brainsynth"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "docs/README.md")
 # never shipped: run outputs a demo leaves inside the bundle folder, caches, and weights (they come from --models)
@@ -41,14 +40,13 @@ from brainsynth.bundle_archive import (LARGE_FILES_NAME, WEIGHT_SUFFIXES, format
                                        large_file_entry)
 from brainsynth.io import atomic_path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import verify_bundles as vb  # noqa: E402  (bundle discovery, config stacks, workflow runs)
+from verify_bundles import discover_bundles  # noqa: E402
+
 
 class PackagingError(RuntimeError):
     pass
-
-
-def discover_bundles(bundles_dir: Path = BUNDLES_DIR) -> list[Path]:
-    """Every folder under bundles/ that has configs/metadata.json, sorted by name."""
-    return sorted(p.parent.parent for p in Path(bundles_dir).glob("*/configs/metadata.json"))
 
 
 def bundle_version(bundle_dir: Path) -> str:
@@ -178,8 +176,6 @@ def without_repository_command(*args: str) -> tuple[list[str], dict]:
 def train_demo_weights(bundle_dir: Path, work: Path, iterations: int | None = None) -> Path:
     """Train every train config of the bundle (stages in order) with its demo overlay in a scratch copy under
     ``work`` (``iterations`` per stage, default the demo's full length); returns the scratch models/ folder."""
-    import verify_bundles as vb
-
     configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(Path(bundle_dir), Path(work))
     for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
