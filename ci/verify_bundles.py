@@ -491,7 +491,8 @@ def check_export(bundle_dir: Path, configs: BundleConfigs, out_dir: Path | None 
             outcome.append("TorchScript script OK")
         except Exception as e:
             module = None
-            outcome.append(f"script fails ({type(e).__name__}: {str(e).strip().splitlines()[0][:80] if str(e).strip() else ''})")
+            reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
+            outcome.append(f"script fails ({type(e).__name__}: {reason})")
         if module is None:
             try:
                 with torch.no_grad():
@@ -537,8 +538,9 @@ def imported_modules(files: list[Path]) -> dict[str, Path]:
 
     def visit(node: ast.AST, guarded: bool, path: Path) -> None:
         if isinstance(node, ast.Try):
-            catches = {getattr(h.type, "id", None) for h in node.handlers} | \
-                      {getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple) for e in h.type.elts}
+            catches = {getattr(h.type, "id", None) for h in node.handlers}
+            catches |= {getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple)
+                        for e in h.type.elts}
             optional = bool(catches & {"ImportError", "ModuleNotFoundError"})
             for child in node.body:
                 visit(child, guarded or optional, path)
@@ -575,7 +577,8 @@ def check_requirements(bundle_dir: Path, library_dir: Path = REPO / "common" / "
             continue
         for dist in distributions.get(module, [module]):
             if _normalise(dist) not in {_normalise(b) for b in BASE_PACKAGES}:
-                needed.setdefault(_normalise(dist), f"imported by {where.relative_to(REPO) if where.is_relative_to(REPO) else where}")
+                shown = where.relative_to(REPO) if where.is_relative_to(REPO) else where
+                needed.setdefault(_normalise(dist), f"imported by {shown}")
     for cfg in sorted((bundle_dir / "configs").glob("*.json")):
         text = cfg.read_text(encoding="utf-8")
         for component, dist in CONFIG_COMPONENT_PACKAGES.items():
