@@ -1,16 +1,22 @@
 """Benchmark harness: training speed, sampling speed and peak memory of each bundle, from its own configs.
 
 Not a test: it measures. Each case runs in a fresh subprocess (so peak memory is that case's alone) and the results
-go to JSON and a Markdown table that record the commit, device, torch / MONAI versions and the exact settings.
+go to JSON and a Markdown table that record the commit, device, torch / MONAI versions, machine load and the exact
+settings (command line and config overrides).
 
-    python ci/benchmark.py --bundle brats_mri_med_ddpm --size demo --out ci/results
-    python ci/benchmark.py --bundle all --size demo --variants baseline,checkpointing --out ci/results
-    python ci/benchmark.py --bundle brats_mri_med_ddpm --size paper --variants baseline,bf16,bf16+sdpa+checkpointing
+    python ci/benchmark.py --bundle brats_mri_med_ddpm --size demo --threads 1
+    python ci/benchmark.py --bundle all --size demo --variants baseline,sdpa,channels_last,checkpointing,compile
+    python ci/benchmark.py --bundle brats_mri_med_ddpm --size paper --variants baseline,bf16,bf16+checkpointing
 
-Training: the bundle's own ``train#trainer`` built from its configs (paper size = train.json, demo = + demo.json),
-fed one real preprocessed batch repeated, so the figure is compute, not data loading; seconds per step is the median
-after ``--warmup`` steps. Sampling: the bundle's inference sampler (see ``SAMPLERS``) timed for each step count.
-Variants are config overrides (``ACCELERATIONS``); a variant a bundle does not define is reported as such.
+Sizes: ``demo`` = the bundle's configs + demo.json; ``paper`` = the configs alone (the authors' grid, network and
+batch size). Data: the bundle's simulated demo cohort by default, padded / resampled to the chosen grid by the
+bundle's own preprocessing (speed and memory do not depend on the image content); ``--data real`` uses the
+configs' ``dataset_dir``. Training: the bundle's own ``train#trainer`` (every stage; handlers included), fed one
+real preprocessed batch repeated, so the figure is compute, not data loading; seconds per iteration is the median
+after ``--warmup`` iterations, with the process CPU seconds of the same iterations beside it (CPU time well above
+wall time x threads, or wall well above CPU, shows contention). Sampling: the bundle's inference sampler (adapters
+in ci/benchmark_samplers.py), timed per step spec. Variants are config overrides (``ACCELERATIONS``), joined with
+'+'. Peak memory: CUDA max allocated on a GPU, the case process's peak resident set size on a CPU.
 """
 
 from __future__ import annotations

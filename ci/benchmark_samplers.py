@@ -1,35 +1,154 @@
-"""One sampling adapter per bundle for ci/benchmark.py: build the bundle's own sampler from its inference config
-and return (run_once, unit, device); run_once() samples and returns how many units it produced.
+"""Per-bundle adapters for ci/benchmark.py: the training stages to time, and each bundle's own sampler built from
+its inference config.
 
-Step specs are "SAMPLER:STEPS" strings; what each sampler name means is the bundle's own config key."""
+A sampling adapter ``(parser, spec) -> Sampling`` builds the bundle's sampler; ``Sampling.run_once()`` samples once
+and returns how many units (volumes, slices) it produced. Step specs are "NAME:STEPS" strings:
+
+- Med-DDPM: ``ddpm:250`` (the authors' ancestral sampler, always all 250 steps), ``ddim:N`` (deterministic DDIM,
+  brainsynth.samplers.ExactDDIMScheduler), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
+- D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
+  ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
+  size, the demo cohort's 48 slices at demo size; figure per volume).
+- Conditional LDM: ``ddim:N`` (classifier-free-guided DDIM in latent space, then decoding; figure per volume).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
+@dataclass
+class Sampling:
+    run_once: Callable[[], int]
+    unit: str
+    device: torch.device
+    network_evaluations: int  # network calls per unit of output (one batched call counts once)
+
+
 def _spec(spec: str) -> tuple[str, int]:
     name, _, steps = str(spec).partition(":")
+    if not steps.isdigit():
+        raise ValueError(f"sampling spec {spec!r}: expected NAME:STEPS, e.g. ddim:50")
     return name, int(steps)
 
 
-def med_ddpm(parser, spec):
-    sampler, steps = _spec(spec)  # ddpm:250 (faithful ancestral) or ddim:N (exact fast sampler)
-    parser["sampler"], parser["num_inference_steps"], parser["progress"] = sampler, steps, False
+def _no_scale_factor_needed(parser) -> None:
+    """Random autoencoder weights have no latent scale factor yet; speed does not depend on it."""
+    from brainsynth.training import unwrap
+
+    ae = unwrap(parser.get_parsed_content("autoencoder"))
+    ae.latent_scale_factor.fill_(1.0)
+    ae.requires_grad_(False)
+
+
+# --- training stages: (stage name, config files in merge order, setup(parser) before timing) -----------------
+TRAIN_STAGES = {
+    "brats_mri_med_ddpm": [("diffusion", ["train.json"], None)],
+    "brats_mri_d3m_cemri": [("diffusion", ["train.json"], None)],
+    "brain_mri_conditional_ldm": [("autoencoder", ["train_autoencoder.json"], None),
+                                  ("diffusion", ["train_autoencoder.json", "train_diffusion.json"],
+                                   _no_scale_factor_needed)],
+}
+INFERENCE_CONFIG = {"brats_mri_med_ddpm": "inference.json", "brats_mri_d3m_cemri": "inference.json",
+                    "brain_mri_conditional_ldm": "inference.json"}
+
+
+# --- sampling -------------------------------------------------------------------------------------------------
+def med_ddpm(parser, spec) -> Sampling:
+    sampler, steps = _spec(spec)
+    if sampler == "pndm":
+        parser["sampler"], parser["num_inference_steps"] = "ddim", steps
+        parser["fast_scheduler"] = {
+            "_target_": "monai.networks.schedulers.PNDMScheduler", "num_train_timesteps": "@num_train_timesteps",
+            "schedule": "cosine", "skip_prk_steps": True, "prediction_type": "epsilon"}
+    elif sampler in ("ddpm", "ddim"):
+        parser["sampler"], parser["num_inference_steps"] = sampler, steps
+    else:
+        raise ValueError(f"Med-DDPM sampler {sampler!r}: ddpm, ddim or pndm")
+    parser["progress"] = False
     device = torch.device(parser.get_parsed_content("device"))
     network = parser.get_parsed_content("network").eval()
     inferer = parser.get_parsed_content("inferer")
     classes, size = parser.get_parsed_content("classes"), parser.get_parsed_content("spatial_size")
     condition = torch.zeros(1, len(classes), *size, device=device)
     condition[:, classes.index("brain") if "brain" in classes else -1] = 1.0  # an all-brain mask: speed only
+    evaluations = len(inferer.scheduler.timesteps)
 
     def run_once():
         with torch.no_grad():
             inferer(condition, network)
         return 1
 
-    return run_once, "volume", device
+    return Sampling(run_once, "volume", device, evaluations)
 
 
-SAMPLERS = {"brats_mri_med_ddpm": med_ddpm}
-DEFAULT_SAMPLE_STEPS = {"brats_mri_med_ddpm": ["ddpm:250", "ddim:50", "ddim:10"]}
+def d3m(parser, spec) -> Sampling:
+    what, steps = _spec(spec)
+    parser["num_inference_steps"] = steps
+    device = torch.device(parser.get_parsed_content("device"))
+    network = parser.get_parsed_content("network").eval()
+    channels = len(parser.get_parsed_content("condition_modalities"))
+    targets = len(parser.get_parsed_content("target_keys"))
+    size = parser.get_parsed_content("spatial_size")
+    batch = int(parser.get_parsed_content("slice_batch_size"))
+    gen = torch.Generator().manual_seed(0)
+    if what == "slice":
+        sampler = parser.get_parsed_content("sampler")
+        condition = torch.rand(batch, channels, *size, generator=gen).mul(2).sub(1).to(device)
+        noise = torch.randn(batch, targets, *size, generator=gen).to(device)
+
+        def run_once():
+            with torch.no_grad():
+                sampler.sample(noise, network, conditioning=condition, verbose=False)
+            return batch
+
+        return Sampling(run_once, "slice", device, steps)
+    if what == "volume":
+        parser["inferer#progress"] = False
+        inferer = parser.get_parsed_content("inferer")
+        cohort = parser.get_parsed_content("demo_cohort") or {}
+        shape = cohort.get("shape") if parser.get_parsed_content("dataset_dir") == "demo" and cohort.get("shape") \
+            else (240, 240, 155)  # a BraTS volume
+        # no background: every slice is synthesised (the inferer skips empty ones; real volumes have a few)
+        volume = torch.rand(1, channels, *shape, generator=gen).mul(2).sub(1).to(device)
+        n_batches = -(-int(shape[-1]) // batch)
+
+        def run_once():
+            inferer(volume, network)
+            return 1
+
+        return Sampling(run_once, f"volume ({shape[-1]} slices)", device, steps * n_batches)
+    raise ValueError(f"D3M spec {spec!r}: slice:STEPS or volume:STEPS")
+
+
+def conditional_ldm(parser, spec) -> Sampling:
+    sampler, steps = _spec(spec)
+    if sampler != "ddim":
+        raise ValueError(f"conditional LDM sampler {sampler!r}: ddim")
+    parser["num_inference_steps"], parser["progress"] = steps, False
+    device = torch.device(parser.get_parsed_content("device"))
+    _no_scale_factor_needed(parser)
+    network = parser.get_parsed_content("guided_network").eval()
+    inferer = parser.get_parsed_content("inferer")
+    shape = parser.get_parsed_content("latent_shape")
+    request = parser.get_parsed_content("requests")[0]
+    condition = torch.as_tensor(request["condition"]).long().reshape(1, -1).to(device)
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run_once():
+        with torch.no_grad():
+            inferer(noise, network, conditioning=condition)
+        return 1
+
+    return Sampling(run_once, "volume", device, steps)
+
+
+SAMPLERS = {"brats_mri_med_ddpm": med_ddpm, "brats_mri_d3m_cemri": d3m, "brain_mri_conditional_ldm": conditional_ldm}
+DEFAULT_SAMPLE_STEPS = {
+    "brats_mri_med_ddpm": ["ddpm:250", "ddim:50", "ddim:25", "ddim:10"],
+    "brats_mri_d3m_cemri": ["slice:250", "slice:50", "volume:250", "volume:50"],
+    "brain_mri_conditional_ldm": ["ddim:50"],
+}

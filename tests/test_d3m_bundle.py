@@ -123,8 +123,9 @@ def test_bad_input_stops_before_any_work(workspace, tmp_path, damage, expected):
         config_file=[str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "demo.json"), str(overlay)],
         workflow_type="train", run_id="training", bundle_root=str(out), dataset_dir=str(data), logging_file=None,
         meta_file=str(BUNDLE / "configs" / "metadata.json"))
+    workflow.initialize()  # must stay cheap: monai.bundle.load and MONAI Label initialize without any data
     with pytest.raises(Exception) as info:
-        workflow.initialize()
+        workflow.run()
     message = _root_message(info.value)
     assert expected in message and victim.name in message
     assert not out.exists()  # nothing cached, trained or written

@@ -30,7 +30,7 @@ TINY = {
     "ae_batch_size": 4, "ae_epoch_length": 2, "ae_max_epochs": 1, "scale_factor_batches": 1,
     "condition_embedding_dim": 8, "unet_channels": [8, 16], "unet_num_head_channels": 8, "unet_norm_num_groups": 4,
     "diffusion_batch_size": 4, "diffusion_epoch_length": 2, "diffusion_max_epochs": 1,
-    "num_inference_steps": 2, "batch_size": 2,
+    "num_inference_steps": 2, "batch_size": 2, "preview_every": 2, "preview_steps": 2,
 }
 
 
@@ -82,12 +82,14 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     tiny.write_text(json.dumps(TINY))
     root = tmp_path / "bundle"
     _run("training", STAGE1, root, tiny)
-    ae = torch.load(root / "models" / "autoencoder.pt", weights_only=True)
+    ae = torch.load(root / "models" / "model_autoencoder.pt", weights_only=True)
     assert torch.isfinite(ae["latent_scale_factor"]) and float(ae["latent_scale_factor"]) > 0
+    assert (root / "eval" / "previews_autoencoder" / "preview_iteration0000002.png").stat().st_size > 0
 
     _run("training", STAGE2, root, tiny)
-    assert (root / "models" / "diffusion.pt").is_file()
+    assert (root / "models" / "model.pt").is_file()  # network_def: the file MONAI tools load
     assert (root / "models" / "diffusion_training" / "checkpoint_last.pt").is_file()
+    assert (root / "eval" / "previews_diffusion" / "preview_iteration0000002.png").stat().st_size > 0
 
     # demo.json holds sclerosis x t1ce out of training; the scans both stages trained on prove it
     parser = _merged(["train_autoencoder.json", "demo.json"])
@@ -106,6 +108,22 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     assert all(a.shape == (16, 16, 16) and np.isfinite(a).all() for a in arrays)
     assert not np.array_equal(arrays[0], arrays[1])  # each volume from its own noise
     assert (out / "montage.png").stat().st_size > 0
+
+    # MONAI Label's monaibundle app: network_def with models/model.pt, then inferer(image, network) with the
+    # request's conditions in displayable_configs and no initialize: the same volume as the workflow's sample 0
+    sys.path.insert(0, str(BUNDLE))
+    try:
+        served = _merged(SAMPLING + ["demo.json"])
+        served.update({"bundle_root": str(root), **TINY})
+        served["displayable_configs"].update({"pathology": "sclerosis", "modality": "t1ce"})
+        network = served.get_parsed_content("network_def")
+        network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+        with torch.no_grad():
+            pred = served.get_parsed_content("inferer")(torch.zeros(1, 1, 16, 16, 16), network.eval())
+    finally:
+        sys.path.remove(str(BUNDLE))
+    assert pred.shape == (1, 1, 16, 16, 16)
+    np.testing.assert_allclose(pred[0, 0].numpy(), arrays[0], atol=1e-5)
 
     # a name outside the vocabulary fails before any sampling, listing the valid names
     bad = _run("inference", SAMPLING, root, tiny, "--pathology", "sclerosis", "--modality", "dwi", "--output_dir",

@@ -5,9 +5,13 @@
   torch's own checkpoint wrapper, which keeps state-dict keys unchanged, so checkpoints stay interchangeable.
 - ``channels_last``: channels-last (3D: ``channels_last_3d``) memory format; helps convolutions on GPUs with
   tensor cores, rarely on CPU.
-- ``compile``: ``torch.compile`` the network (first iterations are slow while it compiles).
+- ``compile``: ``torch.compile`` the network (first iterations are slow while it compiles). The compiled wrapper
+  keeps the plain network's state-dict keys (no ``_orig_mod.`` prefix), so MONAI's CheckpointLoader / Saver, the
+  EMA and ``monai.bundle.load`` see the same checkpoints with compile on or off. (``nn.Module.compile()`` in place
+  would be simpler but does not trace at all in torch 2.13, so it would silently measure nothing.)
 - Fused scaled-dot-product attention is a constructor argument of MONAI's U-Nets (``use_flash_attention``) and
   bf16 autocast a flag of the engines (``amp`` with ``amp_kwargs={"dtype": torch.bfloat16}``): both stay in configs.
+  Samplers call the network outside the engines' autocast, so they take the same ``amp`` flag and use ``autocast``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,40 @@ def apply_activation_checkpointing(network: nn.Module, check_fn=_is_block) -> in
     return count
 
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _strip_compiled_prefix(module, state_dict, prefix, local_metadata):
+    """State-dict hook: ``<prefix>_orig_mod.<key>`` -> ``<prefix><key>`` (keys keep their order)."""
+    inner = prefix + _COMPILED_PREFIX
+    for key in list(state_dict):
+        state_dict[prefix + key[len(inner):] if key.startswith(inner) else key] = state_dict.pop(key)
+
+
+def _add_compiled_prefix(module, state_dict, prefix, *args):
+    """Load pre-hook: accept plain keys ``<prefix><key>`` by renaming them to ``<prefix>_orig_mod.<key>``."""
+    inner = prefix + _COMPILED_PREFIX
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(inner):
+            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def compile_network(network: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile(network)`` whose ``state_dict`` / ``load_state_dict`` use the plain network's keys."""
+    compiled = torch.compile(network, **compile_kwargs)
+    compiled.register_state_dict_post_hook(_strip_compiled_prefix)
+    compiled.register_load_state_dict_pre_hook(_add_compiled_prefix)
+    return compiled
+
+
+def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: torch.dtype = torch.bfloat16):
+    """``torch.autocast`` for the network calls of a sampler on ``device`` (a tensor gives its own device)."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=bool(enabled) and device_type in ("cuda", "cpu"))
+
+
 def accelerate(network: nn.Module, activation_checkpointing: bool = False, channels_last: bool = False,
                compile: bool = False, spatial_dims: int | None = None) -> nn.Module:
     """Apply the chosen switches to ``network`` and return it (compiled networks are wrapped, so use the result)."""
@@ -52,5 +90,5 @@ def accelerate(network: nn.Module, activation_checkpointing: bool = False, chann
             spatial_dims = 3 if isinstance(conv, nn.Conv3d) else 2
         network = network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
     if compile:
-        network = torch.compile(network)
+        network = compile_network(network)
     return network

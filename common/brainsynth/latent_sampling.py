@@ -24,6 +24,7 @@ from monai.engines import PrepareBatch
 from monai.inferers import Inferer, LatentDiffusionInferer
 from monai.transforms import MapTransform
 
+from brainsynth.acceleration import autocast
 from brainsynth.categorical_conditioning import CategoricalConditioning, all_combinations
 from brainsynth.io import atomic_write_text, save_nifti
 from brainsynth.training import unwrap
@@ -80,11 +81,13 @@ class NoisePrepareBatch(PrepareBatch):
 
 class LatentSampler(Inferer):
     """``inferer(noise, guided_denoiser, conditioning=...) -> images``: MONAI ``LatentDiffusionInferer.sample``
-    with ``num_inference_steps`` steps of ``scheduler`` and the autoencoder's stored latent scale factor."""
+    with ``num_inference_steps`` steps of ``scheduler`` and the autoencoder's stored latent scale factor.
+    ``amp``: run the denoiser and the decoder under bf16 autocast (the bundle's ``amp`` key)."""
 
     def __init__(self, autoencoder: torch.nn.Module, scheduler: Any, num_inference_steps: int = 50,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, amp: bool = False) -> None:
         super().__init__()
+        self.amp = bool(amp)
         self.autoencoder = autoencoder
         self.scheduler = scheduler
         self.num_inference_steps = int(num_inference_steps)
@@ -95,9 +98,11 @@ class LatentSampler(Inferer):
         ae = unwrap(self.autoencoder).eval()
         self.scheduler.set_timesteps(self.num_inference_steps, device=inputs.device)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
-        return inferer.sample(input_noise=inputs, autoencoder_model=ae, diffusion_model=network,
-                              scheduler=self.scheduler, conditioning=conditioning, mode="crossattn",
-                              verbose=self.verbose)
+        with autocast(inputs, self.amp):
+            images = inferer.sample(input_noise=inputs, autoencoder_model=ae, diffusion_model=network,
+                                    scheduler=self.scheduler, conditioning=conditioning, mode="crossattn",
+                                    verbose=self.verbose)
+        return images.float()
 
 
 def pixdim_affine(pixdim: Sequence[float], shape: Sequence[int]) -> np.ndarray:

@@ -30,6 +30,7 @@ from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import MapTransform, ResizeWithPadOrCrop
 
+from .acceleration import autocast
 from .conventions import LABEL_VALUES
 
 #: tumour labels summarised by the class name "tumour"
@@ -376,10 +377,11 @@ class MaskConditionedSampler(Inferer):
             ``seed + i``, so a run with the same inputs and batch size is reproducible. (The ancestral sampler's
             per-step noise comes from the global torch generator: seed it, e.g. with
             ``brainsynth.training.seed_everything``.)
+        amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
     """
 
     def __init__(self, scheduler: Scheduler, out_channels: int, num_inference_steps: int | None = None,
-                 progress: bool = True, seed: int | None = None):
+                 progress: bool = True, seed: int | None = None, amp: bool = False):
         super().__init__()
         steps = scheduler.num_train_timesteps if num_inference_steps is None else int(num_inference_steps)
         if isinstance(scheduler, DDPMScheduler) and steps != scheduler.num_train_timesteps:
@@ -392,6 +394,7 @@ class MaskConditionedSampler(Inferer):
         self.out_channels = int(out_channels)
         self.progress = progress
         self.seed = seed
+        self.amp = bool(amp)
         self.calls = 0
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, noise_seed: int | None = None,
@@ -408,8 +411,10 @@ class MaskConditionedSampler(Inferer):
         was_training = network.training
         network.eval()
         try:
-            image = self.inferer.sample(input_noise=noise, diffusion_model=network, scheduler=self.scheduler,
-                                        conditioning=condition, mode="concat", verbose=self.progress)
+            with autocast(condition, self.amp):
+                image = self.inferer.sample(input_noise=noise, diffusion_model=network, scheduler=self.scheduler,
+                                            conditioning=condition, mode="concat", verbose=self.progress)
+            image = image.float()
         finally:
             network.train(was_training)
         if isinstance(inputs, MetaTensor):  # carry the mask's geometry and transform trace (for Invertd / saving)

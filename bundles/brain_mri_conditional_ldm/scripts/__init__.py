@@ -1,0 +1,1 @@
+"""Conditional LDM bundle code that is specific to this bundle (config targets: ``scripts.<module>.<name>``)."""
