@@ -5,7 +5,7 @@ A sampling adapter ``(parser, spec) -> Sampling`` builds the bundle's sampler; `
 and returns how many units (volumes, slices) it produced. Step specs are "NAME:STEPS" strings:
 
 - Med-DDPM: ``ddpm:250`` (the authors' ancestral sampler, always all 250 steps), ``ddim:N`` (deterministic DDIM,
-  brainsynth.samplers.ExactDDIMScheduler), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
+  brainsynth.samplers.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
 - D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
   size, the demo cohort's 48 slices at demo size; figure per volume).
@@ -57,17 +57,34 @@ INFERENCE_CONFIG = {"brats_mri_med_ddpm": "inference.json", "brats_mri_d3m_cemri
 
 
 # --- sampling -------------------------------------------------------------------------------------------------
+def spec_overrides(bundle: str, spec: str) -> dict:
+    """The config overrides that select sampler spec ``NAME:STEPS`` in a bundle's inference config (one place, used
+    by the speed adapters below and by ci/sampler_quality.py)."""
+    name, steps = _spec(spec)
+    if bundle == "brats_mri_med_ddpm":
+        if name == "pndm":
+            return {"sampler": "ddim", "num_inference_steps": steps, "fast_scheduler": {
+                "_target_": "monai.networks.schedulers.PNDMScheduler", "num_train_timesteps": "@num_train_timesteps",
+                "schedule": "cosine", "skip_prk_steps": True, "prediction_type": "epsilon"}}
+        if name in ("ddpm", "ddim"):
+            return {"sampler": name, "num_inference_steps": steps, "ddim_eta": 0.0}
+        if name == "ancestral_ddim":  # eta = 1: ancestral sampling respaced to STEPS
+            return {"sampler": "ddim", "num_inference_steps": steps, "ddim_eta": 1.0}
+        raise ValueError(f"Med-DDPM sampler {name!r}: ddpm, ddim, ancestral_ddim or pndm")
+    if bundle == "brats_mri_d3m_cemri":
+        if name not in ("ddim", "slice", "volume"):
+            raise ValueError(f"D3M spec {spec!r}: ddim:STEPS, slice:STEPS or volume:STEPS")
+        return {"num_inference_steps": steps}
+    if bundle == "brain_mri_conditional_ldm":
+        if name != "ddim":
+            raise ValueError(f"conditional LDM sampler {name!r}: ddim")
+        return {"num_inference_steps": steps}
+    raise ValueError(f"unknown bundle {bundle!r}")
+
+
 def med_ddpm(parser, spec) -> Sampling:
-    sampler, steps = _spec(spec)
-    if sampler == "pndm":
-        parser["sampler"], parser["num_inference_steps"] = "ddim", steps
-        parser["fast_scheduler"] = {
-            "_target_": "monai.networks.schedulers.PNDMScheduler", "num_train_timesteps": "@num_train_timesteps",
-            "schedule": "cosine", "skip_prk_steps": True, "prediction_type": "epsilon"}
-    elif sampler in ("ddpm", "ddim"):
-        parser["sampler"], parser["num_inference_steps"] = sampler, steps
-    else:
-        raise ValueError(f"Med-DDPM sampler {sampler!r}: ddpm, ddim or pndm")
+    for key, value in spec_overrides("brats_mri_med_ddpm", spec).items():
+        parser[key] = value
     parser["progress"] = False
     device = torch.device(parser.get_parsed_content("device"))
     network = parser.get_parsed_content("network").eval()

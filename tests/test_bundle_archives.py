@@ -260,8 +260,9 @@ def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path)
     cmd, env = pb.without_repository_command("-m", *run_args)
     _run(cmd, cwd=unpacked, env=env)
     for rel in sorted(repo_outputs):
-        np.testing.assert_array_equal(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
-                                      err_msg=rel)
+        # same weights, inputs and seeds; float32 reductions may run in another order in another process
+        np.testing.assert_allclose(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
+                                   atol=1e-5, err_msg=rel)
 
 
 @pytest.fixture(scope="module")

@@ -92,3 +92,29 @@ def test_drop_in_for_monai_inferer():
     assert calls == sched.timesteps.tolist()
     # with a zero noise prediction the x0 estimate is x_T / a_T, carried to the clean image at the end
     torch.testing.assert_close(out, noise / sched.alphas_cumprod[249].sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_eta_one_is_the_ddpm_posterior_and_is_the_default_of_step():
+    """With eta = 1 over consecutive timesteps, DDIM's added noise has the DDPM posterior variance
+    beta_t (1 - ab_prev) / (1 - ab_t); the constructor's eta is what step() uses when none is passed."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    ddpm = DDPMScheduler(num_train_timesteps=50, schedule="cosine", variance_type="fixed_small")
+    stochastic = ExactDDIMScheduler(num_train_timesteps=50, schedule="cosine", clip_sample=False, eta=1.0)
+    stochastic.set_timesteps(50)
+    gen = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(1, 1, 4, 4, generator=gen), torch.randn(1, 1, 4, 4, generator=gen)
+    for t in (40, 10, 1):
+        a, _ = stochastic.step(output, t, sample, generator=torch.Generator().manual_seed(3))
+        b, _ = stochastic.step(output, t, sample, generator=torch.Generator().manual_seed(4))
+        dz = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3)) - torch.randn(
+            sample.shape, generator=torch.Generator().manual_seed(4))
+        std = (a - b) / dz  # the deterministic part cancels: what is left is std x (z1 - z2)
+        torch.testing.assert_close(std, torch.full_like(std, float(ddpm._get_variance(t).sqrt())), rtol=1e-3, atol=1e-5)
+    deterministic = ExactDDIMScheduler(num_train_timesteps=50, schedule="cosine", clip_sample=False)
+    deterministic.set_timesteps(50)
+    a, _ = deterministic.step(output, 40, sample, generator=torch.Generator().manual_seed(3))
+    b, _ = deterministic.step(output, 40, sample, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eta"):
+        ExactDDIMScheduler(num_train_timesteps=50, eta=1.5)

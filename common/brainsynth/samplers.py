@@ -30,7 +30,18 @@ def exact_timesteps(num_train_timesteps: int, num_inference_steps: int, device=N
 
 
 class ExactDDIMScheduler(DDIMScheduler):
-    """DDIM (eta = 0 by default: deterministic) that steps to the true previous timestep of its own sequence."""
+    """DDIM that steps to the true previous timestep of its own sequence.
+
+    ``eta`` (default 0: deterministic) is the stochasticity used when ``step`` is called without one, as
+    ``DiffusionInferer.sample`` does: eta = 1 is ancestral sampling respaced to ``num_inference_steps`` (its
+    per-step noise comes from the global torch generator, like MONAI's DDPMScheduler).
+    """
+
+    def __init__(self, *args, eta: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.eta = float(eta)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = num_inference_steps
@@ -67,11 +78,12 @@ class ExactDDIMScheduler(DDIMScheduler):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
         x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM update x_t -> x_prev. Returns (x_prev, x0 estimate used for the update)."""
+        eta = self.eta if eta is None else float(eta)
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         ab_t = self._alpha_bar(t).to(sample.device, sample.dtype)
