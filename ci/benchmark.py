@@ -67,6 +67,9 @@ def _config_files(bundle: str, base: str, size: str) -> list[str]:
 def _parser(bundle: str, files: list[str], overrides: dict, workdir: str):
     from monai.bundle import ConfigParser
 
+    # as under `python -m monai.bundle run` from the bundle folder: its `scripts` package is importable (one bundle
+    # per case process, so the bundles' `scripts` packages never meet)
+    sys.path.insert(0, str(REPO / "bundles" / bundle))
     parser = ConfigParser()
     parser.read_config(files)
     parser["bundle_root"] = workdir
