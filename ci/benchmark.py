@@ -56,9 +56,9 @@ def variant_overrides(variant: str) -> dict:
     return out
 
 
-def _config_files(bundle: str, base: str, size: str) -> list[str]:
+def _config_files(bundle: str, base: str | list[str], size: str) -> list[str]:
     cfg = REPO / "bundles" / bundle / "configs"
-    files = [cfg / base]
+    files = [cfg / b for b in ([base] if isinstance(base, str) else base)]
     if size == "demo":
         files.append(cfg / "demo.json")
     return [str(f) for f in files]
@@ -98,13 +98,19 @@ def run_train_case(case: dict) -> dict:
     import torch
     from ignite.engine import Events
 
+    sys.path.insert(0, str(REPO / "ci"))
+    from benchmark_samplers import TRAIN_STAGES  # noqa: E402  (the stages of each bundle, in merge order)
+
     torch.manual_seed(0)
-    files = _config_files(case["bundle"], case.get("train_config", "train.json"), case["size"])
+    _, stage_configs, setup = next(s for s in TRAIN_STAGES[case["bundle"]] if s[0] == case["stage"])
+    files = _config_files(case["bundle"], stage_configs, case["size"])
     with tempfile.TemporaryDirectory() as workdir:
         overrides = dict(case["overrides"])
         # demo runs share the cohort cache in the repository's bundle folder so it is built once
         overrides.setdefault("cache_dir", str(REPO / "bundles" / case["bundle"] / "cache"))
         parser = _parser(case["bundle"], files, overrides, workdir)
+        if setup is not None:
+            setup(parser)
         trainer_id = case.get("trainer_id", "train#trainer")
         loader = parser.get_parsed_content(trainer_id.rsplit("#", 1)[0] + "#dataloader")
         batch = next(iter(loader))
@@ -152,7 +158,8 @@ def run_sample_case(case: dict) -> dict:
         overrides = dict(case["overrides"])
         overrides.setdefault("cache_dir", str(REPO / "bundles" / case["bundle"] / "cache"))
         parser = _parser(case["bundle"], files, overrides, workdir)
-        run_once, unit, device = SAMPLERS[case["bundle"]](parser, case["num_steps"])
+        sampling = SAMPLERS[case["bundle"]](parser, case["num_steps"])
+        run_once, unit, device = sampling.run_once, sampling.unit, sampling.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -165,7 +172,7 @@ def run_sample_case(case: dict) -> dict:
                 torch.cuda.synchronize(device)
             times.append((time.perf_counter() - t) / max(n_units, 1))
         return {"seconds_per_" + unit: statistics.median(times), "unit": unit, "num_steps": case["num_steps"],
-                "peak_memory_mb": _peak_memory_mb(device), "device": str(device)}
+                "network_evaluations": sampling.network_evaluations, "peak_memory_mb": _peak_memory_mb(device), "device": str(device)}
 
 
 def _run_in_subprocess(case: dict, timeout: float) -> dict:
@@ -213,11 +220,11 @@ def to_markdown(env: dict, rows: list[dict], command: str) -> str:
         if "error" in res:
             measure, value, mem = r["kind"], f"not measured: {res['error'][:120]}", "-"
         elif r["kind"] == "train":
-            measure = "train s/step (median)"
+            measure = f"train s/step (median), {r['stage']} stage"
             value = f"{res['seconds_per_step']:.3f} ({res['samples_per_second']:.2f} samples/s)"
             mem = f"{res['peak_memory_mb']:.0f}"
         else:
-            measure = f"sample s/{res['unit']}, {res['num_steps']} steps"
+            measure = f"sample s/{res['unit']}, {res['num_steps']} ({res['network_evaluations']} network calls)"
             value = f"{res['seconds_per_' + res['unit']]:.2f}"
             mem = f"{res['peak_memory_mb']:.0f}"
         settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "defaults"
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     bundles = BUNDLES if args.bundle == "all" else (args.bundle,)
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     sys.path.insert(0, str(REPO / "ci"))
-    from benchmark_samplers import DEFAULT_SAMPLE_STEPS
+    from benchmark_samplers import DEFAULT_SAMPLE_STEPS, TRAIN_STAGES
 
     env = environment()
     rows = []
@@ -267,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             base = {"bundle": bundle, "size": args.size, "variant": variant, "overrides": overrides,
                     "threads": args.threads}
             if "train" in args.measure:
-                case = {**base, "kind": "train", "steps": args.steps, "warmup": args.warmup}
-                rows.append({**case, "result": _run_in_subprocess(case, args.timeout)})
-                print(json.dumps({k: rows[-1][k] for k in ("bundle", "variant", "kind", "result")}), flush=True)
+                for stage, _, _ in TRAIN_STAGES[bundle]:
+                    case = {**base, "kind": "train", "stage": stage, "steps": args.steps, "warmup": args.warmup}
+                    rows.append({**case, "result": _run_in_subprocess(case, args.timeout)})
+                    print(json.dumps({k: rows[-1][k] for k in ("bundle", "variant", "stage", "result")}), flush=True)
             if "sample" in args.measure:
                 specs = [s for s in args.sample_steps.split(",") if s] or DEFAULT_SAMPLE_STEPS[bundle]
                 for spec in specs:
