@@ -241,28 +241,37 @@ def _inference_args(bundle_dir: Path) -> list[str]:
     return vb.bundle_run_args(bundle_dir, stack, "infer") + vb.data_arguments(vb._merged(bundle_dir, stack), None)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
-def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path):
-    """Train one iteration (demo overlay), package the weights, download the zip with MONAI, run its inference in a
-    process that cannot see the repository, and compare every NIfTI output with the repository-side run."""
+def _repository_run(bundle_dir, tmp_path):
+    """Train one iteration in a scratch copy, package its weights, run inference there: the reference outputs."""
     scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
     _train_one_iteration(bundle_dir, scratch)
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
     run_args = _inference_args(bundle_dir)
     before = {p for p in scratch.rglob("*") if p.is_file()}
     _run([sys.executable, "-m", *run_args], cwd=scratch)
-    repo_outputs = {str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before}
+    repo_outputs = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before)
     assert repo_outputs
+    return scratch, zip_path, run_args, repo_outputs
 
+
+def _assert_same_volumes(root, reference_root, rels):
+    for rel in rels:
+        # same weights, inputs and seeds; float32 reductions may run in another order in another process
+        np.testing.assert_allclose(nib.load(root / rel).get_fdata(), nib.load(reference_root / rel).get_fdata(),
+                                   atol=1e-5, err_msg=rel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle_dir", REAL, ids=[p.name for p in REAL])
+def test_real_bundle_archive_round_trip_matches_repository(bundle_dir, tmp_path):
+    """Train one iteration (demo overlay), package the weights, download the zip with MONAI, run its inference in a
+    process that cannot see the repository, and compare every NIfTI output with the repository-side run."""
+    scratch, zip_path, run_args, repo_outputs = _repository_run(bundle_dir, tmp_path)
     (tmp_path / "workflow").mkdir()
     unpacked = _download(zip_path, bundle_dir.name, tmp_path / "workflow")
     cmd, env = pb.without_repository_command("-m", *run_args)
     _run(cmd, cwd=unpacked, env=env)
-    for rel in sorted(repo_outputs):
-        # same weights, inputs and seeds; float32 reductions may run in another order in another process
-        np.testing.assert_allclose(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
-                                   atol=1e-5, err_msg=rel)
+    _assert_same_volumes(unpacked, scratch, repo_outputs)
 
 
 @pytest.fixture(scope="module")
@@ -286,14 +295,7 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
     probe = _run([py, "-c", "import importlib.util as u; print(u.find_spec('brainsynth'))"], cwd=tmp_path)
     assert probe.stdout.strip() == "None"
 
-    scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
-    _train_one_iteration(bundle_dir, scratch)
-    zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
-    run_args = _inference_args(bundle_dir)
-    before = {p for p in scratch.rglob("*") if p.is_file()}
-    _run([sys.executable, "-m", *run_args], cwd=scratch)
-    repo_outputs = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.nii*") if p not in before)
-    assert repo_outputs
+    scratch, zip_path, run_args, repo_outputs = _repository_run(bundle_dir, tmp_path)
 
     workflow = tmp_path / "workflow"
     workflow.mkdir()
@@ -301,6 +303,4 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
           "--bundle_dir", str(workflow)], cwd=workflow)
     unpacked = workflow / bundle_dir.name
     _run([py, "-m", *run_args], cwd=unpacked)
-    for rel in repo_outputs:
-        np.testing.assert_allclose(nib.load(unpacked / rel).get_fdata(), nib.load(scratch / rel).get_fdata(),
-                                   atol=1e-5, err_msg=rel)
+    _assert_same_volumes(unpacked, scratch, repo_outputs)
