@@ -364,25 +364,12 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     from monai.bundle import ConfigParser, verify_net_in_out
 
     cfg_dir = bundle_dir / "configs"
-    meta = load_json(cfg_dir / "metadata.json")
-    formats = {k: v for k, v in meta.items() if k.endswith("_data_format")}
+    formats = {k for k in load_json(cfg_dir / "metadata.json") if k.endswith("_data_format")}
     problems, verified = [], []
-    for fmt_key, io in formats.items():
-        net = fmt_key[: -len("_data_format")]
-        candidates = ["network_def"] if net == "network" else [f"{net}_def", net]
-        located = None
-        for name in configs.infer + configs.evaluate + configs.train:
-            stack = config_stack(bundle_dir, name, configs.runnable)
-            parser = ConfigParser()
-            parser.read_config([str(cfg_dir / c) for c in stack])
-            net_id = next((c for c in candidates if c in parser), None)
-            if net_id:
-                located = (stack, net_id)
-                break
-        if located is None:
-            problems.append(f"metadata {fmt_key}: none of {candidates} is defined in any config")
+    for fmt_key, stack, net_id, io in _networks(bundle_dir, configs, cpu_size=False):
+        if not stack:
+            problems.append(f"metadata {fmt_key}: no config defines the network it describes ({net_id})")
             continue
-        stack, net_id = located
         files = [str(cfg_dir / c) for c in stack]
         io, note = cpu_sized(io)
         try:
@@ -438,8 +425,11 @@ def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
     return problems
 
 
-def _networks(bundle_dir: Path, configs: BundleConfigs) -> list[tuple[str, list[str], str, dict]]:
-    """(metadata format key, config stack, network id, I/O at a CPU size) for each ``<net>_data_format``."""
+def _networks(bundle_dir: Path, configs: BundleConfigs, cpu_size: bool = True
+              ) -> list[tuple[str, list[str], str, dict]]:
+    """(metadata format key, config stack, network id, I/O, at a CPU size unless ``cpu_size`` is False) for each
+    ``<net>_data_format`` (``network_data_format`` -> ``network_def``); the stack is empty when no config defines
+    the network (the id is then the first candidate)."""
     from monai.bundle import ConfigParser
 
     cfg_dir = bundle_dir / "configs"
@@ -454,7 +444,7 @@ def _networks(bundle_dir: Path, configs: BundleConfigs) -> list[tuple[str, list[
             parser.read_config([str(cfg_dir / c) for c in stack])
             net_id = next((c for c in candidates if c in parser), None)
             if net_id:
-                found.append((fmt_key, stack, net_id, cpu_sized(io)[0]))
+                found.append((fmt_key, stack, net_id, cpu_sized(io)[0] if cpu_size else io))
                 break
         else:
             found.append((fmt_key, [], candidates[0], io))
