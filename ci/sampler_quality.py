@@ -17,6 +17,7 @@ config overrides written to an overlay file there, and records wall and CPU seco
         --set feature_network='"RUN/eval/feature_network.pt"' --out ci/results/sampler_quality_med_ddpm
 
 Writes ``<out>/sampler_quality.json`` and ``<out>/sampler_quality.md`` (commit, device, versions, the command).
+``python ci/sampler_quality.py --recompare OUT`` recomputes the comparisons of an earlier run without sampling.
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ from benchmark import REPO, environment  # noqa: E402
 from benchmark_samplers import _spec, spec_overrides  # noqa: E402
 
 
-def _volumes(folder: Path) -> dict[str, Path]:
-    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*.nii*"))}
+#: the generated volumes of each bundle's outputs (the output folders also hold copies of the inputs: masks,
+#: conditions, which every sampler writes identically and which must not dilute the comparison)
+GENERATED = {
+    "brats_mri_med_ddpm": ["*-t1n.nii.gz", "*-t1c.nii.gz", "*-t2w.nii.gz", "*-t2f.nii.gz"],
+    "brats_mri_d3m_cemri": ["*_t1ce_synthetic.nii.gz"],
+    "brain_mri_conditional_ldm": ["*.nii.gz"],
+}
+
+
+def _volumes(folder: Path, patterns: list[str]) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for pattern in patterns for p in sorted(folder.rglob(pattern))}
 
 
 def _children_cpu() -> float:
@@ -49,11 +59,16 @@ def _children_cpu() -> float:
 
 def run_spec(bundle_dir: Path, bundle_root: str, configs: list[str], run_id: str, spec: str, folder: Path,
              extra: dict, bundle: str) -> dict:
+    from monai.bundle import ConfigParser
+
     folder.mkdir(parents=True, exist_ok=False)  # never mix the volumes of two runs
-    overlay = {**spec_overrides(bundle, spec), **extra, "log_dir": str(folder),
-               "output_dir": str(folder / "generated")}
-    (folder / "overlay.json").write_text(json.dumps(overlay, indent=1))
     files = [str(bundle_dir / c) if not os.path.isabs(c) and (bundle_dir / c).exists() else c for c in configs]
+    merged = ConfigParser()
+    merged.read_config(files)
+    overlay = {**spec_overrides(bundle, spec), **extra, "output_dir": str(folder / "generated")}
+    if "log_dir" in merged:  # evaluation workflows write their metrics.json there
+        overlay["log_dir"] = str(folder)
+    (folder / "overlay.json").write_text(json.dumps(overlay, indent=1))
     files.append(str(folder / "overlay.json"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(files),
            "--bundle_root", bundle_root, "--meta_file", str(bundle_dir / "configs" / "metadata.json"),
@@ -68,12 +83,12 @@ def run_spec(bundle_dir: Path, bundle_root: str, configs: list[str], run_id: str
     return {"spec": spec, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "command": shlex.join(cmd)}
 
 
-def compare(folder: Path, reference: Path) -> dict:
+def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
     import nibabel as nib
     import torch
     from brainsynth.generative_metrics import ms_ssim
 
-    ours, ref = _volumes(folder / "generated"), _volumes(reference / "generated")
+    ours, ref = _volumes(folder / "generated", patterns), _volumes(reference / "generated", patterns)
     common = sorted(set(ours) & set(ref))
     if not common:
         raise RuntimeError(f"{folder}: no volume with the same name as one of {reference}")
@@ -126,7 +141,33 @@ def to_markdown(env: dict, rows: list[dict], reference: str, command: str) -> st
     return "\n".join(lines)
 
 
+def recompare(out: Path) -> int:
+    """Recompute the comparisons of an earlier run (its volumes and run logs stay as they are) with the current
+    ``GENERATED`` patterns; the summary files are rewritten atomically and say when and at which commit."""
+    from brainsynth.io import atomic_write_text
+
+    result = json.loads((out / "sampler_quality.json").read_text())
+    for row in result["rows"]:
+        folder = out / row["spec"].replace(":", "_")
+        if row["spec"] != result["reference"]:
+            row["comparison"] = compare(folder, out / result["reference"].replace(":", "_"),
+                                        GENERATED[result["bundle"]])
+    now = environment()
+    result["recompared"] = {"commit": now["commit"], "date": now["date"]}
+    atomic_write_text(out / "sampler_quality.json", json.dumps(result, indent=1), overwrite=True)
+    text = to_markdown(result["environment"], result["rows"], result["reference"], result["command"])
+    text += f"Comparisons recomputed at commit {now['commit']}, {now['date']} (`--recompare`).\n"
+    atomic_write_text(out / "sampler_quality.md", text, overwrite=True)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--recompare"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python ci/sampler_quality.py --recompare OUT")
+        return recompare(Path(argv[1]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--bundle_root", required=True, help="a trained run (models/model.pt)")
@@ -168,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         folder = out / row["spec"].replace(":", "_")
         if row["spec"] != args.reference:
-            row["comparison"] = compare(folder, ref_folder)
+            row["comparison"] = compare(folder, ref_folder, GENERATED[args.bundle])
         row["bundle_metrics"] = bundle_metrics(folder)
     env = environment()
-    command = "python ci/sampler_quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python ci/sampler_quality.py " + shlex.join(argv)
     result = {"environment": env, "bundle": args.bundle, "reference": args.reference, "command": command,
               "rows": rows}
     (out / "sampler_quality.json").write_text(json.dumps(result, indent=1))
