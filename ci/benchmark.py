@@ -10,7 +10,7 @@ settings (command line and config overrides).
 
 Sizes: ``demo`` = the bundle's configs + demo.json; ``paper`` = the configs alone (the authors' grid, network and
 batch size). Data: the bundle's simulated demo cohort by default, padded / resampled to the chosen grid by the
-bundle's own preprocessing (speed and memory do not depend on the image content); ``--data real`` uses the
+bundle's own preprocessing (speed and memory do not depend on the image content); ``--data real`` keeps the
 configs' ``dataset_dir``. Training: the bundle's own ``train#trainer`` (every stage; handlers included), fed one
 real preprocessed batch repeated, so the figure is compute, not data loading; seconds per iteration is the median
 after ``--warmup`` iterations, with the process CPU seconds of the same iterations beside it (CPU time well above
@@ -98,8 +98,7 @@ def run_train_case(case: dict) -> dict:
     import torch
     from ignite.engine import Events
 
-    sys.path.insert(0, str(REPO / "ci"))
-    from benchmark_samplers import TRAIN_STAGES  # noqa: E402  (the stages of each bundle, in merge order)
+    from benchmark_samplers import TRAIN_STAGES  # the stages of each bundle, in merge order
 
     torch.manual_seed(0)
     _, stage_configs, setup = next(s for s in TRAIN_STAGES[case["bundle"]] if s[0] == case["stage"])
@@ -121,17 +120,19 @@ def run_train_case(case: dict) -> dict:
         trainer.state.epoch_length = steps
         trainer.state.max_epochs = 1
         times: list[float] = []
+        cpu_times: list[float] = []
         tick = {}
 
         def start(_):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            tick["t"] = time.perf_counter()
+            tick["t"], tick["cpu"] = time.perf_counter(), time.process_time()
 
         def stop(_):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - tick["t"])
+            cpu_times.append(time.process_time() - tick["cpu"])
 
         trainer.add_event_handler(Events.ITERATION_STARTED, start)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, stop)
@@ -142,6 +143,7 @@ def run_train_case(case: dict) -> dict:
         batch_size = int(parser.get_parsed_content("batch_size")) if "batch_size" in parser else 1
         sec = statistics.median(measured)
         return {"seconds_per_step": sec, "samples_per_second": batch_size / sec, "batch_size": batch_size,
+                "cpu_seconds_per_step": statistics.median(cpu_times[case["warmup"]:]),
                 "peak_memory_mb": _peak_memory_mb(device), "steps_timed": len(measured),
                 "step_times": measured, "device": str(device)}
 
@@ -150,8 +152,7 @@ def run_sample_case(case: dict) -> dict:
     """Time the bundle's sampler for one volume (or slice) at ``num_steps``."""
     import torch
 
-    sys.path.insert(0, str(REPO / "ci"))
-    from benchmark_samplers import SAMPLERS  # noqa: E402  (one adapter per bundle)
+    from benchmark_samplers import SAMPLERS  # one adapter per bundle
 
     files = _config_files(case["bundle"], case.get("inference_config", "inference.json"), case["size"])
     with tempfile.TemporaryDirectory() as workdir:
@@ -206,13 +207,14 @@ def environment() -> dict:
                  f"torch threads {torch.get_num_threads()}"
     return {"commit": commit + ("+dirty" if dirty else ""), "device": device, "torch": torch.__version__,
             "monai": monai.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 def to_markdown(env: dict, rows: list[dict], command: str) -> str:
     lines = [f"Command: `{command}`  ",
              f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
-             f"Python {env['python']}, {env['date']}", "",
+             f"Python {env['python']}, {env['date']}, load average {env.get('load_average_1_5_15min')}", "",
              "| bundle | size | variant | measure | value | peak memory (MB) | settings |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -222,6 +224,8 @@ def to_markdown(env: dict, rows: list[dict], command: str) -> str:
         elif r["kind"] == "train":
             measure = f"train s/step (median), {r['stage']} stage"
             value = f"{res['seconds_per_step']:.3f} ({res['samples_per_second']:.2f} samples/s)"
+            if "cpu_seconds_per_step" in res:
+                value += f", CPU {res['cpu_seconds_per_step']:.3f} s"
             mem = f"{res['peak_memory_mb']:.0f}"
         else:
             measure = f"sample s/{res['unit']}, {res['num_steps']} ({res['network_evaluations']} network calls)"
@@ -257,13 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="sampling repeats (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each case (0: torch default)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="extra config override")
+    ap.add_argument("--data", choices=("demo", "real"), default="demo",
+                    help="demo: the simulated cohort at either size; real: the configs' dataset_dir (or --set it)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(REPO / "ci" / "results"))
     args = ap.parse_args(argv)
 
     bundles = BUNDLES if args.bundle == "all" else (args.bundle,)
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    sys.path.insert(0, str(REPO / "ci"))
+    if args.data == "demo":
+        extra.setdefault("dataset_dir", "demo")  # paper-size configs point at real data by default
     from benchmark_samplers import DEFAULT_SAMPLE_STEPS, TRAIN_STAGES
 
     env = environment()

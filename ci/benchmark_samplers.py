@@ -52,8 +52,6 @@ TRAIN_STAGES = {
                                   ("diffusion", ["train_autoencoder.json", "train_diffusion.json"],
                                    _no_scale_factor_needed)],
 }
-INFERENCE_CONFIG = {"brats_mri_med_ddpm": "inference.json", "brats_mri_d3m_cemri": "inference.json",
-                    "brain_mri_conditional_ldm": "inference.json"}
 
 
 # --- sampling -------------------------------------------------------------------------------------------------
@@ -82,9 +80,13 @@ def spec_overrides(bundle: str, spec: str) -> dict:
     raise ValueError(f"unknown bundle {bundle!r}")
 
 
-def med_ddpm(parser, spec) -> Sampling:
-    for key, value in spec_overrides("brats_mri_med_ddpm", spec).items():
+def _apply(parser, bundle: str, spec: str) -> None:
+    for key, value in spec_overrides(bundle, spec).items():
         parser[key] = value
+
+
+def med_ddpm(parser, spec) -> Sampling:
+    _apply(parser, "brats_mri_med_ddpm", spec)
     parser["progress"] = False
     device = torch.device(parser.get_parsed_content("device"))
     network = parser.get_parsed_content("network").eval()
@@ -103,8 +105,8 @@ def med_ddpm(parser, spec) -> Sampling:
 
 
 def d3m(parser, spec) -> Sampling:
+    _apply(parser, "brats_mri_d3m_cemri", spec)
     what, steps = _spec(spec)
-    parser["num_inference_steps"] = steps
     device = torch.device(parser.get_parsed_content("device"))
     network = parser.get_parsed_content("network").eval()
     channels = len(parser.get_parsed_content("condition_modalities"))
@@ -138,14 +140,13 @@ def d3m(parser, spec) -> Sampling:
             return 1
 
         return Sampling(run_once, f"volume ({shape[-1]} slices)", device, steps * n_batches)
-    raise ValueError(f"D3M spec {spec!r}: slice:STEPS or volume:STEPS")
+    raise ValueError(f"D3M speed spec {spec!r}: slice:STEPS or volume:STEPS")
 
 
 def conditional_ldm(parser, spec) -> Sampling:
-    sampler, steps = _spec(spec)
-    if sampler != "ddim":
-        raise ValueError(f"conditional LDM sampler {sampler!r}: ddim")
-    parser["num_inference_steps"], parser["progress"] = steps, False
+    _apply(parser, "brain_mri_conditional_ldm", spec)
+    steps = _spec(spec)[1]
+    parser["progress"] = False
     device = torch.device(parser.get_parsed_content("device"))
     _no_scale_factor_needed(parser)
     network = parser.get_parsed_content("guided_network").eval()

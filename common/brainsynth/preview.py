@@ -12,6 +12,7 @@ CLI: ``python -m brainsynth.preview DATASET_OR_DATALIST --out preview.png``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -186,6 +187,15 @@ def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any =
     if seg_c is not None:
         texts.append((4, top + 2, _legend(set(np.unique(seg_c).tolist()))))
     return _write_png(canvas, texts, path, overwrite)
+
+
+def save_training_preview(engine: Any, out_dir: str | os.PathLike, volumes: Mapping[str, Any], **kwargs: Any) -> Path:
+    """``save_preview`` as ``<out_dir>/preview_iterationNNNNNNN.png`` for the engine's current iteration: what every
+    bundle's training-preview ``fn`` (``brainsynth.training.TrainingPreview``) writes."""
+    path = Path(out_dir) / f"preview_iteration{engine.state.iteration:07d}.png"
+    save_preview(volumes, path, overwrite=True, **kwargs)
+    logging.getLogger(__name__).info("training preview: %s", path)
+    return path
 
 
 def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,

@@ -7,22 +7,11 @@ successive PNGs show training progress.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
-logger = logging.getLogger(__name__)
-
-
-def _png(engine: Any, out_dir: Path, volumes: dict, title: str) -> Path:
-    from brainsynth.preview import save_preview
-
-    path = out_dir / f"preview_iteration{engine.state.iteration:07d}.png"
-    save_preview(volumes, path, overwrite=True, title=title)
-    logger.info("training preview: %s", path)
-    return path
+from monai.networks.utils import eval_mode
 
 
 class ReconstructionPreview:
@@ -31,22 +20,18 @@ class ReconstructionPreview:
     def __init__(self, autoencoder: torch.nn.Module, dataset: Any, out_dir: str):
         self.autoencoder, self.dataset, self.out_dir = autoencoder, dataset, Path(out_dir)
 
-    @torch.no_grad()
     def __call__(self, engine: Any) -> Path:
         from brainsynth.latent_autoencoder import AutoencoderReconstructionInferer
+        from brainsynth.preview import save_training_preview
 
         item = self.dataset[0]
         image = torch.as_tensor(item["image"]).float()
         device = next(self.autoencoder.parameters()).device
-        was_training = self.autoencoder.training
-        self.autoencoder.eval()
-        try:
+        with eval_mode(self.autoencoder):
             recon = AutoencoderReconstructionInferer()(image[None].to(device), self.autoencoder)[0].float().cpu()
-        finally:
-            self.autoencoder.train(was_training)
         name = f"{item.get('pathology', '')} {item.get('modality', '')}".strip()
-        return _png(engine, self.out_dir, {f"{name} input": image[0], "reconstruction": recon[0]},
-                    f"autoencoder, iteration {engine.state.iteration}")
+        return save_training_preview(engine, self.out_dir, {f"{name} input": image[0], "reconstruction": recon[0]},
+                                     title=f"autoencoder, iteration {engine.state.iteration}")
 
 
 class SamplePreview:
@@ -63,10 +48,10 @@ class SamplePreview:
         self.out_dir, self.seed, self.num_inference_steps = Path(out_dir), int(seed), int(num_inference_steps)
         self.guidance_scale, self.guidance_mode = guidance_scale, guidance_mode
 
-    @torch.no_grad()
     def __call__(self, engine: Any) -> Path:
         from brainsynth.categorical_conditioning import GuidedDenoiser
         from brainsynth.latent_sampling import LatentSampler, NoisePrepareBatch, condition_requests
+        from brainsynth.preview import save_training_preview
         from monai.data import list_data_collate
 
         rows = condition_requests(self.conditioning, combinations=self.combinations, seed=self.seed)
@@ -74,11 +59,8 @@ class SamplePreview:
         noise, _, _, kwargs = NoisePrepareBatch(self.latent_shape)(list_data_collate(rows), device=device)
         sampler = LatentSampler(self.autoencoder, self.scheduler, self.num_inference_steps, verbose=False)
         guided = GuidedDenoiser(self.network, self.guidance_scale, self.guidance_mode)
-        was_training = self.network.training
-        self.network.eval()
-        try:
+        with eval_mode(self.network):
             images = sampler(noise, guided, **kwargs).float().cpu()
-        finally:
-            self.network.train(was_training)
         volumes = {r["name"].rsplit("_", 1)[0]: images[i, 0] for i, r in enumerate(rows)}
-        return _png(engine, self.out_dir, volumes, f"latent diffusion (EMA), iteration {engine.state.iteration}")
+        return save_training_preview(engine, self.out_dir, volumes,
+                                     title=f"latent diffusion (EMA), iteration {engine.state.iteration}")

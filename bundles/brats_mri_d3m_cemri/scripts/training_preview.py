@@ -6,13 +6,11 @@ slices of one fixed training subject, from the same noise each time, so successi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
-logger = logging.getLogger(__name__)
+from monai.networks.utils import eval_mode
 
 
 class SlicePreviewWriter:
@@ -31,7 +29,7 @@ class SlicePreviewWriter:
         self.num_inference_steps, self.max_slices = int(num_inference_steps), int(max_slices)
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.preview import save_preview
+        from brainsynth.preview import save_training_preview
 
         item = self.dataset[0]
         condition = torch.as_tensor(item["condition"]).float()
@@ -43,13 +41,9 @@ class SlicePreviewWriter:
         device = next(self.network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)  # same noise at every preview
         noise = torch.randn((slices.shape[0], target.shape[0], *slices.shape[2:]), generator=generator)
-        was_training = self.network.training
-        self.network.eval()
-        try:
+        with eval_mode(self.network):
             sample = self.inferer.sample(noise.to(device), self.network, conditioning=slices.to(device),
                                          num_inference_steps=self.num_inference_steps, verbose=False)
-        finally:
-            self.network.train(was_training)
         sample = sample.float().cpu().permute(1, 2, 3, 0)  # back to (C, H, W, n)
         volumes = {f"{m} (input)": condition[c, ..., picked] for c, m in enumerate(self.condition_modalities)}
         volumes[f"{self.target_modality} real"] = target[0, ..., picked]
@@ -57,7 +51,4 @@ class SlicePreviewWriter:
         if sample.shape[0] > 1:  # the mask stream is in the diffusion range, foreground > 0
             volumes["mask real"] = (target[1, ..., picked] > 0).float()
             volumes["mask predicted"] = (sample[1] > 0).float()
-        path = self.out_dir / f"preview_iteration{engine.state.iteration:07d}.png"
-        save_preview(volumes, path, overwrite=True)
-        logger.info("training preview: %s", path)
-        return path
+        return save_training_preview(engine, self.out_dir, volumes)

@@ -101,7 +101,7 @@ class TrainingPreviewWriter:
         self.out_dir, self.seed = Path(out_dir), seed
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.preview import save_preview
+        from brainsynth.preview import save_training_preview
 
         item = self.dataset[0]
         device = next(self.network.parameters()).device
@@ -109,7 +109,4 @@ class TrainingPreviewWriter:
         image = self.sampler(condition, self.network, noise_seed=self.seed)[0].cpu()
         volumes = {m: to_unit_range(image[c]).numpy() for c, m in enumerate(self.modalities)}
         seg = canonical_seg(self.conditioning.from_one_hot(condition.cpu(), channel_dim=1)[0, 0], self.conditioning)
-        path = self.out_dir / f"preview_iteration{engine.state.iteration:07d}.png"
-        save_preview(volumes, path, seg=seg, overwrite=True)
-        logger.info("training preview: %s", path)
-        return path
+        return save_training_preview(engine, self.out_dir, volumes, seg=seg)
