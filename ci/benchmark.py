@@ -88,6 +88,14 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _samples_in(batch) -> int:
+    """Samples in one collated batch (D3M's loader yields several slices per volume, so not loader.batch_size)."""
+    import torch
+
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    return next(int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.ndim > 0)
+
+
 def _repeat(batch, n):
     for _ in range(n):
         yield batch
@@ -97,14 +105,15 @@ def run_train_case(case: dict) -> dict:
     """Time ``steps`` training iterations of the bundle's trainer on one repeated real batch."""
     import torch
     from ignite.engine import Events
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmark_samplers import TRAIN_STAGES  # the stages of each bundle, in merge order
+    from benchmark_samplers import TRAIN_STAGES, stage_overrides  # the stages of each bundle, in merge order
 
     torch.manual_seed(0)
     _, stage_configs, setup = next(s for s in TRAIN_STAGES[case["bundle"]] if s[0] == case["stage"])
     files = _config_files(case["bundle"], stage_configs, case["size"])
     with tempfile.TemporaryDirectory() as workdir:
-        overrides = dict(case["overrides"])
+        overrides = stage_overrides(case["bundle"], case["stage"], case["overrides"])
         # demo runs share the cohort cache in the repository's bundle folder so it is built once
         overrides.setdefault("cache_dir", str(REPO / "bundles" / case["bundle"] / "cache"))
         parser = _parser(case["bundle"], files, overrides, workdir)
@@ -116,19 +125,27 @@ def run_train_case(case: dict) -> dict:
         trainer = parser.get_parsed_content(trainer_id, instantiate=True)
         device = torch.device(parser.get_parsed_content("device"))
         steps = case["warmup"] + case["steps"]
-        trainer.data_loader = _repeat(batch, steps)
-        trainer.state.epoch_length = steps
+        count_flops = bool(case.get("count_flops")) and not case["overrides"].get("compile")
+        trainer.data_loader = _repeat(batch, steps + int(count_flops))
+        trainer.state.epoch_length = steps + int(count_flops)
         trainer.state.max_epochs = 1
         times: list[float] = []
         cpu_times: list[float] = []
-        tick = {}
+        tick: dict = {}
 
-        def start(_):
+        def start(engine):
+            if engine.state.iteration > steps:  # one extra, untimed iteration counts the FLOPs
+                tick["flops"] = FlopCounterMode(display=False)
+                tick["flops"].__enter__()
+                return
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             tick["t"], tick["cpu"] = time.perf_counter(), time.process_time()
 
-        def stop(_):
+        def stop(engine):
+            if engine.state.iteration > steps:
+                tick["flops"].__exit__(None, None, None)
+                return
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - tick["t"])
@@ -140,12 +157,36 @@ def run_train_case(case: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         trainer.run()
         measured = times[case["warmup"]:]
-        batch_size = int(parser.get_parsed_content("batch_size")) if "batch_size" in parser else 1
+        batch_size = _samples_in(batch)
         sec = statistics.median(measured)
-        return {"seconds_per_step": sec, "samples_per_second": batch_size / sec, "batch_size": batch_size,
-                "cpu_seconds_per_step": statistics.median(cpu_times[case["warmup"]:]),
-                "peak_memory_mb": _peak_memory_mb(device), "steps_timed": len(measured),
-                "step_times": measured, "device": str(device)}
+        result = {"seconds_per_step": sec, "samples_per_second": batch_size / sec, "batch_size": batch_size,
+                  "cpu_seconds_per_step": statistics.median(cpu_times[case["warmup"]:]),
+                  "peak_memory_mb": _peak_memory_mb(device), "steps_timed": len(measured),
+                  "step_times": measured, "device": str(device)}
+        if "flops" in tick:
+            result.update(flop_utilisation(tick["flops"].get_total_flops(), sec, device, case["overrides"]))
+        return result
+
+
+#: dense peak rates (TFLOP/s) from NVIDIA's H100 / H200 SXM datasheets: bf16 tensor cores, and TF32, which PyTorch
+#: uses for fp32 convolutions by default (torch.backends.cudnn.allow_tf32)
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.0}, "H200": {"bf16": 989.0, "tf32": 494.0}}
+
+
+def flop_utilisation(flops: int, seconds: float, device, overrides: dict) -> dict:
+    """Counted FLOPs of one training step (torch's FlopCounterMode: matmuls and convolutions, forward and backward,
+    recomputation under activation checkpointing included), achieved TFLOP/s and the fraction of the datasheet peak."""
+    import torch
+
+    out = {"flops_per_step": int(flops), "achieved_tflops": flops / seconds / 1e12}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        if peaks:
+            precision = "bf16" if overrides.get("amp") else "tf32"
+            out["model_flop_utilisation"] = out["achieved_tflops"] / peaks[precision]
+            out["mfu_reference"] = f"{peaks[precision]:.0f} TFLOP/s {precision} dense ({name})"
+    return out
 
 
 def run_sample_case(case: dict) -> dict:
@@ -176,6 +217,34 @@ def run_sample_case(case: dict) -> dict:
                 "network_evaluations": sampling.network_evaluations, "peak_memory_mb": _peak_memory_mb(device), "device": str(device)}
 
 
+def limit_memory(case: dict) -> None:
+    """On a CPU, cap the case's address space below the machine's memory so that a case too large for it fails
+    with an allocation error (reported as such) instead of swapping or taking the machine down."""
+    if case.get("memory_limit_gb") is None or _cuda_requested():
+        return
+    limit = int(float(case["memory_limit_gb"]) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _cuda_requested() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def machine_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def case_error(exc: BaseException) -> dict:
+    import traceback
+
+    message = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower():
+        message = "exceeds this machine's memory: " + message
+    return {"error": message[:600], "traceback": traceback.format_exc()[-3000:]}
+
+
 def _run_in_subprocess(case: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "_case", json.dumps(case)]
     try:
@@ -199,39 +268,64 @@ def environment() -> dict:
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                     text=True, cwd=REPO).stdout.strip())
     except OSError:
-        commit, dirty = "unknown", False
+        commit, dirty = "", False
+    if not commit:  # a copy of the tree without .git (e.g. on a lent GPU machine): the caller names the commit
+        commit = os.environ.get("BRAINSYNTH_COMMIT", "unknown")
+    gpu = {}
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+               "cudnn": torch.backends.cudnn.version(), "driver": _nvidia_driver()}
     else:
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
                  f"torch threads {torch.get_num_threads()}"
     return {"commit": commit + ("+dirty" if dirty else ""), "device": device, "torch": torch.__version__,
             "monai": monai.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "machine_memory_gb": round(machine_memory_gb(), 1), **gpu}
+
+
+def _nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out or "unknown"
 
 
 def to_markdown(env: dict, rows: list[dict], command: str) -> str:
     lines = [f"Command: `{command}`  ",
              f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
-             f"Python {env['python']}, {env['date']}, load average {env.get('load_average_1_5_15min')}", "",
+             f"Python {env['python']}, {env['date']}, load average {env.get('load_average_1_5_15min')}"
+             + (f", CUDA {env['cuda']}, driver {env['driver']}, {env['gpu_memory_gb']} GB" if "cuda" in env else ""),
+             "",
              "| bundle | size | variant | measure | value | peak memory (MB) | settings |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         res = r["result"]
         if "error" in res:
-            measure, value, mem = r["kind"], f"not measured: {res['error'][:120]}", "-"
+            measure, value, mem = r["kind"], f"not measured: {res['error'][:160]}", "-"
+            if r["kind"] == "train":
+                measure += f", {r['stage']} stage"
         elif r["kind"] == "train":
             measure = f"train s/step (median), {r['stage']} stage"
             value = f"{res['seconds_per_step']:.3f} ({res['samples_per_second']:.2f} samples/s)"
-            if "cpu_seconds_per_step" in res:
+            if "cpu_seconds_per_step" in res and res.get("device") == "cpu":
                 value += f", CPU {res['cpu_seconds_per_step']:.3f} s"
+            if "achieved_tflops" in res:
+                value += f", {res['achieved_tflops']:.1f} TFLOP/s"
+            if "model_flop_utilisation" in res:
+                value += f", MFU {100 * res['model_flop_utilisation']:.1f} %"
             mem = f"{res['peak_memory_mb']:.0f}"
         else:
             measure = f"sample s/{res['unit']}, {res['num_steps']} ({res['network_evaluations']} network calls)"
             value = f"{res['seconds_per_' + res['unit']]:.2f}"
             mem = f"{res['peak_memory_mb']:.0f}"
-        settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "defaults"
+        # the demo cohort's parameters only say which cached cohort fed the batch; the JSON keeps them
+        settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items() if k != "demo_cohort") or "defaults"
         lines.append(f"| {r['bundle']} | {r['size']} | {r['variant']} | {measure} | {value} | {mem} | {settings} |")
     return "\n".join(lines) + "\n"
 
@@ -244,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(int(case["threads"]))
-        result = run_train_case(case) if case["kind"] == "train" else run_sample_case(case)
+        limit_memory(case)
+        try:
+            result = run_train_case(case) if case["kind"] == "train" else run_sample_case(case)
+        except Exception as exc:  # the case's own exception, not the last log line on stderr
+            result = case_error(exc)
         print("BENCHMARK_RESULT " + json.dumps(result))
         return 0
 
@@ -264,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", choices=("demo", "real"), default="demo",
                     help="demo: the simulated cohort at either size; real: the configs' dataset_dir (or --set it)")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--memory-limit-gb", type=float, default=None,
+                    help="CPU only: address-space cap of each case (default 85%% of this machine's memory); a case "
+                    "that needs more is reported as exceeding the machine's memory")
     ap.add_argument("--out", default=str(REPO / "ci" / "results"))
     args = ap.parse_args(argv)
 
@@ -279,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants.split(","):
             overrides = {**variant_overrides(variant), **extra}
             base = {"bundle": bundle, "size": args.size, "variant": variant, "overrides": overrides,
-                    "threads": args.threads}
+                    "threads": args.threads, "count_flops": True,
+                    "memory_limit_gb": args.memory_limit_gb or round(0.85 * machine_memory_gb(), 1)}
             if "train" in args.measure:
                 for stage, _, _ in TRAIN_STAGES[bundle]:
                     case = {**base, "kind": "train", "stage": stage, "steps": args.steps, "warmup": args.warmup}

@@ -45,6 +45,18 @@ def _no_scale_factor_needed(parser) -> None:
 
 
 # --- training stages: (stage name, config files in merge order, setup(parser) before timing) -----------------
+#: the conditional LDM's two stages keep their own batch sizes (its demo overlay sets both, and its inference
+#: batch_size); the harness's ``batch_size`` override means the running stage's
+STAGE_KEYS = {("brain_mri_conditional_ldm", "autoencoder"): {"batch_size": "ae_batch_size"},
+              ("brain_mri_conditional_ldm", "diffusion"): {"batch_size": "diffusion_batch_size"}}
+
+
+def stage_overrides(bundle: str, stage: str, overrides: dict) -> dict:
+    """``overrides`` in the stage's own key names."""
+    names = STAGE_KEYS.get((bundle, stage), {})
+    return {names.get(k, k): v for k, v in overrides.items()}
+
+
 TRAIN_STAGES = {
     "brats_mri_med_ddpm": [("diffusion", ["train.json"], None)],
     "brats_mri_d3m_cemri": [("diffusion", ["train.json"], None)],
