@@ -84,7 +84,12 @@ def plan(tiny: bool) -> list[dict]:
     return cases
 
 
-def run(cases: list[dict], budget: float, case_timeout: float) -> list[dict]:
+def case_name(case: dict) -> str:
+    return "/".join(str(case[k]) for k in ("bundle", "kind", "stage", "variant", "num_steps") if k in case)
+
+
+def run(cases: list[dict], budget: float, case_timeout: float, write=lambda rows: None) -> list[dict]:
+    """Run the cases in order; ``write(rows)`` after each, so a run cut short keeps what it measured."""
     start = time.monotonic()
     rows = []
     for case in cases:
@@ -97,6 +102,7 @@ def run(cases: list[dict], budget: float, case_timeout: float) -> list[dict]:
         shown = {k: case.get(k) for k in ("bundle", "kind", "stage", "variant", "num_steps") if k in case}
         brief = {k: v for k, v in result.items() if k not in ("traceback", "step_times")}
         print(json.dumps({**shown, "result": brief}), flush=True)
+        write(rows)
     return rows
 
 
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 330 on a GPU, 900 for --tiny)")
     ap.add_argument("--case-timeout", type=float, default=150)
     ap.add_argument("--out", default=str(REPO / "ci" / "results"))
+    ap.add_argument("--only", default="", help="comma-separated substrings; run only the planned cases whose name "
+                    "(bundle/kind/stage/variant/steps) contains one, in plan order, e.g. 'sample,compile'")
     args = ap.parse_args(argv)
 
     import torch
@@ -141,18 +149,26 @@ def main(argv: list[str] | None = None) -> int:
                          "the CPU smoke run")
     budget = args.budget or (900.0 if args.tiny else 330.0)
     env = benchmark.environment()
-    rows = run(plan(args.tiny), budget, args.case_timeout)
+    cases = plan(args.tiny)
+    if args.only:
+        wanted = [w for w in args.only.split(",") if w]
+        cases = [c for c in cases if any(w in case_name(c) for w in wanted)]
     mode = "tiny" if args.tiny else "gpu"
     command = "python ci/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_check_{mode}_{time.strftime('%Y%m%d-%H%M%S')}"
-    report = {"command": command, "mode": mode, "budget_s": budget, "environment": env, "rows": rows,
-              "summary": summary(rows)}
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    markdown = benchmark.to_markdown(env, rows, command) + "\n" + "\n".join(report["summary"]) + "\n"
-    (out / f"{stem}.md").write_text(markdown)
-    print(markdown)
+
+    def write(rows):
+        report = {"command": command, "mode": mode, "budget_s": budget, "environment": env, "rows": rows,
+                  "planned": len(cases), "summary": summary(rows)}
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        markdown = benchmark.to_markdown(env, rows, command) + "\n" + "\n".join(report["summary"]) + "\n"
+        (out / f"{stem}.md").write_text(markdown)
+        return markdown
+
+    rows = run(cases, budget, args.case_timeout, write)
+    print(write(rows))
     failed = [r for r in rows if "error" in r["result"]]
     print(f"{len(rows) - len(failed)} cases measured, {len(failed)} not measured; results in {out / stem}.json / .md")
     return 0
