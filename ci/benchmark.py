@@ -200,7 +200,7 @@ def run_sample_case(case: dict) -> dict:
         overrides = dict(case["overrides"])
         overrides.setdefault("cache_dir", str(REPO / "bundles" / case["bundle"] / "cache"))
         parser = _parser(case["bundle"], files, overrides, workdir)
-        sampling = SAMPLERS[case["bundle"]](parser, case["num_steps"])
+        sampling = SAMPLERS[case["bundle"]](parser, case["num_steps"], case["size"])
         run_once, unit, device = sampling.run_once, sampling.unit, sampling.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

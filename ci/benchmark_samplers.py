@@ -8,7 +8,7 @@ and returns how many units (volumes, slices) it produced. Step specs are "NAME:S
   brainsynth.samplers.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
 - D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
-  size, the demo cohort's 48 slices at demo size; figure per volume).
+  size, the demo cohort's slices at demo size; figure per volume).
 - Conditional LDM: ``ddim:N`` (classifier-free-guided DDIM in latent space, then decoding; figure per volume).
 """
 
@@ -97,7 +97,7 @@ def _apply(parser, bundle: str, spec: str) -> None:
         parser[key] = value
 
 
-def med_ddpm(parser, spec) -> Sampling:
+def med_ddpm(parser, spec, size: str = "demo") -> Sampling:
     _apply(parser, "brats_mri_med_ddpm", spec)
     parser["progress"] = False
     device = torch.device(parser.get_parsed_content("device"))
@@ -116,7 +116,7 @@ def med_ddpm(parser, spec) -> Sampling:
     return Sampling(run_once, "volume", device, evaluations)
 
 
-def d3m(parser, spec) -> Sampling:
+def d3m(parser, spec, size: str = "demo") -> Sampling:
     _apply(parser, "brats_mri_d3m_cemri", spec)
     what, steps = _spec(spec)
     device = torch.device(parser.get_parsed_content("device"))
@@ -141,8 +141,8 @@ def d3m(parser, spec) -> Sampling:
         parser["inferer#progress"] = False
         inferer = parser.get_parsed_content("inferer")
         cohort = parser.get_parsed_content("demo_cohort") or {}
-        shape = cohort.get("shape") if parser.get_parsed_content("dataset_dir") == "demo" and cohort.get("shape") \
-            else (240, 240, 155)  # a BraTS volume
+        # paper size: a whole BraTS volume (155 slices), whatever cohort fed the configs; demo: the demo cohort's
+        shape = cohort.get("shape") if size == "demo" and cohort.get("shape") else (240, 240, 155)
         # no background: every slice is synthesised (the inferer skips empty ones; real volumes have a few)
         volume = torch.rand(1, channels, *shape, generator=gen).mul(2).sub(1).to(device)
         n_batches = -(-int(shape[-1]) // batch)
@@ -155,7 +155,7 @@ def d3m(parser, spec) -> Sampling:
     raise ValueError(f"D3M speed spec {spec!r}: slice:STEPS or volume:STEPS")
 
 
-def conditional_ldm(parser, spec) -> Sampling:
+def conditional_ldm(parser, spec, size: str = "demo") -> Sampling:
     _apply(parser, "brain_mri_conditional_ldm", spec)
     steps = _spec(spec)[1]
     parser["progress"] = False

@@ -96,7 +96,9 @@ class LatentSampler(Inferer):
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any,
                  conditioning: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         ae = unwrap(self.autoencoder).eval()
-        self.scheduler.set_timesteps(self.num_inference_steps, device=inputs.device)
+        # timesteps stay on the CPU: MONAI 1.6.1's DiffusionInferer.sample concatenates them with a CPU tensor and
+        # fails on CUDA otherwise (found by ci/gpu_check.sh); it moves each timestep to the input's device itself
+        self.scheduler.set_timesteps(self.num_inference_steps)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
         with autocast(inputs, self.amp):
             images = inferer.sample(input_noise=inputs, autoencoder_model=ae, diffusion_model=network,
