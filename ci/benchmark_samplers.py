@@ -5,7 +5,7 @@ A sampling adapter ``(parser, spec) -> Sampling`` builds the bundle's sampler; `
 and returns how many units (volumes, slices) it produced. Step specs are "NAME:STEPS" strings:
 
 - Med-DDPM: ``ddpm:250`` (the authors' ancestral sampler, always all 250 steps), ``ddim:N`` (deterministic DDIM,
-  brainsynth.samplers.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
+  brainsynth.schedulers.ddim.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
 - D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
   size, the demo cohort's slices at demo size; figure per volume).
@@ -37,7 +37,7 @@ def _spec(spec: str) -> tuple[str, int]:
 
 def _no_scale_factor_needed(parser) -> None:
     """Random autoencoder weights have no latent scale factor yet; speed does not depend on it."""
-    from brainsynth.training import unwrap
+    from brainsynth.engine.training import unwrap
 
     ae = unwrap(parser.get_parsed_content("autoencoder"))
     ae.latent_scale_factor.fill_(1.0)

@@ -36,9 +36,9 @@ EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)
 
 sys.path.insert(0, str(REPO / "common"))  # the packaging tool itself uses the repository's library
-from brainsynth.bundle_archive import (LARGE_FILES_NAME, WEIGHT_SUFFIXES, format_large_files,  # noqa: E402
+from brainsynth.engine.bundle_archive import (LARGE_FILES_NAME, WEIGHT_SUFFIXES, format_large_files,  # noqa: E402
                                        large_file_entry)
-from brainsynth.io import atomic_path  # noqa: E402
+from brainsynth.engine.io import atomic_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import verify_bundles as vb  # noqa: E402  (bundle discovery, config stacks, workflow runs)

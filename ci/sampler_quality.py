@@ -86,7 +86,7 @@ def run_spec(bundle_dir: Path, bundle_root: str, configs: list[str], run_id: str
 def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
     import nibabel as nib
     import torch
-    from brainsynth.generative_metrics import ms_ssim
+    from brainsynth.metrics.distribution import ms_ssim
 
     ours, ref = _volumes(folder / "generated", patterns), _volumes(reference / "generated", patterns)
     common = sorted(set(ours) & set(ref))
@@ -144,7 +144,7 @@ def to_markdown(env: dict, rows: list[dict], reference: str, command: str) -> st
 def recompare(out: Path) -> int:
     """Recompute the comparisons of an earlier run (its volumes and run logs stay as they are) with the current
     ``GENERATED`` patterns; the summary files are rewritten atomically and say when and at which commit."""
-    from brainsynth.io import atomic_write_text
+    from brainsynth.engine.io import atomic_write_text
 
     result = json.loads((out / "sampler_quality.json").read_text())
     for row in result["rows"]:

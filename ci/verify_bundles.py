@@ -114,7 +114,7 @@ def load_json(path: Path) -> Any:
 
 
 def _defined_ids(config: Any) -> set[str]:
-    from brainsynth.training import config_ids
+    from brainsynth.engine.training import config_ids
 
     return config_ids(config)
 
@@ -285,7 +285,7 @@ def check_configs(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
             problems.append(f"{name}: 'imports' lacks \"$import brainsynth\"")
         init = [config.get("initialize")] if isinstance(config.get("initialize"), str) else config.get("initialize")
         if stack[0] == name and (not init or INIT_FIRST not in str(init[0])):
-            problems.append(f"{name}: the first 'initialize' item must be $brainsynth.training.{INIT_FIRST}")
+            problems.append(f"{name}: the first 'initialize' item must be $brainsynth.engine.training.{INIT_FIRST}")
         kind = "train" if name in configs.train else "infer"
         files = [str(cfg_dir / c) for c in stack]
         try:
@@ -363,6 +363,8 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     import torch
     from monai.bundle import ConfigParser, verify_net_in_out
 
+    from brainsynth.engine.bundle_code import bundle_scripts
+
     cfg_dir = bundle_dir / "configs"
     formats = {k for k in load_json(cfg_dir / "metadata.json") if k.endswith("_data_format")}
     problems, verified = [], []
@@ -373,14 +375,15 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
         files = [str(cfg_dir / c) for c in stack]
         io, note = cpu_sized(io)
         try:
-            parser = ConfigParser()
-            parser.read_config(files)
-            network = parser.get_parsed_content(net_id)
-            extras = _forward_extras(network, io, "cpu")
-            del network
-            torch.manual_seed(0)
-            verify_net_in_out(net_id=net_id, meta_file=str(cfg_dir / "metadata.json"), config_file=files,
-                              device="cpu", extra_forward_args=extras, **{"_meta_#network_data_format": io})
+            with bundle_scripts(bundle_dir):  # `scripts` is this bundle's, whichever bundle was checked before
+                parser = ConfigParser()
+                parser.read_config(files)
+                network = parser.get_parsed_content(net_id)
+                extras = _forward_extras(network, io, "cpu")
+                del network
+                torch.manual_seed(0)
+                verify_net_in_out(net_id=net_id, meta_file=str(cfg_dir / "metadata.json"), config_file=files,
+                                  device="cpu", extra_forward_args=extras, **{"_meta_#network_data_format": io})
             verified.append(f"{net_id} ({'+'.join(stack)}; extra args: {sorted(extras) or 'none'}{note})")
         except Exception as e:
             problems.append(f"verify_net_in_out {net_id} in {'+'.join(stack)}: {type(e).__name__}: {e}")
@@ -409,12 +412,12 @@ def check_monailabel(bundle_dir: Path) -> list[str]:
 
 TRACKING = {"TensorBoard logging (TensorBoardStatsHandler)": r"TensorBoardStatsHandler",
             "training progress bar (ignite ProgressBar)": r"ProgressBar",
-            "preview PNGs during training (brainsynth.training.TrainingPreview)": r"TrainingPreview"}
+            "preview PNGs during training (brainsynth.engine.training.TrainingPreview)": r"TrainingPreview"}
 
 
 def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
     """Every train config (with the stages it builds on) logs to TensorBoard, shows a progress bar and writes
-    preview images every N iterations (brainsynth.training.TrainingPreview)."""
+    preview images every N iterations (brainsynth.engine.training.TrainingPreview)."""
     problems = []
     for name in configs.train:
         stack = config_stack(bundle_dir, name, configs.train)
@@ -579,7 +582,7 @@ def check_requirements(bundle_dir: Path, library_dir: Path = REPO / "common" / "
 
 
 def check_overrides_static(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
-    from brainsynth.training import check_overrides
+    from brainsynth.engine.training import check_overrides
 
     problems = []
     for name in configs.runnable:

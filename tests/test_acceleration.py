@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from brainsynth.acceleration import accelerate
+from brainsynth.engine.acceleration import accelerate
 
 
 def _unet():
@@ -76,8 +76,8 @@ def test_each_switch_gives_the_plain_forward_output(switch):
 def test_compiled_network_keeps_plain_checkpoint_keys(tmp_path):
     """torch.compile wraps the module as ``_orig_mod``: state dicts in and out must still use the plain keys, so
     MONAI's CheckpointLoader, the EMA and ResumableCheckpoint read and write interchangeable checkpoints."""
-    from brainsynth.io import load_checkpoint
-    from brainsynth.training import EMAHandler, ResumableCheckpoint
+    from brainsynth.engine.io import load_checkpoint
+    from brainsynth.engine.training import EMAHandler, ResumableCheckpoint
 
     torch.manual_seed(0)
     plain = _unet()
@@ -121,8 +121,8 @@ def test_compiled_forward_matches_plain():
 
 def test_samplers_honour_amp():
     """``amp`` runs the sampler's network calls under bf16 autocast, and the sample comes back in float32."""
-    from brainsynth.mask_conditioning import MaskConditionedSampler
-    from brainsynth.samplers import ExactDDIMScheduler
+    from brainsynth.conditioning.semantic_mask import MaskConditionedSampler
+    from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
     seen = []
 
@@ -152,7 +152,7 @@ def test_bundle_trained_with_switches_on_loads_into_the_plain_network(tmp_path):
     from monai.bundle import ConfigParser
 
     from brainsynth.data import resolve_dataset_dir
-    from brainsynth.io import load_checkpoint
+    from brainsynth.engine.io import load_checkpoint
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
     cohort = {"n_subjects": 4, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "ci"))
 
 import package_bundles as pb  # noqa: E402
 import verify_bundles as vb  # noqa: E402
-from brainsynth.bundle_archive import WeightFileError, read_large_files, verify_large_files  # noqa: E402
+from brainsynth.engine.bundle_archive import WeightFileError, read_large_files, verify_large_files  # noqa: E402
 
 TOY = "toy_brain_bundle"
 TOY_INFERENCE = {
@@ -36,12 +36,12 @@ TOY_INFERENCE = {
     "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 3,
                     "padding": 1},
     "network": "$@network_def.to(@device).eval()",
-    "weights": "$brainsynth.io.load_checkpoint(@bundle_root + '/models/model.pt')",
-    "initialize": ["$brainsynth.training.reject_unknown_overrides()",
-                   "$brainsynth.bundle_archive.verify_large_files(@bundle_root)",
-                   "$brainsynth.training.seed_everything(@seed)"],
+    "weights": "$brainsynth.engine.io.load_checkpoint(@bundle_root + '/models/model.pt')",
+    "initialize": ["$brainsynth.engine.training.reject_unknown_overrides()",
+                   "$brainsynth.engine.bundle_archive.verify_large_files(@bundle_root)",
+                   "$brainsynth.engine.training.seed_everything(@seed)"],
     "inference": ["$@network.load_state_dict(@weights)",
-                  "$brainsynth.io.save_nifti(@network(torch.rand(1, 1, 8, 8, 8))[0].movedim(0, -1), @output_path)"],
+                  "$brainsynth.engine.io.save_nifti(@network(torch.rand(1, 1, 8, 8, 8))[0].movedim(0, -1), @output_path)"],
 }
 
 
@@ -101,12 +101,12 @@ def test_toy_archive_layout_hashes_and_reproducibility(toy, tmp_path):
         names = zf.namelist()
         assert {n.split("/")[0] for n in names} == {TOY}  # one top-level folder named after the bundle
         for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md",
-                         "large_files.yml", "models/model.pt", "brainsynth/__init__.py", "brainsynth/io.py",
-                         "brainsynth/bundle_archive.py"):
+                         "large_files.yml", "models/model.pt", "brainsynth/__init__.py", "brainsynth/engine/io.py",
+                         "brainsynth/engine/bundle_archive.py"):
             assert f"{TOY}/{required}" in names, required
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "checkpoint_last" in n]
         # the vendored library is byte-identical to the repository's single copy
-        assert zf.read(f"{TOY}/brainsynth/io.py") == (REPO / "common/brainsynth/io.py").read_bytes()
+        assert zf.read(f"{TOY}/brainsynth/engine/io.py") == (REPO / "common/brainsynth/engine/io.py").read_bytes()
         model_bytes = zf.read(f"{TOY}/models/model.pt")
     unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(zip_path) as zf:

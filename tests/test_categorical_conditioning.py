@@ -8,7 +8,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
-from brainsynth.categorical_conditioning import (CategoricalConditioning, ConditionalDenoiser, EncodeConditionsd,
+from brainsynth.conditioning.categorical import (CategoricalConditioning, ConditionalDenoiser, EncodeConditionsd,
                                                  GuidedDenoiser, all_combinations, filter_combinations,
                                                  guidance_combination)
 from brainsynth.conventions import MODALITIES, PATHOLOGIES

@@ -6,12 +6,15 @@ from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-import brainsynth.schedules  # noqa: F401  (registers "sigmoid_alpha_bar")
-from brainsynth.deformation import DeformationUNet, make_warp, smoothness_loss
-from brainsynth.dual_stream_unet import DualStreamDiffusionUNet
-from brainsynth.mssdm import DeformableDenoiser, MSSDMInferer, WeightedDiffusionLoss, predict_x0
-from brainsynth.samplers import ExactDDIMScheduler
-from brainsynth.schedules import sigmoid_alpha_bar_curve
+import brainsynth.schedulers.sigmoid  # noqa: F401  (registers "sigmoid_alpha_bar")
+from brainsynth.deformation.estimation import DeformationUNet, make_warp, smoothness_loss
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+
+bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
+from brats_mri_d3m_cemri_scripts.dual_stream_unet import DualStreamDiffusionUNet  # noqa: E402
+from brainsynth.deformation.mssdm import DeformableDenoiser, MSSDMInferer, WeightedDiffusionLoss, predict_x0
+from brainsynth.schedulers.ddim import ExactDDIMScheduler
+from brainsynth.schedulers.sigmoid import sigmoid_alpha_bar_curve
 
 TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
             norm_num_groups=8)
@@ -109,9 +112,22 @@ def test_training_warps_the_predicted_velocity_with_the_field_of_the_mask_estima
     ab = d3m_scheduler().alphas_cumprod[t]
     warped, field = net(x, t, alpha_bar=ab)
     v = net.denoiser(x, t)
-    mask_estimate = predict_x0(v, x[:, :2], ab)[:, 1:2]
+    mask_estimate = predict_x0(v, x[:, :2], ab)[:, 1:2].clamp(-1, 1)
     torch.testing.assert_close(field, net.deformer(mask_estimate))
     torch.testing.assert_close(warped, make_warp()(v, field))
+
+
+def test_the_deformer_sees_a_clamped_mask_estimate_in_training_as_in_sampling():
+    """The authors clamp x0 to [-1, 1] before the deformation network; an extreme noisy input must not reach it
+    unclamped (sampling clamps too, so both see the same range)."""
+    net = tiny_d3m()
+    seen = []
+    net.deformer.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    x, t = torch.randn(2, 5, 16, 16) * 50, torch.tensor([5, 990])
+    net(x, t, alpha_bar=d3m_scheduler().alphas_cumprod[t])
+    assert seen and seen[0].abs().max() <= 1.0
+    raw = predict_x0(net.denoiser(x, t), x[:, :2], d3m_scheduler().alphas_cumprod[t])[:, 1:2]
+    assert raw.abs().max() > 1.0  # the input would have left the range without the clamp
 
 
 # --- sampler ------------------------------------------------------------------------------------------------

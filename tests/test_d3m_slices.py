@@ -6,9 +6,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from brainsynth.io import OutputExistsError
-from brainsynth.slices import (LabelMaskd, RandSliceSamplesd, SaveSynthesisd, SelectSlicesd, SliceSynthesisInferer,
-                               inplane_transform, label_values)
+from brainsynth.engine.io import OutputExistsError
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+
+bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
+from brats_mri_d3m_cemri_scripts.slices import (  # noqa: E402
+    LabelMaskd, RandSliceSamplesd, SaveSynthesisd, SelectSlicesd, SliceSynthesisInferer, inplane_transform, label_values)
 
 
 def test_label_mask_uses_canonical_names_and_values():

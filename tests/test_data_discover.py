@@ -353,3 +353,29 @@ def test_demo_dataset_dir_builds_the_real_cohort_once(tmp_path):
     assert resolve_dataset_dir("demo", tmp_path, n_subjects=2, spacing=6) == first
     assert (first / "datalist.json").stat().st_mtime_ns == stamp
     assert sorted(r["subject"] for r in discover(first)) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 8), (6, 6, 8), (4, 10, 6)])
+def test_invert_with_background_pads_with_the_background_value(shape):
+    """Undoing a centre crop / pad restores the original grid; the generated region keeps the prediction exactly and
+    every voxel the model never produced holds the background value (-1), whatever the mask's size."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, ResizeWithPadOrCrop, ResizeWithPadOrCropd
+
+    from brainsynth.data import InvertWithBackgroundd
+
+    grid = (6, 6, 8)
+    pre = Compose([ResizeWithPadOrCropd(keys="mask", spatial_size=grid)])
+    data = pre({"mask": MetaTensor(torch.ones(1, *shape))})
+    pred = MetaTensor(torch.rand(1, *grid, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    label = MetaTensor(torch.randint(0, 3, (1, *grid), generator=torch.Generator().manual_seed(1)).float())
+    out = InvertWithBackgroundd(["pred", "label"], background=[-1.0, None], transform=pre, orig_keys="mask",
+                                nearest_interp=[False, True])({**data, "pred": pred, "label": label})
+    resize = ResizeWithPadOrCrop(grid)
+    inside = resize.inverse(resize(torch.ones(1, *shape))) > 0
+    assert tuple(out["pred"].shape[1:]) == shape and tuple(out["label"].shape[1:]) == shape
+    assert torch.all(out["pred"][~inside] == -1.0)
+    assert torch.all(out["label"][~inside] == 0)  # None: a label map pads with 0
+    expected = resize.inverse(resize(torch.zeros(1, *shape)) + pred.as_tensor())  # the prediction where it exists
+    assert torch.allclose(out["pred"][inside], torch.as_tensor(expected)[inside], atol=1e-6)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from brainsynth.deformation import DeformationUNet, make_warp, smoothness_loss
+from brainsynth.deformation.estimation import DeformationUNet, make_warp, smoothness_loss
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 12, 10), (1, 2, 8, 9, 7)])
@@ -38,11 +38,25 @@ def test_smoothness_is_zero_for_a_constant_field_and_exact_for_a_ramp():
     assert smoothness_loss(const).item() == 0.0
     const3d = torch.randn(2, 3, 1, 1, 1).expand(2, 3, 5, 6, 7)
     assert smoothness_loss(const3d).item() == 0.0
-    # u_0(x) = a * x (along axis 0), u_1 = 0: squared differences a^2 along axis 0, 0 along axis 1 -> a^2 / 2
+    # u_0(x) = a * x (along axis 0), u_1 = 0: along axis 0 the squared differences are a^2 (component 0) and 0
+    # (component 1), mean a^2 / 2; along axis 1 all 0; the mean over the two axes: a^2 / 4
     a = 0.3
     ramp = torch.zeros(1, 2, 9, 11)
     ramp[0, 0] = a * torch.arange(9.0)[:, None]
-    torch.testing.assert_close(smoothness_loss(ramp), torch.tensor(a * a / 2))
+    torch.testing.assert_close(smoothness_loss(ramp), torch.tensor(a * a / 4))
+
+
+def _authors_gradient_loss(s):
+    """The D3M authors' 2D ``gradient_loss`` (voxelmorph grad-l2), written out: per axis the mean over every element
+    of the squared forward differences, then the mean of the two axes."""
+    dy = (s[:, :, 1:, :] - s[:, :, :-1, :]) ** 2
+    dx = (s[:, :, :, 1:] - s[:, :, :, :-1]) ** 2
+    return (dx.mean() + dy.mean()) / 2.0
+
+
+def test_smoothness_equals_the_authors_gradient_loss_on_a_random_field():
+    field = torch.randn(3, 2, 17, 13, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(smoothness_loss(field), _authors_gradient_loss(field))
 
 
 def test_smoothness_per_sample_weights():

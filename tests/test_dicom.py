@@ -11,7 +11,7 @@ import pytest
 
 from brainsynth.data import (DatasetError, LoadSubjectd, check_items, discover, read_dicom_series,
                              write_dicom_series)
-from brainsynth.io import OutputExistsError
+from brainsynth.engine.io import OutputExistsError
 
 SHAPE = (9, 7, 5)
 PATIENT_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientAddress",

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from brainsynth.feature_network import (FeatureExtractor, PathologyModalityNet, load_feature_network,
+from brainsynth.metrics.feature_network import (FeatureExtractor, PathologyModalityNet, load_feature_network,
                                         prepare_volumes, robust_rescale, train_feature_network)
-from brainsynth.generative_metrics import (conditioning_accuracy, diversity_ms_ssim, evaluate_generated,
+from brainsynth.metrics.distribution import (conditioning_accuracy, diversity_ms_ssim, evaluate_generated,
                                            frechet_distance, maximum_mean_discrepancy, ms_ssim, ms_ssim_settings)
 
 

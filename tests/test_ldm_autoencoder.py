@@ -9,11 +9,12 @@ import torch
 from monai.engines import AdversarialTrainer
 from monai.networks.nets import PatchDiscriminator
 
-from brainsynth.io import load_checkpoint, save_checkpoint
-from brainsynth.latent_autoencoder import (AutoencoderKLInferer, AutoencoderPrepareBatch, DiscriminatorAdversarialLoss,
-                                           GeneratorAdversarialLoss, LatentAutoencoderKL, LatentDiffusionPrepareBatch,
-                                           LatentScaleFactor, ReconstructionKLLoss, TrainerProgress,
-                                           compute_latent_scale_factor, decode_latents, kl_divergence)
+from brainsynth.engine.io import load_checkpoint, save_checkpoint
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+
+bundle_scripts("brain_mri_conditional_ldm")  # the bundle's own code, importable as brain_mri_conditional_ldm_scripts
+from brain_mri_conditional_ldm_scripts.latent_autoencoder import (  # noqa: E402
+    AutoencoderKLInferer, AutoencoderPrepareBatch, DiscriminatorAdversarialLoss, GeneratorAdversarialLoss, LatentAutoencoderKL, LatentDiffusionPrepareBatch, LatentScaleFactor, ReconstructionKLLoss, TrainerProgress, compute_latent_scale_factor, decode_latents, kl_divergence)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from brainsynth.engine.bundle_code import bundle_scripts
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_conditional_ldm"
 CONFIGS = BUNDLE / "configs"
 
@@ -111,8 +113,7 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
 
     # MONAI Label's monaibundle app: network_def with models/model.pt, then inferer(image, network) with the
     # request's conditions in displayable_configs and no initialize: the same volume as the workflow's sample 0
-    sys.path.insert(0, str(BUNDLE))
-    try:
+    with bundle_scripts(BUNDLE):
         served = _merged(SAMPLING + ["demo.json"])
         served.update({"bundle_root": str(root), **TINY})
         served["displayable_configs"].update({"pathology": "sclerosis", "modality": "t1ce"})
@@ -120,8 +121,6 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
         network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
         with torch.no_grad():
             pred = served.get_parsed_content("inferer")(torch.zeros(1, 1, 16, 16, 16), network.eval())
-    finally:
-        sys.path.remove(str(BUNDLE))
     assert pred.shape == (1, 1, 16, 16, 16)
     np.testing.assert_allclose(pred[0, 0].numpy(), arrays[0], atol=1e-5)
 

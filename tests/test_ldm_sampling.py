@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from brainsynth.categorical_conditioning import CategoricalConditioning
+from brainsynth.conditioning.categorical import CategoricalConditioning
 from brainsynth.conventions import MODALITIES, PATHOLOGIES
-from brainsynth.io import OutputExistsError
-from brainsynth.latent_sampling import (NoisePrepareBatch, SaveGeneratedd, check_output_dir, condition_requests,
-                                        evaluate_conditions, pixdim_affine)
+from brainsynth.engine.io import OutputExistsError
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+
+bundle_scripts("brain_mri_conditional_ldm")  # the bundle's own code, importable as brain_mri_conditional_ldm_scripts
+from brain_mri_conditional_ldm_scripts.latent_sampling import (  # noqa: E402
+    NoisePrepareBatch, SaveGeneratedd, check_output_dir, condition_requests, evaluate_conditions, pixdim_affine)
 
 VOCAB = {"pathology": list(PATHOLOGIES), "modality": list(MODALITIES)}
 

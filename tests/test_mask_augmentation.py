@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brainsynth.mask_augmentation import (PAPER_SCALE_FACTORS, augment_tumour, move_tumour, scale_tumour, tumour_inside,
-                                          tumour_mask, write_augmented_masks)
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+
+bundle_scripts("brats_mri_med_ddpm")  # the bundle's own code, importable as brats_mri_med_ddpm_scripts
+from brats_mri_med_ddpm_scripts.mask_augmentation import (  # noqa: E402
+    PAPER_SCALE_FACTORS, augment_tumour, move_tumour, scale_tumour, tumour_inside, tumour_mask, write_augmented_masks)
 
 
 def _subject(shape=(40, 40, 32), radius=5.0, centre=(20, 18, 16)):

@@ -9,10 +9,10 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import LoadImage
 
-from brainsynth.mask_conditioning import (BRATS_CLASSES, WHOLE_HEAD_CLASSES, ConditionLabelsd,
+from brainsynth.conditioning.semantic_mask import (BRATS_CLASSES, WHOLE_HEAD_CLASSES, ConditionLabelsd,
                                           MaskConditionedPrepareBatch, MaskConditionedSampler, MaskError, MaskOneHotd,
                                           SemanticMaskConditioning)
-from brainsynth.samplers import ExactDDIMScheduler
+from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
 
 def _toy_subject(shape=(12, 10, 8)):
@@ -195,7 +195,7 @@ def test_ancestral_sampler_refuses_fewer_steps():
 
 
 def test_region_from_images_fills_only_missing_masks():
-    from brainsynth.mask_conditioning import RegionFromImagesd
+    from brainsynth.conditioning.semantic_mask import RegionFromImagesd
 
     t1 = torch.zeros(1, 6, 6, 6)
     t1[0, 1:4, 1:5, 2:5] = 3.0
@@ -207,3 +207,32 @@ def test_region_from_images_fills_only_missing_masks():
     given = torch.ones(1, 6, 6, 6, dtype=torch.uint8)
     kept = RegionFromImagesd(["t1w"], output_keys="brain_mask")({"t1w": t1, "brain_mask": given})
     assert kept["brain_mask"] is given
+
+
+def test_a_raw_brats2021_segmentation_is_refused_as_a_condition_mask_with_the_conversion_hint():
+    """Labels {0, 1, 2, 4} are all in 0..4, but read as a condition mask the enhancing tumour (4) becomes "brain" and
+    the brain becomes background: the region check refuses it and says how to build a condition mask."""
+    zz, yy, xx = torch.meshgrid(*(torch.arange(32.0),) * 3, indexing="ij")
+    centre = ((zz - 16) ** 2 + (yy - 16) ** 2 + (xx - 16) ** 2).sqrt()
+    tumour = ((zz - 14) ** 2 + (yy - 18) ** 2 + (xx - 16) ** 2).sqrt()
+    brain = centre < 13
+    seg = torch.zeros(32, 32, 32, dtype=torch.int64)  # canonical labels: 1 necrotic core, 2 edema, 3 enhancing
+    seg[tumour < 6] = 2
+    seg[tumour < 4] = 3
+    seg[tumour < 2] = 1
+    cond = SemanticMaskConditioning(BRATS_CLASSES)
+    good = cond.label_map(seg, {"brain": brain})
+    cond.validate(good, source="good.nii.gz")  # a proper condition mask passes
+
+    raw_2021 = torch.where(seg == 3, 4, seg)  # what the BraTS 2021 file holds
+    with pytest.raises(MaskError) as err:
+        cond.validate(raw_2021, source="BraTS2021_00000_seg.nii.gz")
+    message = str(err.value)
+    assert message.startswith("BraTS2021_00000_seg.nii.gz: this does not look like a condition mask")
+    assert "label_map(" in message and "brain_mask" in message
+    # a tumour that reaches the background over most of its border is refused even with a large brain elsewhere
+    open_tumour = good.clone()
+    open_tumour[brain & (tumour >= 6)] = 0
+    open_tumour[(centre >= 13) & (centre < 15)] = 4
+    with pytest.raises(MaskError, match="does not look like a condition mask"):
+        cond.validate(open_tumour, source="open.nii.gz")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
-from brainsynth.io import load_checkpoint, save_nifti
-from brainsynth.mask_conditioning import BRATS_CLASSES, MaskError, SemanticMaskConditioning
+from brainsynth.engine.io import load_checkpoint, save_nifti
+from brainsynth.conditioning.semantic_mask import BRATS_CLASSES, MaskError, SemanticMaskConditioning
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
 COHORT = {"n_subjects": 5, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}
@@ -28,17 +28,10 @@ TINY = {  # a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seco
 
 
 def _scripts():
-    """The bundle's scripts/inputs.py, loaded by path: every bundle has a ``scripts`` package, so importing it by
-    name in a shared pytest process could pick up another bundle's."""
-    import importlib.util
+    """The bundle's scripts/inputs.py (every bundle has a ``scripts`` package: see tests/bundle_code.py)."""
+    from bundle_code import bundle_scripts
 
-    name = "brats_mri_med_ddpm_scripts_inputs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BUNDLE / "scripts" / "inputs.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return bundle_scripts("brats_mri_med_ddpm", "inputs")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +112,24 @@ def test_train_resume_sample_end_to_end(workspace):
     # running again must not replace the earlier outputs
     proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], expect_ok=False)
     assert proc.returncode != 0 and "already exists" in proc.stdout + proc.stderr
+
+    # masks larger than the model's grid (24 x 24 -> 16 x 16 in-plane): every voxel outside the generated centre
+    # region is background (0 in the saved [0, 1] range), never Invertd's mid-grey 0.5; inside, the model's output
+    from monai.transforms import ResizeWithPadOrCrop
+
+    cropped = root / "run" / "cropped"
+    _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], "--spatial_size", "[16,16,16]",
+         "--output_dir", str(cropped))
+    for row in tests:
+        shape = nib.load(row["seg"]).shape
+        resize = ResizeWithPadOrCrop((16, 16, 16))
+        inside = np.asarray(resize.inverse(resize(torch.ones(1, *shape)))[0]) > 0  # the generated region
+        assert 0 < inside.sum() < inside.size
+        for suffix in ("t1n", "t1c", "t2w", "t2f"):
+            data = np.asarray(nib.load(str(cropped / row["subject"] / f"{row['subject']}-{suffix}.nii.gz")).dataobj)
+            assert data.shape == shape
+            assert np.all(data[~inside] == 0), (suffix, np.unique(data[~inside])[:5])
+            assert data[inside].std() > 0
 
 
 def _condition_mask(cohort, subject_index=0):

@@ -9,7 +9,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from brainsynth.samplers import ExactDDIMScheduler
+from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm" / "configs"
 

@@ -8,8 +8,8 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from scipy.stats import wilcoxon
 
-from brainsynth.io import OutputExistsError
-from brainsynth.paired_metrics import (compare_methods, markdown_table, read_csv, slice_metrics, slice_rows,
+from brainsynth.engine.io import OutputExistsError
+from brainsynth.metrics.paired import (compare_methods, markdown_table, read_csv, slice_metrics, slice_rows,
                                        volume_metrics, wilcoxon_signed_rank, write_csv)
 
 

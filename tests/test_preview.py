@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainsynth.io import OutputExistsError
-from brainsynth.preview import LABEL_COLOURS, _panel, save_montage, save_preview
+from brainsynth.engine.io import OutputExistsError
+from brainsynth.engine.preview import LABEL_COLOURS, _panel, save_montage, save_preview
 
 SHAPE = (40, 48, 32)
 

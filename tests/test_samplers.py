@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.inferers import DiffusionInferer
 
-from brainsynth.samplers import ExactDDIMScheduler, exact_timesteps
+from brainsynth.schedulers.ddim import ExactDDIMScheduler, exact_timesteps
 
 
 @pytest.mark.parametrize("steps", [250, 50, 10, 7, 1])

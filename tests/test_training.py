@@ -9,8 +9,8 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from brainsynth.io import load_checkpoint
-from brainsynth.training import (CHECKPOINT_LAST, EMAHandler, ResumableCheckpoint, check_overrides,
+from brainsynth.engine.io import load_checkpoint
+from brainsynth.engine.training import (CHECKPOINT_LAST, EMAHandler, ResumableCheckpoint, check_overrides,
                                  reject_unknown_overrides)
 
 
@@ -97,7 +97,7 @@ def test_monai_runner_fails_on_misspelled_override(tmp_path):
     cfg.write_text(json.dumps({
         "imports": ["$import brainsynth"],
         "epochs": 2,
-        "initialize": ["$brainsynth.training.reject_unknown_overrides()"],
+        "initialize": ["$brainsynth.engine.training.reject_unknown_overrides()"],
         "run": [f"$open({str(out)!r}, 'w').write(str(@epochs))"],
     }))
     base = [sys.executable, "-m", "monai.bundle", "run", "run", "--config_file", str(cfg)]
@@ -112,7 +112,7 @@ def test_monai_runner_fails_on_misspelled_override(tmp_path):
 def test_atomic_outputs_get_normal_permissions(tmp_path):
     import os
 
-    from brainsynth.io import atomic_write_text
+    from brainsynth.engine.io import atomic_write_text
 
     umask = os.umask(0o022)
     try:

@@ -84,7 +84,7 @@ def test_verifier_names_each_fault(broken):
     assert "version '9.9.9' is not in the changelog" in metadata
 
     config_problems = "\n".join(vb.check_configs(broken, configs))
-    assert "inference.json: the first 'initialize' item must be $brainsynth.training.reject_unknown_overrides()" \
+    assert "inference.json: the first 'initialize' item must be $brainsynth.engine.training.reject_unknown_overrides()" \
         in config_problems
     assert re.search(r"inference\.json.*MONAI infer properties missing.*'device'", config_problems)
     assert "no multi-GPU overlay" in config_problems
@@ -102,7 +102,7 @@ def test_verifier_names_each_fault(broken):
 
 def test_unknown_override_is_rejected_with_the_valid_keys(tmp_path):
     """The static half of the override check on a two-key config: the typo is refused, the valid keys listed."""
-    from brainsynth.training import check_overrides
+    from brainsynth.engine.training import check_overrides
 
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "train.json").write_text(json.dumps({"max_epochs": 1, "lr": 0.1}))

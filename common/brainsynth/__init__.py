@@ -1,24 +1,36 @@
 """brainsynth: the shared library of the MONAI bundle collection for generative brain MRI.
 
-Modules (one idea each):
-  conventions   canonical modalities, labels, pathologies and dataset layouts
-  io            atomic, non-overwriting NIfTI / checkpoint writing; weights-only loading
-  data          dataset discovery, validation (``check``), DICOM input, canonical loading transforms
-  cohort        the physics-based simulated BraTS-like cohort
-  preview       PNG previews of volumes and cohorts
+What more than one bundle uses, and the shared conditioning and deformation layers, grouped by kind; each paper's
+own network and pipeline pieces live in its bundle's ``scripts/``.
+
+  conventions    canonical modalities, labels, pathologies and dataset layouts
+  conditioning/  how a diffusion network is told what to generate (semantic masks, categorical tokens)
+  deformation/   deformation estimation, warping and multi-step deformation in training and sampling
+  schedulers/    noise schedules and samplers that MONAI lacks
+  metrics/       paired image metrics, distribution metrics and the in-house feature network
+  data/          dataset discovery, checks, DICOM input, canonical loading transforms
+  cohort/        the physics-based simulated BraTS-like cohort
+  engine/        training and I/O infrastructure: EMA, resumable checkpoints, strict overrides, acceleration,
+                 previews, atomic writes, archive hash checks
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
-def __getattr__(name: str):
-    # Bundle configs only say `$import brainsynth`; submodules load on first use (`brainsynth.training...`), so
-    # importing the package stays cheap and no module pulls in another's heavy dependencies.
+def lazy_submodules(package: str):
+    """A module ``__getattr__`` that imports ``package.<name>`` on first use: bundle configs say only
+    ``$import brainsynth``, and importing a package stays cheap (no module pulls in another's heavy dependencies)."""
     import importlib
 
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise AttributeError(f"module 'brainsynth' has no attribute {name!r}") from None
-        raise
+    def __getattr__(name: str):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{package}.{name}":
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+            raise
+
+    return __getattr__
+
+
+__getattr__ = lazy_submodules(__name__)

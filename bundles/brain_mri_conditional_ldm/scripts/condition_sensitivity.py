@@ -22,8 +22,8 @@ def main(config_file, bundle_root: str = ".", timesteps: tuple = (900, 500, 100)
          **overrides) -> None:
     from monai.bundle import ConfigParser
 
-    from brainsynth.categorical_conditioning import all_combinations
-    from brainsynth.io import load_checkpoint
+    from brainsynth.conditioning.categorical import all_combinations
+    from brainsynth.engine.io import load_checkpoint
 
     torch.set_num_threads(1)
     parser = ConfigParser()

@@ -36,10 +36,10 @@ class RequestSampler(Inferer):
 
     @torch.no_grad()
     def sample_request(self, network: torch.nn.Module, device: torch.device) -> torch.Tensor:
-        from brainsynth.bundle_archive import verify_large_files
-        from brainsynth.categorical_conditioning import GuidedDenoiser
-        from brainsynth.io import load_checkpoint
-        from brainsynth.latent_sampling import NoisePrepareBatch, condition_requests
+        from brainsynth.engine.bundle_archive import verify_large_files
+        from brainsynth.conditioning.categorical import GuidedDenoiser
+        from brainsynth.engine.io import load_checkpoint
+        from .latent_sampling import NoisePrepareBatch, condition_requests
         from monai.data import list_data_collate
 
         rows = condition_requests(self.conditioning, self.pathology, self.modality, 1, seed=self.seed)

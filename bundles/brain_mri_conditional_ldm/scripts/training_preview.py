@@ -1,4 +1,4 @@
-"""Preview PNGs during training: ``fn`` of ``brainsynth.training.TrainingPreview`` for both stages.
+"""Preview PNGs during training: ``fn`` of ``brainsynth.engine.training.TrainingPreview`` for both stages.
 
 Stage 1 (autoencoder): one fixed scan and its reconstruction from the latent mean. Stage 2 (latent U-Net): one
 sample per preview combination from the EMA network with fixed noise. The same input / noise every time, so
@@ -21,8 +21,8 @@ class ReconstructionPreview:
         self.autoencoder, self.dataset, self.out_dir = autoencoder, dataset, Path(out_dir)
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.latent_autoencoder import AutoencoderReconstructionInferer
-        from brainsynth.preview import save_training_preview
+        from .latent_autoencoder import AutoencoderReconstructionInferer
+        from brainsynth.engine.preview import save_training_preview
 
         item = self.dataset[0]
         image = torch.as_tensor(item["image"]).float()
@@ -49,9 +49,9 @@ class SamplePreview:
         self.guidance_scale, self.guidance_mode = guidance_scale, guidance_mode
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.categorical_conditioning import GuidedDenoiser
-        from brainsynth.latent_sampling import LatentSampler, NoisePrepareBatch, condition_requests
-        from brainsynth.preview import save_training_preview
+        from brainsynth.conditioning.categorical import GuidedDenoiser
+        from .latent_sampling import LatentSampler, NoisePrepareBatch, condition_requests
+        from brainsynth.engine.preview import save_training_preview
         from monai.data import list_data_collate
 
         rows = condition_requests(self.conditioning, combinations=self.combinations, seed=self.seed)

@@ -4,7 +4,7 @@
                                   [--subject ID] [--out outputs/demo_synthesis.png]
 
 Reads the rows and output folder the given inference configs define (the first held-out subject by default),
-and writes the PNG with brainsynth.preview (axial, coronal and sagittal views, ground-truth labels outlined).
+and writes the PNG with brainsynth.engine.preview (axial, coronal and sagittal views, ground-truth labels outlined).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
         found = sorted(out_dir.glob(f"{subject}_*{suffix}.nii.gz"))
         if found:
             volumes[name] = nib.load(found[0]).get_fdata()
-    from brainsynth.preview import save_preview
+    from brainsynth.engine.preview import save_preview
 
     seg = np.asarray(nib.load(row["seg"]).get_fdata()) if row.get("seg") else None
     out = Path(args.out) if args.out else out_dir.parent / "demo_synthesis.png"

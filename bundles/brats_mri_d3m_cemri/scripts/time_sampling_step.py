@@ -26,9 +26,9 @@ def main() -> None:
     config.read_config(args.config_file)
     network = config.get_parsed_content("network_def").eval()
     scheduler = config.get_parsed_content("scheduler")
-    import brainsynth.mssdm
+    import brainsynth.deformation.mssdm
 
-    sampler = brainsynth.mssdm.MSSDMInferer(scheduler)
+    sampler = brainsynth.deformation.mssdm.MSSDMInferer(scheduler)
     size = config.get_parsed_content("spatial_size")
     n_target = len(config.get_parsed_content("target_keys"))
     n_cond = len(config.get_parsed_content("condition_modalities"))

@@ -1,4 +1,4 @@
-"""Preview PNGs during D3M training: ``fn`` of ``brainsynth.training.TrainingPreview`` (configs/train.json).
+"""Preview PNGs during D3M training: ``fn`` of ``brainsynth.engine.training.TrainingPreview`` (configs/train.json).
 
 Every ``preview_every`` iterations the EMA network synthesises T1ce (and the enhancing mask) for a few axial
 slices of one fixed training subject, from the same noise each time, so successive PNGs show training progress.
@@ -29,7 +29,7 @@ class SlicePreviewWriter:
         self.num_inference_steps, self.max_slices = int(num_inference_steps), int(max_slices)
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.preview import save_training_preview
+        from brainsynth.engine.preview import save_training_preview
 
         item = self.dataset[0]
         condition = torch.as_tensor(item["condition"]).float()

@@ -1,5 +1,8 @@
-"""Bundle-specific glue for Med-DDPM: input resolution, output writing, evaluation and the downstream experiment.
+"""Med-DDPM's own code (configs reach it as ``scripts.<module>.<name>``; run the bundle from its folder).
 
-Everything reusable lives in the shared ``brainsynth`` package; the configs reach these modules with ``_target_``
-(run the bundle from its folder, as MONAI's zoo bundles are).
+mask_augmentation   the paper's new masks: the tumour scaled and moved inside the brain
+inputs, outputs, generation   mask resolution and checks, writing generated volumes, batch generation
+evaluation, downstream        the paper's image metrics and its downstream segmentation experiment
+
+The one-hot semantic-mask conditioning at every denoising step is a shared layer: brainsynth.conditioning.semantic_mask.
 """

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from brainsynth.io import atomic_write_text, load_checkpoint, save_checkpoint
+from brainsynth.engine.io import atomic_write_text, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("med_ddpm.downstream")
 
@@ -58,7 +58,7 @@ def train_segmenter(rows: Sequence[dict], modalities: Sequence[str], spatial_siz
     from monai.engines import SupervisedTrainer
     from monai.losses import DiceCELoss
 
-    from brainsynth.training import seed_everything
+    from brainsynth.engine.training import seed_everything
 
     seed_everything(seed)
     net = segmentation_network(len(modalities), init_filters).to(device)
@@ -98,7 +98,7 @@ def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module,
                    seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 1,
                    overwrite: bool = False) -> dict[str, Any]:
     from brainsynth.data import discover, split_items, validate_items
-    from brainsynth.mask_augmentation import PAPER_SCALE_FACTORS, write_augmented_masks
+    from .mask_augmentation import PAPER_SCALE_FACTORS, write_augmented_masks
 
     from .generation import generate
 

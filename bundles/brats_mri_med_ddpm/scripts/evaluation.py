@@ -4,7 +4,7 @@ Per modality, generated volume vs the real volume of the same subject (same mask
 
 * MSE: both in [0, 1] (the real volume min-max scaled per volume, as the model's [-1, 1] training scale maps to
   the [0, 1] the outputs are written in), over the whole grid;
-* MS-SSIM: paired, with a kernel and number of scales that fit the volume (``brainsynth.generative_metrics``);
+* MS-SSIM: paired, with a kernel and number of scales that fit the volume (``brainsynth.metrics.distribution``);
 * MMD and Frechet distance between the sets of generated and real volumes, on features of a 3D network: the
   in-house pathology/modality ResNet trained on the real training split (MedicalNet weights cannot be
   downloaded here), or a user-supplied network; the table names the network. Both depend on the network and on
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from brainsynth.io import atomic_write_text
+from brainsynth.engine.io import atomic_write_text
 
 from .inputs import output_paths
 
@@ -39,7 +39,7 @@ def feature_extractor(path: str | None, train_rows: Sequence[dict], val_rows: Se
                       input_shape: Sequence[int], epochs: int, seed: int, device: str | torch.device = "cpu"):
     """The user's network when ``path`` is given, else the in-house one (trained once into ``out_path``)."""
     from brainsynth.data import expand_scans
-    from brainsynth.feature_network import load_feature_network, train_feature_network
+    from brainsynth.metrics.feature_network import load_feature_network, train_feature_network
 
     if path:
         return load_feature_network(path, device=device)
@@ -60,7 +60,7 @@ def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalitie
                         overwrite: bool = False) -> dict[str, Any]:
     """Metrics of generated vs real volumes; writes ``metrics.json`` and ``metrics.md`` into ``out_dir``."""
     from brainsynth.data import LoadSubjectd
-    from brainsynth.generative_metrics import frechet_distance, maximum_mean_discrepancy, ms_ssim
+    from brainsynth.metrics.distribution import frechet_distance, maximum_mean_discrepancy, ms_ssim
 
     out = Path(out_dir)
     for name in ("metrics.json", "metrics.md"):

@@ -16,7 +16,7 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose, Invertd
 
-from brainsynth.mask_conditioning import ConditionInputPrepareBatch, SemanticMaskConditioning
+from brainsynth.conditioning.semantic_mask import ConditionInputPrepareBatch, SemanticMaskConditioning
 
 from .inputs import check_inputs
 from .outputs import SaveGeneratedd

@@ -7,7 +7,7 @@ Accepted inputs (``dataset_dir`` of inference / evaluation):
 * a DICOM series folder holding such a label map;
 * a dataset (any layout ``brainsynth.data.discover`` reads: BraTS 2021/2023 folders, MSD, datalists): each
   subject's tumour segmentation plus its brain mask - or, when there is none, the non-zero voxels of its images;
-* a mask datalist written by ``brainsynth.mask_augmentation.write_augmented_masks`` (``{"augmented": [...]}``)
+* a mask datalist written by ``scripts.mask_augmentation.write_augmented_masks`` (``{"augmented": [...]}``)
   or any JSON ``{"masks": [{"subject", "mask"}]}``;
 * ``demo``: the simulated cohort.
 """
@@ -24,7 +24,7 @@ from monai.transforms import MapTransform
 
 from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, split_items
 from brainsynth.data.discover import strip_nifti_extension
-from brainsynth.mask_conditioning import MaskError, RegionFromImagesd, SemanticMaskConditioning
+from brainsynth.conditioning.semantic_mask import MaskError, RegionFromImagesd, SemanticMaskConditioning
 
 MASK_LIST_KEYS = ("masks", "augmented")
 

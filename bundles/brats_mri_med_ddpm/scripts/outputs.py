@@ -19,8 +19,8 @@ from monai.transforms import MapTransform
 
 from brainsynth.conventions import LABEL_VALUES
 from brainsynth.data.discover import strip_nifti_extension
-from brainsynth.io import save_nifti
-from brainsynth.mask_conditioning import SemanticMaskConditioning
+from brainsynth.engine.io import save_nifti
+from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
 
 from .inputs import output_paths
 
@@ -82,7 +82,7 @@ class SaveGeneratedd(MapTransform):
         if "brain" in self.conditioning.classes:
             self._save((lm > 0).astype(np.uint8), paths["brain_mask"], source, affine, dtype=np.uint8)
         if self.preview:
-            from brainsynth.preview import save_preview
+            from brainsynth.engine.preview import save_preview
 
             save_preview(volumes, paths["preview"], seg=seg, overwrite=self.overwrite)
         logger.info("%s: wrote %s", subject, paths[self.modalities[0]].parent)
@@ -91,7 +91,7 @@ class SaveGeneratedd(MapTransform):
 
 
 class TrainingPreviewWriter:
-    """``fn`` of ``brainsynth.training.TrainingPreview``: sample one fixed condition with the EMA network and the
+    """``fn`` of ``brainsynth.engine.training.TrainingPreview``: sample one fixed condition with the EMA network and the
     fast sampler (same noise every time, so successive previews show training progress) and write a PNG."""
 
     def __init__(self, network: torch.nn.Module, sampler: Any, dataset: Any, conditioning: SemanticMaskConditioning,
@@ -101,7 +101,7 @@ class TrainingPreviewWriter:
         self.out_dir, self.seed = Path(out_dir), seed
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.preview import save_training_preview
+        from brainsynth.engine.preview import save_training_preview
 
         item = self.dataset[0]
         device = next(self.network.parameters()).device

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--spacing takes one value or three")
 
     from brainsynth.cohort.layout import CohortError, generate_cohort
-    from brainsynth.io import OutputExistsError
+    from brainsynth.engine.io import OutputExistsError
 
     start = time.perf_counter()
     try:
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    verbose=not args.quiet)
         print(f"{datalist} ({time.perf_counter() - start:.1f} s)")
         if args.preview:
-            from brainsynth.preview import preview_cohort
+            from brainsynth.engine.preview import preview_cohort
 
             target = datalist.parent / "preview.png"
             if target.exists() and not args.overwrite:

@@ -32,7 +32,7 @@ from brainsynth.cohort.anatomy import TEMPLATE_NAME, Grid, make_grid
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
 from brainsynth.conventions import (LAYOUT_LABELS, LAYOUT_SUFFIXES, LAYOUTS, MODALITIES, MSD_CHANNELS, PATHOLOGIES,
                                     canonical_pathology, label_convention)
-from brainsynth.io import atomic_write_text, save_nifti
+from brainsynth.engine.io import atomic_write_text, save_nifti
 
 #: bump when a seed's output changes, so an old cohort on disk is not mistaken for a current one
 COHORT_FORMAT_VERSION = 2

@@ -16,7 +16,7 @@ from brainsynth.data.items import available_modalities, expand_scans, image_sour
 
 def __getattr__(name):
     # the MONAI transform stack is imported only when a pipeline needs it, keeping the CLI quick to start
-    if name in ("LoadSubjectd", "load_volume", "remap_labels"):
+    if name in ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels"):
         from brainsynth.data import transforms
 
         return getattr(transforms, name)
@@ -24,7 +24,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DatasetError", "LoadSubjectd", "SPLITS", "SubjectReport", "available_modalities", "check_items", "check_row",
+    "DatasetError", "InvertWithBackgroundd", "LoadSubjectd", "SPLITS", "SubjectReport", "available_modalities", "check_items", "check_row",
     "discover", "expand_scans", "image_source", "is_dicom_series", "load_volume", "read_datalist", "read_dicom_series",
     "remap_labels", "resolve_dataset_dir", "split_items", "split_of", "subject_from_path", "validate_items",
     "write_dicom_series",

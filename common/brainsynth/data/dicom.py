@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from brainsynth.data.errors import DatasetError
-from brainsynth.io import OutputExistsError
+from brainsynth.engine.io import OutputExistsError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

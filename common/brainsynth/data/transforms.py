@@ -106,3 +106,34 @@ class LoadSubjectd(MapTransform):
             d[key] = img
             d.pop(f"{key}_channel", None)
         return d
+
+
+class InvertWithBackgroundd(MapTransform):
+    """MONAI's ``Invertd`` whose padding holds each key's background value instead of 0.
+
+    Undoing a centre crop pads with 0, which for a generated image in [-1, 1] is mid-grey: a volume larger than the
+    model's grid would come back with a grey frame. The keys are shifted so their background is 0, inverted, and
+    shifted back, so every voxel outside the generated region is exactly ``background``. ``background`` is one value
+    per key (None: pad with 0, e.g. a label map); the other arguments are ``Invertd``'s.
+    """
+
+    def __init__(self, keys: KeysCollection, background: float | None | list[float | None] = -1.0,
+                 **invertd_kwargs: Any) -> None:
+        from monai.transforms import Invertd
+
+        super().__init__(keys)
+        self.background = list(background) if isinstance(background, (list, tuple)) else [background] * len(self.keys)
+        if len(self.background) != len(self.keys):
+            raise ValueError(f"InvertWithBackgroundd: {len(self.keys)} keys but {len(self.background)} background values")
+        self.invert = Invertd(keys, **invertd_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key, value in zip(self.keys, self.background):
+            if value is not None and key in d:
+                d[key] = d[key] - value
+        d = self.invert(d)
+        for key, value in zip(self.keys, self.background):
+            if value is not None and key in d:
+                d[key] = d[key] + value
+        return d

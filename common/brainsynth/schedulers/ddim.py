@@ -8,7 +8,7 @@ timestep to the *true* next entry of its own sequence (and to the clean image af
 drop-in replacement for ``monai.inferers.DiffusionInferer.sample``.
 
 It also exposes ``x0_transform``: a hook applied to the clean-image estimate before the update, with the noise
-re-derived from the transformed estimate. D3M's multi-step deformation (brainsynth.mssdm) is exactly such a hook.
+re-derived from the transformed estimate. D3M's multi-step deformation (brainsynth.deformation.mssdm) is exactly such a hook.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Pieces, each usable from a MONAI bundle config:
     branch (the whole computation stays inside one ``forward``, as DDP requires).
 ``MSSDMInferer``
     a ``monai.inferers.DiffusionInferer`` whose training call warps the predicted velocity with the field estimated
-    from the mask estimate, and whose ``sample`` is deterministic DDIM (brainsynth.samplers.ExactDDIMScheduler)
+    from the mask estimate, and whose ``sample`` is deterministic DDIM (brainsynth.schedulers.ddim.ExactDDIMScheduler)
     that warps the clean-image estimate at every step and re-derives the noise from the warped estimate.
 ``WeightedDiffusionLoss``
     alpha-bar-weighted MSE on the (warped) prediction + lambda x alpha-bar-weighted smoothness of the field.
@@ -30,8 +30,8 @@ from monai.networks.schedulers import Scheduler
 from monai.networks.schedulers.ddpm import DDPMPredictionType
 from torch import nn
 
-from .deformation import make_warp, smoothness_loss
-from .samplers import ExactDDIMScheduler
+from .estimation import make_warp, smoothness_loss
+from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
 PRED, FIELD, ALPHA_BAR = "pred", "field", "alpha_bar"
 
@@ -64,7 +64,7 @@ class DeformableDenoiser(nn.Module):
         denoiser: network called as ``denoiser(x, timesteps)`` on the noisy target concatenated with the condition;
             it returns ``target_channels`` channels.
         deformer: network mapping the mask estimate (B, 1, *spatial) to a field (B, spatial_dims, *spatial), e.g.
-            brainsynth.deformation.DeformationUNet; None disables MSSDM.
+            brainsynth.deformation.estimation.DeformationUNet; None disables MSSDM.
         target_channels: channels of the diffused target at the front of ``x`` (D3M: 2 = T1ce, mask).
         mask_channel: which target channel is the mask that guides the deformation.
         prediction_type: what the denoiser predicts (D3M: v_prediction); used to estimate the mask in training.
@@ -106,13 +106,15 @@ class DeformableDenoiser(nn.Module):
         if alpha_bar is None or self.deformer is None:
             return output
         noisy_target = x[:, :self.target_channels]
-        clean_estimate = predict_x0(output, noisy_target, alpha_bar, self.prediction_type)
+        # clamped to the data range as the authors do (and as sampling does), so the deformer sees the same inputs
+        # in training and in sampling
+        clean_estimate = predict_x0(output, noisy_target, alpha_bar, self.prediction_type).clamp(-1.0, 1.0)
         field = self.estimate_field(clean_estimate)
         return self.warp(output, field), field
 
 
 def _bare(network: nn.Module) -> nn.Module:
-    from .training import unwrap
+    from brainsynth.engine.training import unwrap
 
     return unwrap(network)
 
@@ -141,7 +143,7 @@ class MSSDMInferer(DiffusionInferer):
             sample_scheduler.alphas_cumprod = scheduler.alphas_cumprod
             sample_scheduler.final_alpha_cumprod = torch.tensor(1.0)
         if not isinstance(sample_scheduler, ExactDDIMScheduler):
-            raise TypeError("sample_scheduler must be a brainsynth.samplers.ExactDDIMScheduler (it has the x0 hook)")
+            raise TypeError("sample_scheduler must be a brainsynth.schedulers.ddim.ExactDDIMScheduler (it has the x0 hook)")
         if sample_scheduler.num_train_timesteps != scheduler.num_train_timesteps:
             raise ValueError("training and sampling schedulers disagree on num_train_timesteps")
         if sample_scheduler.prediction_type != scheduler.prediction_type:
@@ -251,7 +253,7 @@ class GradientClipping:
     """Clip the global gradient norm after each backward pass of a MONAI SupervisedTrainer.
 
     Under mixed precision the gradients are unscaled first (GradScaler.step then skips its own unscale).
-    TODO(lead): generic training utility; move to brainsynth.training if other bundles need it.
+    TODO(lead): generic training utility; move to brainsynth.engine.training if other bundles need it.
     """
 
     def __init__(self, max_norm: float = 1.0):

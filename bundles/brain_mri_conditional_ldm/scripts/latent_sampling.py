@@ -24,10 +24,10 @@ from monai.engines import PrepareBatch
 from monai.inferers import Inferer, LatentDiffusionInferer
 from monai.transforms import MapTransform
 
-from brainsynth.acceleration import autocast
-from brainsynth.categorical_conditioning import CategoricalConditioning, all_combinations
-from brainsynth.io import atomic_write_text, save_nifti
-from brainsynth.training import unwrap
+from brainsynth.engine.acceleration import autocast
+from brainsynth.conditioning.categorical import CategoricalConditioning, all_combinations
+from brainsynth.engine.io import atomic_write_text, save_nifti
+from brainsynth.engine.training import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class SaveGeneratedd(MapTransform):
 
 class SampleMontage:
     """Ignite handler: keeps up to ``max_per_cell`` generated volumes per (pathology, modality) and, when the run
-    completes, writes one PNG with ``brainsynth.preview.save_montage``: a row per pathology (and sample), a
+    completes, writes one PNG with ``brainsynth.engine.preview.save_montage``: a row per pathology (and sample), a
     column per modality, one axial slice through the brain centre."""
 
     def __init__(self, path: str | os.PathLike, key: str = "pred", row_key: str = "pathology",
@@ -161,7 +161,7 @@ class SampleMontage:
     def write(self, engine=None) -> Path | None:
         if not self.cells:
             return None
-        from brainsynth.preview import save_montage
+        from brainsynth.engine.preview import save_montage
 
         rows = list(dict.fromkeys(r for r, _ in self.cells))
         cols = list(dict.fromkeys(c for _, c in self.cells))
@@ -217,7 +217,7 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
     images were; ``held_out``: the combinations left out of training. Writes ``metrics.json`` and
     ``metrics.md`` (a table, seen and held-out marked) under ``report_dir`` and returns the results.
     """
-    from brainsynth.generative_metrics import evaluate_generated
+    from brainsynth.metrics.distribution import evaluate_generated
 
     held = {(str(p).lower(), str(m).lower()) for p, m in (held_out or [])}
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -240,8 +240,8 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
             entry.update(evaluate_generated(extractor, generated, real, pathology, modality, max_pairs=max_pairs,
                                             seed=seed))
         else:  # too few scans for a distribution metric: keep what can be measured honestly
-            from brainsynth.generative_metrics import conditioning_accuracy, diversity_ms_ssim
-            from brainsynth.feature_network import prepare_volumes
+            from brainsynth.metrics.distribution import conditioning_accuracy, diversity_ms_ssim
+            from brainsynth.metrics.feature_network import prepare_volumes
 
             entry["feature_network"] = extractor.name
             if len(paths) >= 2:

@@ -30,9 +30,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable, Resize, Resized, ResizeWithPadOrCrop, ResizeWithPadOrCropd
 
-from .conventions import LABEL_VALUES, LABELS
+from brainsynth.conventions import LABEL_VALUES, LABELS
 
-logger = logging.getLogger("brainsynth.slices")
+logger = logging.getLogger("scripts.slices")
 
 SELECTIONS = ("tumour", "brain", "all")
 INPLANE_MODES = ("pad", "resize")
@@ -69,7 +69,7 @@ def subjects_with_label(rows: Sequence[dict], labels: int | str | Sequence[int |
     D3M trains on tumour-bearing slices of the mask label: a subject without any (e.g. no enhancing tumour)
     contributes nothing and is left out, with a log line naming how many were.
     """
-    from .data import load_volume, remap_labels
+    from brainsynth.data import load_volume, remap_labels
 
     wanted = label_values(labels)
     kept = []
@@ -354,7 +354,7 @@ class SaveSynthesisd(MapTransform):
         return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from .io import OutputExistsError, save_nifti
+        from brainsynth.engine.io import OutputExistsError, save_nifti
 
         d = dict(data)
         subject = str(d.get("subject") or "subject")
@@ -412,7 +412,7 @@ class PairedSliceMetrics:
         return value[0] if isinstance(value, (list, tuple)) else value
 
     def _iteration(self, engine) -> None:
-        from .paired_metrics import slice_metrics, slice_rows, volume_metrics
+        from brainsynth.metrics.paired import slice_metrics, slice_rows, volume_metrics
 
         batch, output = engine.state.batch, engine.state.output
         pred = torch.as_tensor(output["pred"]).detach().cpu().float()
@@ -434,8 +434,8 @@ class PairedSliceMetrics:
                                      **volume_metrics(m)})
 
     def _write(self, engine) -> None:
-        from .paired_metrics import write_csv
-        from .training import is_main_process
+        from brainsynth.metrics.paired import write_csv
+        from brainsynth.engine.training import is_main_process
 
         if not is_main_process():
             return

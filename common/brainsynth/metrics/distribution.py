@@ -1,7 +1,7 @@
 """Distribution and diversity metrics for generated 3D brain MRI.
 
 - ``frechet_distance`` / ``maximum_mean_discrepancy``: MONAI ``FIDMetric`` / ``MMDMetric`` on features of a
-  feature network (``brainsynth.feature_network``; the in-house one unless the user supplies another). Reports
+  feature network (``brainsynth.metrics.feature_network``; the in-house one unless the user supplies another). Reports
   call them "Frechet distance (<network name> features)", never plain "FID": FID means Inception features.
 - ``ms_ssim``: MONAI ``MultiScaleSSIMMetric`` with a kernel size and number of scales that fit the volume
   (the default kernel 11 with 5 scales needs more than 160 voxels per side; FACTS section 5).
@@ -142,7 +142,7 @@ def evaluate_generated(extractor, generated: Any, real: Any, pathology: str | No
     resizes them; ``real`` volumes must share one shape). Diversity MS-SSIM is computed among generated and,
     as the reference, among real volumes, after the same robust [0, 1] rescaling as the features. Keys name what they are; ``feature_network`` names the network.
     """
-    from brainsynth.feature_network import prepare_volumes
+    from brainsynth.metrics.feature_network import prepare_volumes
 
     gen_f = extractor.extract(generated)
     real_f = extractor.extract(real) if real_features is None else real_features

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .mask_conditioning import TUMOUR_LABELS
+from brainsynth.conditioning.semantic_mask import TUMOUR_LABELS
 
-logger = logging.getLogger("brainsynth.mask_augmentation")
+logger = logging.getLogger("scripts.mask_augmentation")
 
 #: the paper's factors: 2.0x down to 0.5x in 20 steps
 PAPER_SCALE_FACTORS: tuple[float, ...] = tuple(float(f) for f in np.linspace(2.0, 0.5, 20))
@@ -141,13 +141,13 @@ def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: S
     """
     import nibabel as nib
 
-    from .data import remap_labels
-    from .io import atomic_write_text, save_nifti
+    from brainsynth.data import remap_labels
+    from brainsynth.engine.io import atomic_write_text, save_nifti
 
     out_dir = Path(out_dir)
     datalist = out_dir / "datalist.json"
     if datalist.exists() and not overwrite:
-        from .io import OutputExistsError
+        from brainsynth.engine.io import OutputExistsError
 
         raise OutputExistsError(f"{datalist}: already exists; pass overwrite=True or choose another folder")
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ import torch
 
 from .io import load_checkpoint, save_checkpoint
 
-logger = logging.getLogger("brainsynth.training")
+logger = logging.getLogger("brainsynth.engine.training")
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 

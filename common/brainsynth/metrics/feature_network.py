@@ -3,7 +3,7 @@
 Usual practice computes FID / MMD on a pretrained MedicalNet ResNet-50; those weights cannot be downloaded
 here, so this project trains its own small 3D ResNet (MONAI ``ResNet``) on real cohort volumes to recognise
 **pathology and modality** from one single-channel volume. Its pooled penultimate activations are the features
-for the Frechet distance and MMD (``brainsynth.generative_metrics``); its two heads give the conditioning
+for the Frechet distance and MMD (``brainsynth.metrics.distribution``); its two heads give the conditioning
 accuracy of a conditional generator (does the network recognise the pathology and modality that were asked
 for?). Every report names it ("in-house 3D pathology/modality network"), never plain "FID".
 
@@ -12,7 +12,7 @@ by ``train_feature_network`` (weights only), or a TorchScript file / ``torch.exp
 (B, 1, H, W, D) to (B, F) features (e.g. an exported MedicalNet); those have no classification heads, so
 conditioning accuracy is unavailable with them.
 
-CLI: ``python -m brainsynth.feature_network train --dataset_dir DIR --out FILE [--input_shape 64 64 64]
+CLI: ``python -m brainsynth.metrics.feature_network train --dataset_dir DIR --out FILE [--input_shape 64 64 64]
 [--epochs 30] [--seed 0]`` trains on the training split (validation split for the reported accuracy).
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainsynth.conventions import MODALITIES, PATHOLOGIES
-from brainsynth.io import load_checkpoint, save_checkpoint
+from brainsynth.engine.io import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FeatureExtractor:
         """Predicted pathology and modality names per volume."""
         if not self.has_heads:
             raise ValueError(f"feature network {self.name!r} has no pathology/modality heads; conditioning accuracy "
-                             "needs the in-house network (brainsynth.feature_network.train_feature_network)")
+                             "needs the in-house network (brainsynth.metrics.feature_network.train_feature_network)")
         net = self.network
         preds: dict[str, list[str]] = {"pathology": [], "modality": []}
         for batch in self._batches(volumes):
@@ -164,7 +164,7 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: feature network not found (train one with `python -m "
-                                "brainsynth.feature_network train ...` or give a TorchScript file)")
+                                "brainsynth.metrics.feature_network train ...` or give a TorchScript file)")
     try:
         ckpt = load_checkpoint(path)
     except RuntimeError:

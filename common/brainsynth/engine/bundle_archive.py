@@ -43,7 +43,7 @@ def format_large_files(entries: Iterable[dict]) -> str:
     ``download_large_files``) and without it (``read_large_files`` falls back to json per entry).
     """
     lines = ["# Weight files of this bundle: `python -m monai.bundle download_large_files --bundle_path <bundle>`",
-             "# fetches any that are missing; brainsynth.bundle_archive.verify_large_files refuses a hash mismatch."]
+             "# fetches any that are missing; brainsynth.engine.bundle_archive.verify_large_files refuses a hash mismatch."]
     entries = [{k: str(e[k]) for k in ("path", "url", "hash_val", "hash_type")} for e in entries]
     if not entries:
         return "\n".join(lines + ["large_files: []", ""])

@@ -14,7 +14,7 @@ augmentation can never disagree on it:
 
 The channels are concatenated after the noisy image at every denoising step by MONAI's own
 ``DiffusionInferer(mode="concat")``, for training (:class:`MaskConditionedPrepareBatch`) and for sampling
-(:class:`MaskConditionedSampler`, ancestral DDPM or ``brainsynth.samplers.ExactDDIMScheduler``).
+(:class:`MaskConditionedSampler`, ancestral DDPM or ``brainsynth.schedulers.ddim.ExactDDIMScheduler``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import MapTransform, ResizeWithPadOrCrop
 
-from .acceleration import autocast
-from .conventions import LABEL_VALUES
+from brainsynth.engine.acceleration import autocast
+from brainsynth.conventions import LABEL_VALUES
 
 #: tumour labels summarised by the class name "tumour"
 TUMOUR_LABELS: tuple[int, ...] = (LABEL_VALUES["necrotic_core"], LABEL_VALUES["edema"], LABEL_VALUES["enhancing"])
@@ -192,6 +192,7 @@ class SemanticMaskConditioning:
                             + ", ".join(f"{i} {c}" for i, c in enumerate(self.classes, start=1))
                             + "); a bare tumour segmentation needs its brain mask (datalist rows with seg and "
                               "brain_mask)")
+        self._check_region_encloses_labels(lm, values, source)
         if spatial_size is not None:
             size = tuple(int(s) for s in spatial_size)
             if len(size) != spatial_dims:
@@ -202,6 +203,30 @@ class SemanticMaskConditioning:
                 raise MaskError(f"{source}: shape {tuple(lm.shape)} does not match the model's grid {size} and "
                                 f"centre cropping would cut off labelled voxels; resample or crop the mask so its "
                                 f"content fits {size} (at the model's voxel spacing)")
+
+    def _check_region_encloses_labels(self, lm: torch.Tensor, values: list[int], source: str) -> None:
+        """A condition mask's region (brain / head) surrounds its tumour and is larger than it. A raw segmentation
+        passed as a mask fails this: e.g. BraTS 2021's {0, 1, 2, 4} reads as "enhancing = brain", leaving a small
+        "brain" and a tumour bordering on background."""
+        regions = [self.classes.index(c) + 1 for c in self.region_classes]
+        labels = [i for i, c in enumerate(self.classes, start=1) if c in LABEL_CLASSES and i in values]
+        if not regions or not labels:
+            return
+        region = torch.isin(lm.long(), torch.tensor(regions, device=lm.device))
+        labelled = torch.isin(lm.long(), torch.tensor(labels, device=lm.device))
+        n_region, n_labelled = int(region.sum()), int(labelled.sum())
+        # the one-voxel shell around the labelled voxels: inside a region it is region or label, not background
+        shell = _dilate(labelled) & ~labelled
+        open_fraction = float((shell & (lm == 0)).sum()) / max(int(shell.sum()), 1)
+        if n_region <= n_labelled or open_fraction > 0.5:
+            names = " / ".join(self.region_classes)
+            raise MaskError(
+                f"{source}: this does not look like a condition mask: the {names} region ({n_region} voxels) should "
+                f"surround the tumour labels ({n_labelled} voxels), but it is {'smaller' if n_region <= n_labelled else 'open'}"
+                f" and {100 * open_fraction:.0f} % of the tumour's border is background. A raw segmentation (e.g. "
+                f"BraTS 2021 labels 1, 2, 4) is not a condition mask: convert it with its brain mask, "
+                f"SemanticMaskConditioning({list(self.classes)}).label_map(canonical_seg, {{'brain': brain_mask}}), "
+                f"or give a datalist row with seg and brain_mask and let the bundle build the mask")
 
     # --- one-hot --------------------------------------------------------------------------------------------
     def one_hot(self, label_map: Any, channel_dim: int = 0) -> torch.Tensor:
@@ -232,6 +257,12 @@ class SemanticMaskConditioning:
         view = [-1 if d == channel_dim % condition.ndim else 1 for d in range(condition.ndim)]
         codes = torch.arange(1, self.num_channels + 1, device=condition.device).view(view)
         return (hot * codes).amax(channel_dim, keepdim=True).long()
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """Binary dilation by one voxel (3x3(x3) neighbourhood) of a 2-D or 3-D boolean mask."""
+    pool = torch.nn.functional.max_pool3d if mask.ndim == 3 else torch.nn.functional.max_pool2d
+    return pool(mask[None, None].float(), kernel_size=3, stride=1, padding=1)[0, 0] > 0
 
 
 # --- MONAI transforms ----------------------------------------------------------------------------------------
@@ -369,14 +400,14 @@ class MaskConditionedSampler(Inferer):
 
     Args:
         scheduler: ``DDPMScheduler`` (the faithful ancestral sampler; always all T steps) or a deterministic
-            few-step scheduler such as ``brainsynth.samplers.ExactDDIMScheduler``.
+            few-step scheduler such as ``brainsynth.schedulers.ddim.ExactDDIMScheduler``.
         out_channels: channels of the generated image (number of modalities).
         num_inference_steps: steps for a few-step scheduler; ``None`` = all training steps.
         progress: show a progress bar while sampling.
         seed: if given, the initial noise of the ``i``-th call (batch) is drawn from a generator seeded
             ``seed + i``, so a run with the same inputs and batch size is reproducible. (The ancestral sampler's
             per-step noise comes from the global torch generator: seed it, e.g. with
-            ``brainsynth.training.seed_everything``.)
+            ``brainsynth.engine.training.seed_everything``.)
         amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
     """
 

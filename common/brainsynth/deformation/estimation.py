@@ -2,7 +2,7 @@
 
 D3M's multi-step spatial deformation module (MSSDM) corrects enhancement errors geometrically: a small U-Net reads
 the current tumour-mask estimate and outputs a dense displacement field (in voxels), which warps the prediction.
-The pieces here are generic; brainsynth.mssdm wires them into training and sampling.
+The pieces here are generic; brainsynth.deformation.mssdm wires them into training and sampling.
 
 Conventions are MONAI's ``Warp``: ``ddf`` has shape (B, spatial_dims, *spatial), channel k is the displacement
 along spatial axis k in voxels, and ``warped(x) = image(x + ddf(x))`` (so a field of +1 along an axis moves content
@@ -88,8 +88,9 @@ def make_warp(mode: str = "bilinear", padding_mode: str = "border") -> Warp:
 def smoothness_loss(ddf: torch.Tensor, weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Squared forward differences of a displacement field along every spatial axis (first-order "grad-l2" penalty).
 
-    Per sample: the mean over spatial axes of the mean squared difference between neighbouring voxels, summed over
-    the field's components. A constant field (any translation) costs exactly 0.
+    Per sample: the mean over spatial axes of the mean squared difference between neighbouring voxels, averaged
+    over the field's components - the D3M authors' ``gradient_loss`` (voxelmorph's grad-l2: per axis the mean of the
+    squared differences over every element, then the mean over axes). A constant field (any translation) costs 0.
 
     Args:
         ddf: (B, spatial_dims, *spatial) field.
@@ -103,7 +104,7 @@ def smoothness_loss(ddf: torch.Tensor, weights: torch.Tensor | None = None, redu
     for axis in range(2, ddf.ndim):
         diff = torch.diff(ddf, dim=axis)
         if diff.numel():
-            per_sample = per_sample + diff.pow(2).sum(dim=1).flatten(1).mean(dim=1)
+            per_sample = per_sample + diff.pow(2).flatten(1).mean(dim=1)
     per_sample = per_sample / spatial_dims
     if weights is not None:
         weights = torch.as_tensor(weights, dtype=per_sample.dtype, device=per_sample.device).reshape(-1)

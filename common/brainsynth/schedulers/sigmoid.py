@@ -1,6 +1,6 @@
 """Noise schedules that MONAI does not ship, registered in MONAI's ``NoiseSchedules`` registry.
 
-Importing this module (``import brainsynth.schedules``; bundle configs list it in ``imports``) makes the names
+Importing this module (``import brainsynth.schedulers.sigmoid``; bundle configs list it in ``imports``) makes the names
 usable by every MONAI scheduler, e.g. ``DDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")``.
 
 ``sigmoid_alpha_bar`` is the schedule D3M trains with (FACTS.md section 2): a sigmoid defined directly on the
@@ -11,6 +11,9 @@ cumulative signal level alpha-bar(t), t in [0, 1], rather than on beta as MONAI'
 
 With start -3, end 3, tau 1 this gives alpha-bar 1 at t = 0, about 0.85 / 0.50 / 0.15 at t = 1/4, 1/2, 3/4 and 0 at
 t = 1. Training step index i (0 .. T-1) has noise level t = (i + 1) / T, so index T-1 is (almost) pure noise.
+
+Used by one bundle (D3M); kept in common because it is a noise schedule for MONAI's schedulers, not D3M code: any
+bundle's config can name it once this module is imported.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from monai.networks.nets import AutoencoderKL
 from monai.utils import CommonKeys
 from torch import nn
 
-from brainsynth.training import unwrap
+from brainsynth.engine.training import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class LatentScaleFactor:
     def __call__(self, engine=None) -> float:
         net = unwrap(self.autoencoder)
         if not hasattr(net, "latent_scale_factor"):
-            raise TypeError("LatentScaleFactor needs a brainsynth.latent_autoencoder.LatentAutoencoderKL")
+            raise TypeError("LatentScaleFactor needs a scripts.latent_autoencoder.LatentAutoencoderKL")
         value = compute_latent_scale_factor(net, self.data_loader, self.num_batches, self.image_key)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # each rank saw different batches: use the mean so every copy of the weights agrees
@@ -243,7 +243,7 @@ def decode_latents(autoencoder: nn.Module, latents: torch.Tensor) -> torch.Tenso
 
 class TrainerProgress:
     """The iteration / epoch counters of an ignite trainer as a weights-only ``state_dict`` for
-    ``brainsynth.training.ResumableCheckpoint``.
+    ``brainsynth.engine.training.ResumableCheckpoint``.
 
     TODO(lead): ``AdversarialTrainer.state_dict()`` also returns its networks, optimizers and losses as objects
     (its ``_state_dict_user_keys``), which cannot be written as a weights-only checkpoint; until
@@ -309,8 +309,8 @@ class ReconstructionReport:
     def collect(self, engine) -> None:
         from monai.metrics import PSNRMetric, SSIMMetric
 
-        from brainsynth.io import save_nifti
-        from brainsynth.latent_sampling import pixdim_affine
+        from brainsynth.engine.io import save_nifti
+        from .latent_sampling import pixdim_affine
 
         for row, item in zip(engine.state.batch, engine.state.output):
             image = torch.as_tensor(item["image"]).detach().float().cpu()[None]
@@ -348,8 +348,8 @@ class ReconstructionReport:
     def write(self, engine=None) -> dict[str, Any]:
         import json
 
-        from brainsynth.io import atomic_write_text
-        from brainsynth.preview import save_preview
+        from brainsynth.engine.io import atomic_write_text
+        from brainsynth.engine.preview import save_preview
 
         summary = self.summary()
         atomic_write_text(self.output_dir / "reconstruction_metrics.json",

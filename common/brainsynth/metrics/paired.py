@@ -13,6 +13,9 @@ Definitions (images scaled to [0, ``data_range``]):
 
 ``compare_methods`` pairs several methods' per-slice (or per-volume) rows by key and reports mean +- sd and the
 Wilcoxon p-value of a reference method against each other method; ``markdown_table`` formats it.
+
+Used by one bundle (D3M); kept in common because nothing in it knows D3M: it measures any paired synthesis (an
+image-to-image bundle's evaluation, or a user's own comparison) with MONAI's SSIM.
 """
 
 from __future__ import annotations
@@ -214,7 +217,7 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, overwrite: bool = False) -> None:
     """Write dict rows as CSV, atomically (columns: union of keys in first-seen order)."""
-    from .io import atomic_path
+    from brainsynth.engine.io import atomic_path
 
     columns: list[str] = []
     for row in rows:
@@ -256,7 +259,7 @@ def write_comparison(eval_dir: str | os.PathLike, methods: Sequence[str], refere
     """
     from pathlib import Path
 
-    from .io import atomic_write_text
+    from brainsynth.engine.io import atomic_write_text
 
     eval_dir = Path(eval_dir)
     methods = [reference] + [m for m in methods if m != reference]

@@ -7,7 +7,7 @@ Slices go through the centre of the segmented region when there is one, else thr
 
 ``save_preview``: one subject, a row per volume, a column per view. ``save_montage``: several subjects, a row
 per subject, a column per volume (one view). ``preview_cohort``: a montage of any dataset brainsynth.data reads.
-CLI: ``python -m brainsynth.preview DATASET_OR_DATALIST --out preview.png``.
+CLI: ``python -m brainsynth.engine.preview DATASET_OR_DATALIST --out preview.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from brainsynth.conventions import LABELS, label_convention as get_label_convention
-from brainsynth.io import atomic_path
+from brainsynth.engine.io import atomic_path
 
 #: outline colour per canonical label (BraTS habit: necrosis red, edema green, enhancing yellow; lesions cyan)
 LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (235, 50, 50), 2: (40, 215, 70), 3: (255, 215, 0),
@@ -191,7 +191,7 @@ def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any =
 
 def save_training_preview(engine: Any, out_dir: str | os.PathLike, volumes: Mapping[str, Any], **kwargs: Any) -> Path:
     """``save_preview`` as ``<out_dir>/preview_iterationNNNNNNN.png`` for the engine's current iteration: what every
-    bundle's training-preview ``fn`` (``brainsynth.training.TrainingPreview``) writes."""
+    bundle's training-preview ``fn`` (``brainsynth.engine.training.TrainingPreview``) writes."""
     path = Path(out_dir) / f"preview_iteration{engine.state.iteration:07d}.png"
     save_preview(volumes, path, overwrite=True, **kwargs)
     logging.getLogger(__name__).info("training preview: %s", path)
@@ -285,7 +285,7 @@ def preview_cohort(dataset: str | os.PathLike, path: str | os.PathLike | None = 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m brainsynth.preview", description=preview_cohort.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m brainsynth.engine.preview", description=preview_cohort.__doc__)
     parser.add_argument("dataset", help="dataset folder (any layout brainsynth.data reads) or a datalist file")
     parser.add_argument("--out", default=None, help="PNG path (default: preview.png in the dataset folder)")
     parser.add_argument("--subjects", type=int, default=8, help="at most this many subjects (default 8)")

@@ -1,0 +1,8 @@
+"""Image-quality measurement: paired (PSNR / SSIM inside a region, Wilcoxon tests; D3M's evaluation, generic to any
+paired synthesis), distribution (Frechet distance and MMD on features, MS-SSIM diversity; Med-DDPM and LDM) and
+feature_network (the in-house 3D pathology / modality network whose features those use). Not here: plotting.
+"""
+
+from brainsynth import lazy_submodules
+
+__getattr__ = lazy_submodules(__name__)

@@ -1,0 +1,29 @@
+"""Import a bundle's own code (``bundles/<bundle>/scripts/<module>.py``) in the shared pytest process.
+
+Every MONAI bundle names its code package ``scripts``, so importing ``scripts`` by name would give whichever bundle
+came first. Each bundle's package is loaded under its own name instead (``<bundle>_scripts``), with the package
+context intact, so the modules' relative imports (``from .latent_sampling import ...``) work as under MONAI's runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bundle_scripts(bundle: str, module: str | None = None) -> ModuleType:
+    """The bundle's ``scripts`` package (importable from then on as ``<bundle>_scripts``), or one of its modules."""
+    package = f"{bundle}_scripts"
+    if package not in sys.modules:
+        folder = REPO / "bundles" / bundle / "scripts"
+        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[package] = pkg
+        spec.loader.exec_module(pkg)
+    return importlib.import_module(f"{package}.{module}" if module else package)
