@@ -56,7 +56,7 @@ class EMAHandler:
 
     Every ``update_every`` iterations: before ``start_step`` the average is reset to the live weights (so early,
     poor weights do not linger), afterwards ``ema <- decay * ema + (1 - decay) * live``. Med-DDPM uses
-    decay 0.995, every 10 steps, from step 2000; D3M 0.995 every step.
+    decay 0.995, every 10 steps, from step 2000; D3M (its train.json) 0.995 every 10 steps from step 100.
     """
 
     def __init__(self, network: torch.nn.Module, decay: float = 0.995, update_every: int = 10, start_step: int = 2000):
