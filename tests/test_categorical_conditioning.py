@@ -171,3 +171,25 @@ def test_conditional_unet_trains_and_samples_through_monai_inferer():
     sample2 = inferer.sample(torch.randn(2, 2, 8, 8, 8), model, scheduler=scheduler, conditioning=idx, cfg=2.0,
                              cfg_fill_value=-1, verbose=False)
     assert sample2.shape == sample.shape
+
+
+def test_joint_dropout_trains_the_unconditional_branch_at_the_configured_rate():
+    """Joint drop first (probability j), then each condition independently (p, q): all-null j + (1-j) p q, only
+    pathology dropped (1-j) p (1-q), only modality (1-j) (1-p) q, none (1-j)(1-p)(1-q)."""
+    j, p, q = 0.1, 0.15, 0.25
+    cond = CategoricalConditioning(VOCAB, embedding_dim=4, dropout_prob={"pathology": p, "modality": q},
+                                   joint_dropout_prob=j)
+    n = 40000
+    idx = torch.stack([cond.encode(pathology="glioblastoma", modality="t2w")] * n)
+    dropped = cond.drop(idx, generator=torch.Generator().manual_seed(3))
+    null_p, null_m = dropped[:, 0] < 0, dropped[:, 1] < 0
+    measured = {"all": (null_p & null_m), "pathology only": (null_p & ~null_m), "modality only": (~null_p & null_m),
+                "none": (~null_p & ~null_m)}
+    expected = {"all": j + (1 - j) * p * q, "pathology only": (1 - j) * p * (1 - q),
+                "modality only": (1 - j) * (1 - p) * q, "none": (1 - j) * (1 - p) * (1 - q)}
+    for key, mask in measured.items():
+        se = (expected[key] * (1 - expected[key]) / n) ** 0.5
+        assert abs(float(mask.float().mean()) - expected[key]) < 4 * se, (key, float(mask.float().mean()))
+    assert torch.equal(dropped[~null_p, 0], idx[~null_p, 0]) and torch.equal(dropped[~null_m, 1], idx[~null_m, 1])
+    with pytest.raises(ValueError, match="joint_dropout_prob"):
+        CategoricalConditioning(VOCAB, embedding_dim=4, joint_dropout_prob=1.5)

@@ -43,10 +43,14 @@ class CategoricalConditioning(nn.Module):
         embedding_dim: token size (the U-Net's ``cross_attention_dim``).
         dropout_prob: probability that a condition is replaced by its null token during training; one number
             for all conditions or a mapping per condition.
+        joint_dropout_prob: probability that all conditions are replaced together, before the independent drops.
+            Guidance subtracts the all-null prediction, so that branch needs training: with independent drops
+            alone it is seen only at the product of the rates (2.25 % at 0.15 each); 0.1 joint + 0.15 each gives
+            12.0 % all-null and 11.5 % for each single-condition branch.
     """
 
     def __init__(self, vocabularies: Mapping[str, Sequence[str]], embedding_dim: int,
-                 dropout_prob: float | Mapping[str, float] = 0.15) -> None:
+                 dropout_prob: float | Mapping[str, float] = 0.15, joint_dropout_prob: float = 0.0) -> None:
         super().__init__()
         if not vocabularies:
             raise ValueError("at least one categorical condition is needed")
@@ -67,6 +71,9 @@ class CategoricalConditioning(nn.Module):
         for n, p in self.dropout_prob.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"dropout_prob of {n!r} must be in [0, 1], got {p}")
+        if not 0.0 <= float(joint_dropout_prob) <= 1.0:
+            raise ValueError(f"joint_dropout_prob must be in [0, 1], got {joint_dropout_prob}")
+        self.joint_dropout_prob = float(joint_dropout_prob)
         # row len(vocabulary) of each table is that condition's null token
         self.embeddings = nn.ModuleDict({n: nn.Embedding(len(v) + 1, self.embedding_dim)
                                          for n, v in self.vocabularies.items()})
@@ -125,8 +132,12 @@ class CategoricalConditioning(nn.Module):
         return torch.full((batch_size, len(self.names)), -1, dtype=torch.long, device=device)
 
     def drop(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each condition by null (-1) independently with its configured probability."""
+        """Replace all conditions by null (-1) together with ``joint_dropout_prob``, then each condition
+        independently with its own probability."""
         indices = indices.clone()
+        if self.joint_dropout_prob > 0:
+            u = torch.rand(indices.shape[0], generator=generator, device="cpu").to(indices.device)
+            indices[u < self.joint_dropout_prob] = -1
         for j, n in enumerate(self.names):
             p = self.dropout_prob[n]
             if p > 0:
