@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from brainsynth.data.provenance import read_provenance, sha256_file
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_d3m_cemri"
 
 TINY = {
@@ -83,6 +85,13 @@ def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
     values = synthetic.get_fdata()
     assert 0.0 <= values.min() and values.max() <= 1.0 and values.std() > 0
     assert set(np.unique(mask.get_fdata())) <= {0.0, 1.0}
+    # both outputs are marked synthetic, with this run's weights, seed and the inputs' hashes (not their names)
+    for name in (f"{subject}_t1ce_synthetic", f"{subject}_enhancing_mask_predicted"):
+        record = read_provenance(out / "outputs" / "d3m" / f"{name}.nii.gz")
+        assert record["source"] == "sidecar" and record["bundle"] == BUNDLE.name and record["seed"] == 0
+        assert record["weights_sha256"] == sha256_file(out / "models" / "model.pt")
+        assert record["conditions"]["t1w_sha256"] == sha256_file(t1_path)
+        assert subject not in json.dumps(record["conditions"])
     # slices without brain are background, not synthesised noise
     brain_slices = (t1.get_fdata() > 0).reshape(-1, t1.shape[2]).any(0)
     assert np.all(values[..., ~brain_slices] == 0.0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainsynth.data.provenance import read_provenance, sha256_file
 from brainsynth.engine.bundle_code import bundle_scripts
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_conditional_ldm"
@@ -109,6 +110,12 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     arrays = [np.asarray(nib.load(v).dataobj) for v in volumes]
     assert all(a.shape == (16, 16, 16) and np.isfinite(a).all() for a in arrays)
     assert not np.array_equal(arrays[0], arrays[1])  # each volume from its own noise
+    # each volume is marked synthetic with its own conditions and seed, and both weight files' hashes
+    records = [read_provenance(v) for v in volumes]
+    assert [r["conditions"] for r in records] == [{"pathology": "sclerosis", "modality": "t1ce"}] * 2
+    assert records[0]["volume_seed"] != records[1]["volume_seed"]
+    assert records[0]["weights_sha256"] == sha256_file(root / "models" / "model.pt")
+    assert records[0]["autoencoder_sha256"] == sha256_file(root / "models" / "model_autoencoder.pt")
     assert (out / "montage.png").stat().st_size > 0
 
     # MONAI Label's monaibundle app: network_def with models/model.pt, then inferer(image, network) with the

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from brainsynth.data.provenance import MARKER, read_provenance, sha256_file
+
 from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
 from brainsynth.engine.io import load_checkpoint, save_nifti
 from brainsynth.conditioning.semantic_mask import BRATS_CLASSES, MaskError, SemanticMaskConditioning
@@ -100,6 +102,13 @@ def test_train_resume_sample_end_to_end(workspace):
             np.testing.assert_allclose(out.affine, mask_img.affine, atol=1e-6)
             data = np.asarray(out.dataobj)
             assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1 and data.std() > 0
+            # marked synthetic: header and a sidecar that matches this run (weights, seed, sampler, the mask)
+            record = read_provenance(folder / f"{row['subject']}-{suffix}.nii.gz")
+            assert record["source"] == "sidecar" and record["bundle"] == BUNDLE.name
+            assert record["weights_sha256"] == sha256_file(root / "run" / "models" / "model.pt")
+            assert record["seed"] == 0 and record["sampler"] == "ddim" and record["num_inference_steps"] == 2
+            assert len(record["conditions"]["mask_sha256"]) == 64
+            assert out.header["descrip"].tobytes().startswith(MARKER.encode())
         seg = np.asarray(nib.load(str(folder / f"{row['subject']}-seg.nii.gz")).dataobj)
         np.testing.assert_array_equal(seg, np.asarray(mask_img.dataobj))  # BraTS 2023 labels 1-3 = canonical 1-3
         assert (folder / f"{row['subject']}-preview.png").stat().st_size > 1000
@@ -113,24 +122,28 @@ def test_train_resume_sample_end_to_end(workspace):
     proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], expect_ok=False)
     assert proc.returncode != 0 and "already exists" in proc.stdout + proc.stderr
 
-    # masks larger than the model's grid (24 x 24 -> 16 x 16 in-plane): every voxel outside the generated centre
-    # region is background (0 in the saved [0, 1] range), never Invertd's mid-grey 0.5; inside, the model's output
+    # masks larger than the model's grid (BraTS 240 x 240 x 155 against 192 x 192 x 144): here the condition masks
+    # padded by 4 voxels in-plane to 32 x 32 x 16 around the 24 x 24 x 16 grid. Every voxel outside the generated
+    # centre region is background (0 in the saved [0, 1] range), never Invertd's mid-grey 0.5
     from monai.transforms import ResizeWithPadOrCrop
 
-    cropped = root / "run" / "cropped"
-    _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], "--spatial_size", "[16,16,16]",
+    masks, cropped = root / "padded_masks", root / "run" / "cropped"
+    masks.mkdir()
+    for index in range(2):
+        lm, affine = _condition_mask(cohort, index)
+        save_nifti(np.pad(lm, ((4, 4), (4, 4), (0, 0))), masks / f"padded{index}.nii.gz", affine=affine,
+                   dtype=np.int16)
+    _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], "--dataset_dir", str(masks),
          "--output_dir", str(cropped))
-    for row in tests:
-        shape = nib.load(row["seg"]).shape
-        resize = ResizeWithPadOrCrop((16, 16, 16))
-        inside = np.asarray(resize.inverse(resize(torch.ones(1, *shape)))[0]) > 0  # the generated region
-        assert 0 < inside.sum() < inside.size
+    resize = ResizeWithPadOrCrop((24, 24, 16))
+    inside = np.asarray(resize.inverse(resize(torch.ones(1, 32, 32, 16)))[0]) > 0  # the generated region
+    assert inside.sum() == 24 * 24 * 16
+    for index in range(2):
         for suffix in ("t1n", "t1c", "t2w", "t2f"):
-            data = np.asarray(nib.load(str(cropped / row["subject"] / f"{row['subject']}-{suffix}.nii.gz")).dataobj)
-            assert data.shape == shape
+            data = np.asarray(nib.load(str(cropped / f"padded{index}" / f"padded{index}-{suffix}.nii.gz")).dataobj)
+            assert data.shape == (32, 32, 16)
             assert np.all(data[~inside] == 0), (suffix, np.unique(data[~inside])[:5])
             assert data[inside].std() > 0
-
 
 def _condition_mask(cohort, subject_index=0):
     row = split_items(discover(cohort), "training")[subject_index]

@@ -119,19 +119,36 @@ class SaveGeneratedd(MapTransform):
     is an error unless ``overwrite``. Records the path under ``<key>_path``."""
 
     def __init__(self, keys: str = "pred", output_dir: str | os.PathLike = "outputs", pixdim: Sequence[float] = (1, 1, 1),
-                 name_key: str = "name", overwrite: bool = False) -> None:
+                 name_key: str = "name", overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
+                 condition_keys: Sequence[str] = ("pathology", "modality")) -> None:
+        """``provenance``: the run's settings for the synthetic mark (``brainsynth.data.provenance.RunProvenance``,
+        plus ``autoencoder`` for the second weight file); every volume is marked with its row's conditions and
+        seed."""
+        from brainsynth.data.provenance import RunProvenance, sha256_file
+
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.pixdim = tuple(pixdim)
         self.name_key = name_key
         self.overwrite = overwrite
+        settings = dict(provenance or {})
+        autoencoder = settings.pop("autoencoder", None)
+        self.provenance = RunProvenance(Path(__file__).resolve().parents[1], **settings)
+        self.autoencoder_sha256 = sha256_file(autoencoder) if autoencoder and Path(autoencoder).is_file() else None
+        self.condition_keys = list(condition_keys)
 
     def __call__(self, data: Mapping[str, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             volume = torch.as_tensor(d[key]).detach().float().cpu()[0]
             path = self.output_dir / f"{d[self.name_key]}.nii.gz"
-            save_nifti(volume.numpy(), path, affine=pixdim_affine(self.pixdim, volume.shape), overwrite=self.overwrite)
+            if not torch.isfinite(volume).all():
+                raise FloatingPointError(f"{d[self.name_key]}: the generated volume is not finite (NaN / Inf); nothing "
+                                         f"was written. Likely damaged weights ({self.provenance.weights})")
+            record = self.provenance.record({k: d.get(k) for k in self.condition_keys if k in d},
+                                            volume_seed=d.get("seed"), autoencoder_sha256=self.autoencoder_sha256)
+            save_nifti(volume.numpy(), path, affine=pixdim_affine(self.pixdim, volume.shape), overwrite=self.overwrite,
+                       provenance=record)
             d[f"{key}_path"] = str(path)
         return d
 
@@ -217,8 +234,10 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
     images were; ``held_out``: the combinations left out of training. Writes ``metrics.json`` and
     ``metrics.md`` (a table, seen and held-out marked) under ``report_dir`` and returns the results.
     """
+    from brainsynth.data.provenance import refuse_synthetic
     from brainsynth.metrics.distribution import evaluate_generated
 
+    real_rows = refuse_synthetic(real_rows, "the real reference scans of the evaluation", keys=["image"])
     held = {(str(p).lower(), str(m).lower()) for p, m in (held_out or [])}
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for r in requests:

@@ -314,6 +314,13 @@ class SliceSynthesisInferer(Inferer):
         return result
 
 
+def _input_path(value: Any) -> str | None:
+    """The file or DICOM folder an input was read from (a path, or a loaded MetaTensor's source), else None."""
+    if isinstance(value, MetaTensor):
+        value = value.meta.get("filename_or_obj")
+    return str(value) if isinstance(value, (str, os.PathLike)) and value else None
+
+
 def _reference_file(row: Mapping[str, Any], key: str) -> str | None:
     """The NIfTI file the input ``key`` came from (a path, or a loaded MetaTensor's filename), else None."""
     source = row.get(key)
@@ -337,8 +344,15 @@ class SaveSynthesisd(MapTransform):
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, reference_key: str = "t1w",
                  image_name: str = "t1ce_synthetic", mask_name: str = "enhancing_mask_predicted",
                  save_mask: bool = True, save_uncertainty: bool = False, mask_threshold: float = 0.5,
-                 overwrite: bool = False, allow_missing_keys: bool = False):
+                 overwrite: bool = False, allow_missing_keys: bool = False,
+                 condition_keys: Sequence[str] = ("t1w", "t2w", "flair"), provenance: Mapping[str, Any] | None = None):
+        """``provenance``: the run's settings for the synthetic mark (``brainsynth.data.provenance.RunProvenance``);
+        every written volume is marked, with the hashes of the ``condition_keys`` inputs as its conditions."""
+        from brainsynth.data.provenance import RunProvenance
+
         super().__init__(keys, allow_missing_keys)
+        self.condition_keys = list(condition_keys)
+        self.provenance = RunProvenance(Path(__file__).resolve().parents[1], **dict(provenance or {}))
         self.output_dir = Path(output_dir)
         self.reference_key = reference_key
         self.image_name, self.mask_name = image_name, mask_name
@@ -354,10 +368,13 @@ class SaveSynthesisd(MapTransform):
         return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from brainsynth.data.provenance import input_hashes
         from brainsynth.engine.io import OutputExistsError, save_nifti
 
         d = dict(data)
         subject = str(d.get("subject") or "subject")
+        conditions = {"input_modalities": self.condition_keys,
+                      **input_hashes({k: _reference_file(d, k) or _input_path(d.get(k)) for k in self.condition_keys})}
         paths = self.paths(subject)
         if not self.overwrite:
             existing = [str(p) for p in paths.values() if p.exists()]
@@ -369,14 +386,23 @@ class SaveSynthesisd(MapTransform):
             array = torch.as_tensor(volume).detach().cpu().float().numpy()
             if array.ndim != 4 or array.shape[0] != len(OUTPUT_CHANNELS):
                 raise ValueError(f"{key}: expected a ({len(OUTPUT_CHANNELS)}, H, W, D) synthesis, got {array.shape}")
+            if not np.isfinite(array).all():
+                raise FloatingPointError(f"{subject}: the synthesis is not finite (NaN / Inf); nothing was written. "
+                                         f"Likely damaged weights ({self.provenance.weights}) or an unstable setting")
             reference = _reference_file(d, self.reference_key)
             geometry = {"reference": reference} if reference else {"affine": affine}
-            save_nifti((array[0] + 1) / 2, paths["image"], overwrite=self.overwrite, **geometry)
+
+            def mark(output):
+                return self.provenance.record(conditions, output=output)
+
+            save_nifti((array[0] + 1) / 2, paths["image"], overwrite=self.overwrite, provenance=mark("image"),
+                       **geometry)
             if self.save_mask:
                 save_nifti(array[1] >= self.mask_threshold, paths["mask"], overwrite=self.overwrite, dtype=np.uint8,
-                           **geometry)
+                           provenance=mark("predicted mask"), **geometry)
             if self.save_uncertainty:
-                save_nifti(array[2] / 2, paths["sd"], overwrite=self.overwrite, **geometry)
+                save_nifti(array[2] / 2, paths["sd"], overwrite=self.overwrite, provenance=mark("uncertainty"),
+                           **geometry)
             d[f"{key}_files"] = {k: str(v) for k, v in paths.items()}
         return d
 

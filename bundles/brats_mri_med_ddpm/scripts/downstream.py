@@ -98,6 +98,8 @@ def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module,
                    seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 1,
                    overwrite: bool = False) -> dict[str, Any]:
     from brainsynth.data import discover, split_items, validate_items
+    from brainsynth.data.provenance import count_synthetic, refuse_synthetic
+
     from .mask_augmentation import PAPER_SCALE_FACTORS, write_augmented_masks
 
     from .generation import generate
@@ -106,14 +108,17 @@ def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module,
     if (out / "downstream.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'downstream.json'}: already exists; set overwrite=true or another log_dir")
     device = torch.device(device)
-    real_train = validate_items(split_items(rows, "training"), modalities, True)
-    real_test = validate_items(split_items(rows, "test"), modalities, True)
+    real_train = refuse_synthetic(validate_items(split_items(rows, "training"), modalities, True),
+                                  "real training data of the downstream experiment", modalities)
+    real_test = refuse_synthetic(validate_items(split_items(rows, "test"), modalities, True),
+                                 "the held-out real test split", modalities)
     region_key = next(iter((region_keys or {"brain": "brain_mask"}).values()))
 
     network.load_state_dict(load_checkpoint(model_path, map_location=device))
     gen = dict(network=network, inferer=inferer, preprocessing=preprocessing, conditioning=conditioning,
                modalities=modalities, spatial_size=spatial_size, region_keys=region_keys, device=device,
-               batch_size=batch_size, overwrite=overwrite)
+               batch_size=batch_size, overwrite=overwrite,
+               provenance={"weights": model_path, "seed": seed, "settings": {"purpose": "downstream experiment"}})
     same_dir = generate(real_train, out / "synthetic_same_masks", **gen)
     aug_list = write_augmented_masks(real_train, out / "augmented_masks", PAPER_SCALE_FACTORS,
                                      per_subject=augment_per_subject, seed=seed, region_key=region_key,
@@ -131,7 +136,8 @@ def run_downstream(rows: Sequence[dict], out_dir: str, network: torch.nn.Module,
                               seg_init_filters, seed, device)
         save_checkpoint(net.state_dict(), out / f"segresnet_{name.replace(' + ', '_plus_')}.pt")
         dice = tumour_dice(net, real_test, modalities, seg_spatial_size, device)
-        result["arms"][name] = {"n_training_volumes": len(train_rows), "dice_mean": float(np.mean(dice)),
+        result["arms"][name] = {"n_training_volumes": len(train_rows), **count_synthetic(train_rows, modalities),
+                                "dice_mean": float(np.mean(dice)),
                                 "dice_sd": float(np.std(dice, ddof=1)) if len(dice) > 1 else 0.0, "dice": dice}
     atomic_write_text(out / "downstream.json", json.dumps(result, indent=1), overwrite=overwrite)
     atomic_write_text(out / "downstream.md", downstream_table(result), overwrite=overwrite)

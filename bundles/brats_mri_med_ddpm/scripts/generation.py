@@ -14,9 +14,10 @@ from typing import Any, Sequence
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose
 
 from brainsynth.conditioning.semantic_mask import ConditionInputPrepareBatch, SemanticMaskConditioning
+from brainsynth.data import InvertWithBackgroundd
 
 from .inputs import check_inputs
 from .outputs import SaveGeneratedd
@@ -27,14 +28,16 @@ logger = logging.getLogger("med_ddpm.generation")
 def generate(rows: Sequence[dict], output_dir: str | Path, network: torch.nn.Module, inferer: Any,
              preprocessing: Compose, conditioning: SemanticMaskConditioning, modalities: Sequence[str],
              spatial_size: Sequence[int], region_keys: dict | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 1, preview: bool = False, overwrite: bool = False) -> Path:
+             batch_size: int = 1, preview: bool = False, overwrite: bool = False,
+             provenance: dict | None = None) -> Path:
     """Sample one volume per row (``{"subject", "mask"}`` or dataset rows) into ``output_dir``; returns it."""
     rows = check_inputs(rows, conditioning, spatial_size, region_keys, list(modalities), str(output_dir),
                         list(modalities), overwrite)
     post = Compose([
-        Invertd(keys=["pred", "mask"], transform=preprocessing, orig_keys="mask", nearest_interp=[False, True],
-                to_tensor=True),
-        SaveGeneratedd(str(output_dir), modalities, conditioning, preview=preview, overwrite=overwrite),
+        InvertWithBackgroundd(keys=["pred", "mask"], background=[-1.0, None], transform=preprocessing,
+                              orig_keys="mask", nearest_interp=[False, True], to_tensor=True),
+        SaveGeneratedd(str(output_dir), modalities, conditioning, preview=preview, overwrite=overwrite,
+                       provenance=provenance),
     ])
     loader = DataLoader(Dataset(list(rows), preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
     evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network, inferer=inferer,

@@ -4,7 +4,8 @@ Each subject gets ``<output_dir>/<subject>/`` with BraTS 2023 names (``-t1n``, `
 ``-seg``, ``-brain_mask``), so the folder is itself a dataset ``brainsynth.data.discover`` reads (the downstream
 segmentation experiment trains on it), plus ``-condition.nii.gz`` (the label map the model saw) and
 ``-preview.png``. Intensities are the model's [-1, 1] mapped to [0, 1]. Writes are atomic and never replace an
-existing file unless ``overwrite``.
+existing file unless ``overwrite``. Every generated modality carries the synthetic mark and a JSON sidecar
+(``brainsynth.data.provenance``); the masks are copies of the input and are not marked.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from monai.transforms import MapTransform
 
 from brainsynth.conventions import LABEL_VALUES
 from brainsynth.data.discover import strip_nifti_extension
+from brainsynth.data.provenance import RunProvenance, input_hashes
 from brainsynth.engine.io import save_nifti
 from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
 
 from .inputs import output_paths
 
 logger = logging.getLogger("med_ddpm.outputs")
+BUNDLE_DIR = Path(__file__).resolve().parents[1]
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -49,18 +52,23 @@ class SaveGeneratedd(MapTransform):
     """Postprocessing transform: write ``pred`` (C modalities, mask geometry) and the masks of one subject."""
 
     def __init__(self, output_dir: str, modalities: Sequence[str], conditioning: SemanticMaskConditioning,
-                 pred_key: str = "pred", mask_key: str = "mask", preview: bool = True, overwrite: bool = False):
+                 pred_key: str = "pred", mask_key: str = "mask", preview: bool = True, overwrite: bool = False,
+                 provenance: Mapping[str, Any] | None = None):
+        """``provenance``: the run's settings for the synthetic mark (weights, sampler, num_inference_steps, seed,
+        settings; see ``brainsynth.data.provenance.RunProvenance``); outputs are marked in any case."""
         super().__init__([pred_key])
+        self.provenance = RunProvenance(BUNDLE_DIR, **dict(provenance or {}))
         self.output_dir = Path(output_dir)
         self.modalities = list(modalities)
         self.conditioning = conditioning
         self.pred_key, self.mask_key = pred_key, mask_key
         self.preview, self.overwrite = preview, overwrite
 
-    def _save(self, array: Any, path: Path, source: str | None, affine: np.ndarray, dtype=np.float32) -> None:
+    def _save(self, array: Any, path: Path, source: str | None, affine: np.ndarray, dtype=np.float32,
+              provenance: dict | None = None) -> None:
         reference = source if source and strip_nifti_extension(Path(source).name) is not None else None
         save_nifti(array, path, reference=reference, affine=None if reference else affine, overwrite=self.overwrite,
-                   dtype=dtype)
+                   dtype=dtype, provenance=provenance)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -70,10 +78,17 @@ class SaveGeneratedd(MapTransform):
             raise ValueError(f"{subject}: generated {pred.shape[0]} channels for modalities {self.modalities}")
         affine = np.asarray(torch.as_tensor(getattr(pred, "affine", torch.eye(4))).cpu(), dtype=np.float64)
         paths = output_paths(self.output_dir, subject, self.modalities)
+        conditions = {**input_hashes({"mask": source}), "label_convention": d.get("label_convention"),
+                      "classes": list(self.conditioning.classes)}
         volumes = {}
         for channel, modality in enumerate(self.modalities):
             volumes[modality] = to_unit_range(torch.as_tensor(pred[channel]).float().cpu()).numpy()
-            self._save(volumes[modality], paths[modality], source, affine)
+            if not np.isfinite(volumes[modality]).all():
+                raise FloatingPointError(f"{subject}: the generated {modality} volume is not finite (NaN / Inf); "
+                                         f"nothing was written. Likely damaged weights ({self.provenance.weights}) "
+                                         f"or an unstable sampler setting")
+            record = self.provenance.record(conditions, modality=modality)
+            self._save(volumes[modality], paths[modality], source, affine, provenance=record)
         lm = np.asarray(torch.as_tensor(lm).cpu())[0].round().astype(np.int16)
         self._save(lm, paths["condition"], source, affine, dtype=np.int16)
         seg = canonical_seg(lm, self.conditioning)

@@ -20,6 +20,10 @@ def __getattr__(name):
         from brainsynth.data import transforms
 
         return getattr(transforms, name)
+    if name == "provenance":  # the synthetic mark (imported on first use, like the transforms)
+        import importlib
+
+        return importlib.import_module("brainsynth.data.provenance")
     raise AttributeError(f"module 'brainsynth.data' has no attribute {name!r}")
 
 

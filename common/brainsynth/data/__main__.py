@@ -1,4 +1,7 @@
-"""CLI: ``python -m brainsynth.data check DIR [--modalities ...] [--require-seg]`` | ``discover DIR [--json]``.
+"""CLI: ``python -m brainsynth.data check DIR [--modalities ...] [--require-seg]`` | ``discover DIR [--json]`` |
+``provenance FILE_OR_DIR ...``.
+
+``check`` and ``discover`` mark synthetic subjects (brainsynth provenance mark in a file's header or sidecar).
 
 ``check`` prints one line per subject (OK / UNUSABLE) with each problem below it, naming the file, and exits 1
 when any subject is unusable (2 when the dataset itself cannot be read).
@@ -15,6 +18,7 @@ from brainsynth.data.check import check_items
 from brainsynth.data.discover import discover
 from brainsynth.data.errors import DatasetError
 from brainsynth.data.items import available_modalities
+from brainsynth.data.provenance import synthetic_files
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--headers-only", action="store_true", help="skip reading voxel data (fast, fewer checks)")
     check.add_argument("--workers", type=int, default=1, help="subjects checked in parallel")
     sub.choices["discover"].add_argument("--json", action="store_true", help="print the canonical rows as JSON")
+    prov = sub.add_parser("provenance", help="print the provenance record of generated volumes",
+                          description="exit 0: every file is marked synthetic; 1: some file carries no mark (real, "
+                                      "or of unknown origin); 2: a file cannot be read")
+    prov.add_argument("paths", nargs="+", help="NIfTI files or folders")
     return parser
+
+
+def _synthetic_note(row) -> str:
+    files = synthetic_files(row)
+    return f"  SYNTHETIC ({len(files)} file{'s' * (len(files) != 1)})" if files else ""
 
 
 def _run_check(args, rows) -> int:
@@ -53,11 +66,13 @@ def _run_check(args, rows) -> int:
             grid = f"  {'x'.join(map(str, report.shape))} @ {'x'.join(f'{s:.3g}' for s in report.spacing)} mm"
         files = " ".join(report.modalities + [k for k in ("seg", "brain_mask") if row.get(k)])
         notes = f"  ({'; '.join(report.notes)})" if report.notes else ""
-        print(f"{'OK' if report.usable else 'UNUSABLE':9s} {report.subject:{width}s}  {files}{grid}{notes}")
+        print(f"{'OK' if report.usable else 'UNUSABLE':9s} {report.subject:{width}s}  {files}{grid}{notes}"
+              f"{_synthetic_note(row)}")
         for problem in report.problems:
             print(f"    - {problem}")
     bad = sum(not r.usable for r in reports)
-    print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable")
+    synthetic = sum(bool(synthetic_files(row)) for row in rows)
+    print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable; {synthetic} synthetic")
     return 1 if bad else 0
 
 
@@ -68,13 +83,17 @@ def _run_discover(args, rows) -> int:
     for row in rows:
         files = " ".join(available_modalities(row) + [k for k in ("seg", "brain_mask") if row.get(k)])
         print(f"{row['subject']}  split={row.get('split', '-')}  pathology={row.get('pathology', '-')}  "
-              f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}")
+              f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}{_synthetic_note(row)}")
     print(f"{len(rows)} subjects")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "provenance":
+        from brainsynth.data.provenance import main as provenance_main
+
+        return provenance_main(args.paths)
     try:
         rows = discover(args.path, label_convention=args.label_convention, pathology=args.pathology)
     except (DatasetError, ValueError) as e:

@@ -55,11 +55,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
 
 
 def save_nifti(array: Any, path: str | os.PathLike, affine: np.ndarray | None = None, reference: Any = None,
-               overwrite: bool = False, dtype: Any = np.float32) -> Path:
+               overwrite: bool = False, dtype: Any = np.float32, provenance: dict | None = None) -> Path:
     """Write ``array`` as NIfTI, atomically, in the geometry of ``reference`` (a path or nibabel image) if given.
 
     With a reference, its affine, qform/sform codes, zooms and orientation are kept so the output overlays the
-    input exactly. ``array`` may be a numpy array or a torch tensor; it must have the reference's spatial shape.
+    input exactly; its free-text header fields (descrip, aux_file, intent_name, db_name) are not copied, since
+    they may carry anything. ``array`` may be a numpy array or a torch tensor; it must have the reference's spatial
+    shape. ``provenance`` (a ``brainsynth.data.provenance`` record) marks a generated volume: header marker and a
+    JSON sidecar ``<name>.json`` beside it.
     """
     import nibabel as nib
 
@@ -75,14 +78,25 @@ def save_nifti(array: Any, path: str | os.PathLike, affine: np.ndarray | None = 
         affine = ref.affine
         header = ref.header.copy()
         header.set_data_dtype(dtype)
+        for field in ("descrip", "aux_file", "intent_name", "db_name"):
+            if field in header:
+                header[field] = b""
     if affine is None:
         affine = np.eye(4)
     img = nib.Nifti1Image(array, affine, header=header)
     if header is None:
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
+    if provenance is not None:
+        import json
+
+        from brainsynth.data.provenance import mark_header, sidecar_path
+
+        mark_header(img.header, provenance)
     with atomic_path(path, overwrite) as tmp:
         nib.save(img, str(tmp))
+    if provenance is not None:
+        atomic_write_text(sidecar_path(path), json.dumps(provenance, indent=1, sort_keys=True) + "\n", overwrite)
     return Path(path)
 
 
