@@ -104,10 +104,9 @@ def _repeat(batch, n):
 def run_train_case(case: dict) -> dict:
     """Time ``steps`` training iterations of the bundle's trainer on one repeated real batch."""
     import torch
+    from benchmark_samplers import TRAIN_STAGES, stage_overrides  # the stages of each bundle, in merge order
     from ignite.engine import Events
     from torch.utils.flop_counter import FlopCounterMode
-
-    from benchmark_samplers import TRAIN_STAGES, stage_overrides  # the stages of each bundle, in merge order
 
     torch.manual_seed(0)
     _, stage_configs, setup = next(s for s in TRAIN_STAGES[case["bundle"]] if s[0] == case["stage"])
@@ -156,13 +155,19 @@ def run_train_case(case: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.run()
-        measured = times[case["warmup"]:]
+        measured = times[case["warmup"] :]
         batch_size = _samples_in(batch)
         sec = statistics.median(measured)
-        result = {"seconds_per_step": sec, "samples_per_second": batch_size / sec, "batch_size": batch_size,
-                  "cpu_seconds_per_step": statistics.median(cpu_times[case["warmup"]:]),
-                  "peak_memory_mb": _peak_memory_mb(device), "steps_timed": len(measured),
-                  "step_times": measured, "device": str(device)}
+        result = {
+            "seconds_per_step": sec,
+            "samples_per_second": batch_size / sec,
+            "batch_size": batch_size,
+            "cpu_seconds_per_step": statistics.median(cpu_times[case["warmup"] :]),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "steps_timed": len(measured),
+            "step_times": measured,
+            "device": str(device),
+        }
         if "flops" in tick:
             result.update(flop_utilisation(tick["flops"].get_total_flops(), sec, device, case["overrides"]))
         return result
@@ -192,7 +197,6 @@ def flop_utilisation(flops: int, seconds: float, device, overrides: dict) -> dic
 def run_sample_case(case: dict) -> dict:
     """Time the bundle's sampler for one volume (or slice) at ``num_steps``."""
     import torch
-
     from benchmark_samplers import SAMPLERS  # one adapter per bundle
 
     files = _config_files(case["bundle"], case.get("inference_config", "inference.json"), case["size"])
@@ -213,8 +217,14 @@ def run_sample_case(case: dict) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append((time.perf_counter() - t) / max(n_units, 1))
-        return {"seconds_per_" + unit: statistics.median(times), "unit": unit, "num_steps": case["num_steps"],
-                "network_evaluations": sampling.network_evaluations, "peak_memory_mb": _peak_memory_mb(device), "device": str(device)}
+        return {
+            "seconds_per_" + unit: statistics.median(times),
+            "unit": unit,
+            "num_steps": case["num_steps"],
+            "network_evaluations": sampling.network_evaluations,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "device": str(device),
+        }
 
 
 def limit_memory(case: dict) -> None:
@@ -253,7 +263,7 @@ def _run_in_subprocess(case: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCHMARK_RESULT "):
-            return json.loads(line[len("BENCHMARK_RESULT "):])
+            return json.loads(line[len("BENCHMARK_RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
 
@@ -263,10 +273,14 @@ def environment() -> dict:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=REPO).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = "", False
     if not commit:  # a copy of the tree without .git (e.g. on a lent GPU machine): the caller names the commit
@@ -275,35 +289,53 @@ def environment() -> dict:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
         props = torch.cuda.get_device_properties(0)
-        gpu = {"gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
-               "cudnn": torch.backends.cudnn.version(), "driver": _nvidia_driver()}
+        gpu = {
+            "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "driver": _nvidia_driver(),
+        }
     else:
-        device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-                 f"torch threads {torch.get_num_threads()}"
-    return {"commit": commit + ("+dirty" if dirty else ""), "device": device, "torch": torch.__version__,
-            "monai": monai.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "machine_memory_gb": round(machine_memory_gb(), 1), **gpu}
+        device = (
+            f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch threads {torch.get_num_threads()}"
+        )
+    return {
+        "commit": commit + ("+dirty" if dirty else ""),
+        "device": device,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "machine_memory_gb": round(machine_memory_gb(), 1),
+        **gpu,
+    }
 
 
 def _nvidia_driver() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         out = ""
     return out or "unknown"
 
 
 def to_markdown(env: dict, rows: list[dict], command: str) -> str:
-    lines = [f"Command: `{command}`  ",
-             f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
-             f"Python {env['python']}, {env['date']}, load average {env.get('load_average_1_5_15min')}"
-             + (f", CUDA {env['cuda']}, driver {env['driver']}, {env['gpu_memory_gb']} GB" if "cuda" in env else ""),
-             "",
-             "| bundle | size | variant | measure | value | peak memory (MB) | settings |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{command}`  ",
+        f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
+        f"Python {env['python']}, {env['date']}, load average {env.get('load_average_1_5_15min')}"
+        + (f", CUDA {env['cuda']}, driver {env['driver']}, {env['gpu_memory_gb']} GB" if "cuda" in env else ""),
+        "",
+        "| bundle | size | variant | measure | value | peak memory (MB) | settings |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         res = r["result"]
         if "error" in res:
@@ -349,22 +381,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="all", help=f"one of {', '.join(BUNDLES)}, or all")
     ap.add_argument("--size", choices=("demo", "paper"), default="demo")
-    ap.add_argument("--variants", default="baseline", help="comma-separated; parts joined with '+': "
-                    + ", ".join(ACCELERATIONS))
+    ap.add_argument(
+        "--variants", default="baseline", help="comma-separated; parts joined with '+': " + ", ".join(ACCELERATIONS)
+    )
     ap.add_argument("--measure", default="train,sample", help="train, sample or both")
-    ap.add_argument("--sample-steps", default="", help="comma-separated SAMPLER:STEPS, e.g. ddpm:250,ddim:50 "
-                    "(default: per bundle, see ci/benchmark_samplers.py)")
+    ap.add_argument(
+        "--sample-steps",
+        default="",
+        help="comma-separated SAMPLER:STEPS, e.g. ddpm:250,ddim:50 (default: per bundle, see ci/benchmark_samplers.py)",
+    )
     ap.add_argument("--steps", type=int, default=5, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="sampling repeats (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each case (0: torch default)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="extra config override")
-    ap.add_argument("--data", choices=("demo", "real"), default="demo",
-                    help="demo: the simulated cohort at either size; real: the configs' dataset_dir (or --set it)")
+    ap.add_argument(
+        "--data",
+        choices=("demo", "real"),
+        default="demo",
+        help="demo: the simulated cohort at either size; real: the configs' dataset_dir (or --set it)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--memory-limit-gb", type=float, default=None,
-                    help="CPU only: address-space cap of each case (default 85%% of this machine's memory); a case "
-                    "that needs more is reported as exceeding the machine's memory")
+    ap.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=None,
+        help="CPU only: address-space cap of each case (default 85%% of this machine's memory); a case "
+        "that needs more is reported as exceeding the machine's memory",
+    )
     ap.add_argument("--out", default=str(REPO / "ci" / "results"))
     args = ap.parse_args(argv)
 
@@ -379,9 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in bundles:
         for variant in args.variants.split(","):
             overrides = {**variant_overrides(variant), **extra}
-            base = {"bundle": bundle, "size": args.size, "variant": variant, "overrides": overrides,
-                    "threads": args.threads, "count_flops": True,
-                    "memory_limit_gb": args.memory_limit_gb or round(0.85 * machine_memory_gb(), 1)}
+            base = {
+                "bundle": bundle,
+                "size": args.size,
+                "variant": variant,
+                "overrides": overrides,
+                "threads": args.threads,
+                "count_flops": True,
+                "memory_limit_gb": args.memory_limit_gb or round(0.85 * machine_memory_gb(), 1),
+            }
             if "train" in args.measure:
                 for stage, _, _ in TRAIN_STAGES[bundle]:
                     case = {**base, "kind": "train", "stage": stage, "steps": args.steps, "warmup": args.warmup}

@@ -5,7 +5,8 @@ A sampling adapter ``(parser, spec) -> Sampling`` builds the bundle's sampler; `
 and returns how many units (volumes, slices) it produced. Step specs are "NAME:STEPS" strings:
 
 - Med-DDPM: ``ddpm:250`` (the authors' ancestral sampler, always all 250 steps), ``ddim:N`` (deterministic DDIM,
-  brainsynth.schedulers.ddim.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced), ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
+  brainsynth.schedulers.ddim.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced),
+  ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
 - D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
   size, the demo cohort's slices at demo size; figure per volume).
@@ -47,8 +48,10 @@ def _no_scale_factor_needed(parser) -> None:
 # --- training stages: (stage name, config files in merge order, setup(parser) before timing) -----------------
 #: the conditional LDM's two stages keep their own batch sizes (its demo overlay sets both, and its inference
 #: batch_size); the harness's ``batch_size`` override means the running stage's
-STAGE_KEYS = {("brain_mri_conditional_ldm", "autoencoder"): {"batch_size": "ae_batch_size"},
-              ("brain_mri_conditional_ldm", "diffusion"): {"batch_size": "diffusion_batch_size"}}
+STAGE_KEYS = {
+    ("brain_mri_conditional_ldm", "autoencoder"): {"batch_size": "ae_batch_size"},
+    ("brain_mri_conditional_ldm", "diffusion"): {"batch_size": "diffusion_batch_size"},
+}
 
 
 def stage_overrides(bundle: str, stage: str, overrides: dict) -> dict:
@@ -60,9 +63,10 @@ def stage_overrides(bundle: str, stage: str, overrides: dict) -> dict:
 TRAIN_STAGES = {
     "brats_mri_med_ddpm": [("diffusion", ["train.json"], None)],
     "brats_mri_d3m_cemri": [("diffusion", ["train.json"], None)],
-    "brain_mri_conditional_ldm": [("autoencoder", ["train_autoencoder.json"], None),
-                                  ("diffusion", ["train_autoencoder.json", "train_diffusion.json"],
-                                   _no_scale_factor_needed)],
+    "brain_mri_conditional_ldm": [
+        ("autoencoder", ["train_autoencoder.json"], None),
+        ("diffusion", ["train_autoencoder.json", "train_diffusion.json"], _no_scale_factor_needed),
+    ],
 }
 
 
@@ -73,9 +77,17 @@ def spec_overrides(bundle: str, spec: str) -> dict:
     name, steps = _spec(spec)
     if bundle == "brats_mri_med_ddpm":
         if name == "pndm":
-            return {"sampler": "ddim", "num_inference_steps": steps, "fast_scheduler": {
-                "_target_": "monai.networks.schedulers.PNDMScheduler", "num_train_timesteps": "@num_train_timesteps",
-                "schedule": "cosine", "skip_prk_steps": True, "prediction_type": "epsilon"}}
+            return {
+                "sampler": "ddim",
+                "num_inference_steps": steps,
+                "fast_scheduler": {
+                    "_target_": "monai.networks.schedulers.PNDMScheduler",
+                    "num_train_timesteps": "@num_train_timesteps",
+                    "schedule": "cosine",
+                    "skip_prk_steps": True,
+                    "prediction_type": "epsilon",
+                },
+            }
         if name in ("ddpm", "ddim"):
             return {"sampler": name, "num_inference_steps": steps, "ddim_eta": 0.0}
         if name == "ancestral_ddim":  # eta = 1: ancestral sampling respaced to STEPS

@@ -33,11 +33,18 @@ RECIPES = {
     "bf16+checkpointing+compile": {"amp": True, "activation_checkpointing": True, "compile": True},
     "bf16+compile": {"amp": True, "compile": True},
 }
-STAGES = [("brats_mri_med_ddpm", "diffusion"), ("brats_mri_d3m_cemri", "diffusion"),
-          ("brain_mri_conditional_ldm", "autoencoder"), ("brain_mri_conditional_ldm", "diffusion")]
+STAGES = [
+    ("brats_mri_med_ddpm", "diffusion"),
+    ("brats_mri_d3m_cemri", "diffusion"),
+    ("brain_mri_conditional_ldm", "autoencoder"),
+    ("brain_mri_conditional_ldm", "diffusion"),
+]
 #: each bundle's paper sampler and fast sampler (specs as in ci/benchmark_samplers.py); D3M: a whole volume
-SAMPLERS = {"brats_mri_med_ddpm": ["ddim:25", "ddpm:250"], "brats_mri_d3m_cemri": ["volume:50", "volume:250"],
-            "brain_mri_conditional_ldm": ["ddim:50"]}
+SAMPLERS = {
+    "brats_mri_med_ddpm": ["ddim:25", "ddpm:250"],
+    "brats_mri_d3m_cemri": ["volume:50", "volume:250"],
+    "brain_mri_conditional_ldm": ["ddim:50"],
+}
 
 
 def _demo_cohort(bundle: str) -> dict:
@@ -61,8 +68,16 @@ def plan(tiny: bool) -> list[dict]:
     def train(recipes):
         for bundle, stage in STAGES:
             for recipe in recipes:
-                cases.append({**common(bundle, recipe), "kind": "train", "stage": stage, "steps": steps,
-                              "warmup": warmup, "count_flops": True})
+                cases.append(
+                    {
+                        **common(bundle, recipe),
+                        "kind": "train",
+                        "stage": stage,
+                        "steps": steps,
+                        "warmup": warmup,
+                        "count_flops": True,
+                    }
+                )
 
     def sample(which, recipe):
         for bundle, specs in SAMPLERS.items():
@@ -81,8 +96,16 @@ def plan(tiny: bool) -> list[dict]:
     sample(slice(0, 1), "bf16")  # fast samplers
     train(["bf16+compile"])
     # the recipe meant to fit Med-DDPM's 192 x 192 x 144 training into 24 GB
-    cases.append({**common("brats_mri_med_ddpm", "bf16+checkpointing+compile"), "kind": "train",
-                  "stage": "diffusion", "steps": steps, "warmup": warmup, "count_flops": True})
+    cases.append(
+        {
+            **common("brats_mri_med_ddpm", "bf16+checkpointing+compile"),
+            "kind": "train",
+            "stage": "diffusion",
+            "steps": steps,
+            "warmup": warmup,
+            "count_flops": True,
+        }
+    )
     sample(slice(1, None), "bf16")  # the papers' full-length samplers
     return cases
 
@@ -111,22 +134,40 @@ def run(cases: list[dict], budget: float, case_timeout: float, write=lambda rows
 
 def summary(rows: list[dict]) -> list[str]:
     """The figures the performance goals ask for, read off the rows."""
+
     def find(bundle, kind, variant, stage=None, steps=None):
-        return next((r["result"] for r in rows if r["bundle"] == bundle and r["kind"] == kind
-                     and r["variant"] == variant and (stage is None or r.get("stage") == stage)
-                     and (steps is None or r.get("num_steps") == steps) and "error" not in r["result"]), None)
+        return next(
+            (
+                r["result"]
+                for r in rows
+                if r["bundle"] == bundle
+                and r["kind"] == kind
+                and r["variant"] == variant
+                and (stage is None or r.get("stage") == stage)
+                and (steps is None or r.get("num_steps") == steps)
+                and "error" not in r["result"]
+            ),
+            None,
+        )
 
     lines = []
     med = "brats_mri_med_ddpm"
     fp32, fit = find(med, "train", "fp32", "diffusion"), find(med, "train", "bf16+checkpointing", "diffusion")
-    fastest = min((r["result"] for r in rows if r["bundle"] == med and r["kind"] == "train"
-                   and "error" not in r["result"]), key=lambda res: res["seconds_per_step"], default=None)
+    fastest = min(
+        (r["result"] for r in rows if r["bundle"] == med and r["kind"] == "train" and "error" not in r["result"]),
+        key=lambda res: res["seconds_per_step"],
+        default=None,
+    )
     if fit:
-        lines.append(f"- Med-DDPM training, bf16 + activation checkpointing: peak {fit['peak_memory_mb'] / 1024:.1f} GB "
-                     f"CUDA memory (goal: within 24 GB).")
+        lines.append(
+            f"- Med-DDPM training, bf16 + activation checkpointing: peak {fit['peak_memory_mb'] / 1024:.1f} GB "
+            f"CUDA memory (goal: within 24 GB)."
+        )
     if fp32 and fastest and fastest is not fp32:
-        lines.append(f"- Med-DDPM training throughput, fastest recipe vs faithful fp32: "
-                     f"{fp32['seconds_per_step'] / fastest['seconds_per_step']:.2f}x (goal >= 2x).")
+        lines.append(
+            f"- Med-DDPM training throughput, fastest recipe vs faithful fp32: "
+            f"{fp32['seconds_per_step'] / fastest['seconds_per_step']:.2f}x (goal >= 2x)."
+        )
     vol = find("brats_mri_d3m_cemri", "sample", "bf16", steps="volume:50")
     if vol:
         key = next(k for k in vol if k.startswith("seconds_per_"))
@@ -137,19 +178,28 @@ def summary(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="demo sizes, one step each: the CPU smoke run of this check")
-    ap.add_argument("--budget", type=float, default=None, help="wall-clock seconds for all cases "
-                    "(default 330 on a GPU, 900 for --tiny)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="wall-clock seconds for all cases (default 330 on a GPU, 900 for --tiny)",
+    )
     ap.add_argument("--case-timeout", type=float, default=150)
     ap.add_argument("--out", default=str(REPO / "ci" / "results"))
-    ap.add_argument("--only", default="", help="comma-separated substrings; run only the planned cases whose name "
-                    "(bundle/kind/stage/variant/steps) contains one, in plan order, e.g. 'sample,compile'")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings; run only the planned cases whose name "
+        "(bundle/kind/stage/variant/steps) contains one, in plan order, e.g. 'sample,compile'",
+    )
     args = ap.parse_args(argv)
 
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
-        raise SystemExit("ci/gpu_check.py: no CUDA device is visible; run it on a GPU machine, or add --tiny for "
-                         "the CPU smoke run")
+        raise SystemExit(
+            "ci/gpu_check.py: no CUDA device is visible; run it on a GPU machine, or add --tiny for the CPU smoke run"
+        )
     budget = args.budget or (900.0 if args.tiny else 330.0)
     env = benchmark.environment()
     cases = plan(args.tiny)
@@ -163,8 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"gpu_check_{mode}_{time.strftime('%Y%m%d-%H%M%S')}"
 
     def write(rows):
-        report = {"command": command, "mode": mode, "budget_s": budget, "environment": env, "rows": rows,
-                  "planned": len(cases), "summary": summary(rows)}
+        report = {
+            "command": command,
+            "mode": mode,
+            "budget_s": budget,
+            "environment": env,
+            "rows": rows,
+            "planned": len(cases),
+            "summary": summary(rows),
+        }
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
         markdown = benchmark.to_markdown(env, rows, command) + "\n" + "\n".join(report["summary"]) + "\n"
         (out / f"{stem}.md").write_text(markdown)

@@ -36,8 +36,12 @@ EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)
 
 sys.path.insert(0, str(REPO / "common"))  # the packaging tool itself uses the repository's library
-from brainsynth.engine.bundle_archive import (LARGE_FILES_NAME, WEIGHT_SUFFIXES, format_large_files,  # noqa: E402
-                                       large_file_entry)
+from brainsynth.engine.bundle_archive import (  # noqa: E402
+    LARGE_FILES_NAME,
+    WEIGHT_SUFFIXES,
+    format_large_files,  # noqa: E402
+    large_file_entry,
+)
 from brainsynth.engine.io import atomic_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,8 +69,12 @@ def archive_name(bundle_dir: Path) -> str:
 def _listed_files(folder: Path) -> list[Path]:
     """Files git would commit under ``folder`` (tracked plus untracked-but-not-ignored); a plain walk outside git."""
     try:
-        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "."],
-                             cwd=folder, capture_output=True, check=True).stdout.decode()
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "."],
+            cwd=folder,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         files = [folder / f for f in out.split("\0") if f]
     except (OSError, subprocess.CalledProcessError):
         files = [p for p in folder.rglob("*")]
@@ -83,23 +91,33 @@ def weight_files(models_dir: Path) -> list[Path]:
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         raise PackagingError(f"{models_dir}: weights folder not found")
-    found = sorted(p for p in models_dir.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                   and not p.name.startswith("checkpoint"))
+    found = sorted(
+        p
+        for p in models_dir.rglob("*")
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("checkpoint")
+    )
     if not found:
         raise PackagingError(f"{models_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to package")
     return found
 
 
-def stage_bundle(bundle_dir: Path, staging: Path, models_dir: Path | None = None, url_base: str | None = None,
-                 library_dir: Path = LIBRARY_DIR) -> Path:
+def stage_bundle(
+    bundle_dir: Path,
+    staging: Path,
+    models_dir: Path | None = None,
+    url_base: str | None = None,
+    library_dir: Path = LIBRARY_DIR,
+) -> Path:
     """Lay the bundle out under ``staging/<name>/`` exactly as the archive will hold it; returns that folder."""
     bundle_dir = Path(bundle_dir).resolve()
     missing = [f for f in REQUIRED_FILES if not (bundle_dir / f).is_file()]
     if missing:
         raise PackagingError(f"{bundle_dir}: cannot package, missing {', '.join(missing)}")
     if (bundle_dir / "brainsynth").exists():
-        raise PackagingError(f"{bundle_dir}/brainsynth: the bundle must not carry its own copy of the library; "
-                             f"the archive vendors common/brainsynth at build time")
+        raise PackagingError(
+            f"{bundle_dir}/brainsynth: the bundle must not carry its own copy of the library; "
+            f"the archive vendors common/brainsynth at build time"
+        )
     name, version = bundle_dir.name, bundle_version(bundle_dir)
     root = Path(staging) / name
     for f in _listed_files(bundle_dir):
@@ -140,8 +158,14 @@ def write_zip(staged_root: Path, zip_path: Path, overwrite: bool = False) -> Pat
     return Path(zip_path)
 
 
-def build_archive(bundle_dir: Path, out_dir: Path, models_dir: Path | None = None, url_base: str | None = None,
-                  overwrite: bool = False, library_dir: Path = LIBRARY_DIR) -> Path:
+def build_archive(
+    bundle_dir: Path,
+    out_dir: Path,
+    models_dir: Path | None = None,
+    url_base: str | None = None,
+    overwrite: bool = False,
+    library_dir: Path = LIBRARY_DIR,
+) -> Path:
     """Build ``<out_dir>/<name>_v<version>.zip``. Without ``url_base`` weight urls point at a copy of each weight
     file written beside the zip (``<out_dir>/<name>_v<version>/models/...``), so download_large_files works."""
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
@@ -182,8 +206,10 @@ def train_demo_weights(bundle_dir: Path, work: Path, iterations: int | None = No
         stack = stack + configs.demo[:1]
         result = vb.run_workflow(scratch, stack, "train", max_iterations=iterations, timeout=3600)
         if result["returncode"] != 0:
-            raise PackagingError(f"{bundle_dir.name}: demo training {'+'.join(stack)} failed:\n"
-                                 + "\n".join(result["output"].splitlines()[-20:]))
+            raise PackagingError(
+                f"{bundle_dir.name}: demo training {'+'.join(stack)} failed:\n"
+                + "\n".join(result["output"].splitlines()[-20:])
+            )
     return scratch / "models"
 
 
@@ -198,17 +224,31 @@ def _parse_models(pairs: list[str]) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bundles", nargs="*", help="bundle names (default: every bundle under bundles/)")
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="output folder (default: dist/)")
-    parser.add_argument("--models", nargs="*", default=[], metavar="NAME=DIR",
-                        help="weights to ship: every .pt/.ts/.onnx in DIR (training checkpoints excluded)")
-    parser.add_argument("--url-base", default=None,
-                        help="where weight files are hosted: url = URL_BASE/<name>_v<version>/models/<file>")
-    parser.add_argument("--demo-weights", nargs="?", type=int, const=0, default=None, metavar="ITERATIONS",
-                        help="ship weights from a demo training run in a temporary folder (ITERATIONS per stage; "
-                             "without a number, the demo's full length) for bundles without --models")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="NAME=DIR",
+        help="weights to ship: every .pt/.ts/.onnx in DIR (training checkpoints excluded)",
+    )
+    parser.add_argument(
+        "--url-base", default=None, help="where weight files are hosted: url = URL_BASE/<name>_v<version>/models/<file>"
+    )
+    parser.add_argument(
+        "--demo-weights",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="ITERATIONS",
+        help="ship weights from a demo training run in a temporary folder (ITERATIONS per stage; "
+        "without a number, the demo's full length) for bundles without --models",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing archives")
     args = parser.parse_args(argv)
     try:

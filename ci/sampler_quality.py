@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import REPO, environment  # noqa: E402
 from benchmark_samplers import _spec, spec_overrides  # noqa: E402
 
-
 #: the generated volumes of each bundle's outputs (the output folders also hold copies of the inputs: masks,
 #: conditions, which every sampler writes identically and which must not dilute the comparison)
 GENERATED = {
@@ -57,8 +56,16 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_spec(bundle_dir: Path, bundle_root: str, configs: list[str], run_id: str, spec: str, folder: Path,
-             extra: dict, bundle: str) -> dict:
+def run_spec(
+    bundle_dir: Path,
+    bundle_root: str,
+    configs: list[str],
+    run_id: str,
+    spec: str,
+    folder: Path,
+    extra: dict,
+    bundle: str,
+) -> dict:
     from monai.bundle import ConfigParser
 
     folder.mkdir(parents=True, exist_ok=False)  # never mix the volumes of two runs
@@ -70,22 +77,37 @@ def run_spec(bundle_dir: Path, bundle_root: str, configs: list[str], run_id: str
         overlay["log_dir"] = str(folder)
     (folder / "overlay.json").write_text(json.dumps(overlay, indent=1))
     files.append(str(folder / "overlay.json"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(files),
-           "--bundle_root", bundle_root, "--meta_file", str(bundle_dir / "configs" / "metadata.json"),
-           "--logging_file", str(bundle_dir / "configs" / "logging.conf")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        repr(files),
+        "--bundle_root",
+        bundle_root,
+        "--meta_file",
+        str(bundle_dir / "configs" / "metadata.json"),
+        "--logging_file",
+        str(bundle_dir / "configs" / "logging.conf"),
+    ]
     cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=bundle_dir, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     (folder / "run.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec}: the workflow failed (exit {proc.returncode}); see {folder / 'run.log'}:\n"
-                           + (proc.stdout + proc.stderr)[-3000:])
+        raise RuntimeError(
+            f"{spec}: the workflow failed (exit {proc.returncode}); see {folder / 'run.log'}:\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
     return {"spec": spec, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "command": shlex.join(cmd)}
 
 
 def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
     import nibabel as nib
     import torch
+
     from brainsynth.metrics.distribution import ms_ssim
 
     ours, ref = _volumes(folder / "generated", patterns), _volumes(reference / "generated", patterns)
@@ -105,8 +127,11 @@ def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
 
 
 def _mean_sd(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def bundle_metrics(folder: Path) -> dict:
@@ -124,20 +149,33 @@ def bundle_metrics(folder: Path) -> dict:
 
 
 def to_markdown(env: dict, rows: list[dict], reference: str, command: str) -> str:
-    lines = [f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, {env['date']}.",
-             f"Reference for the pixel comparison: `{reference}` (same weights, inputs and seeds).", "",
-             "| sampler | network evaluations | wall s | CPU s | MSE to ref | MS-SSIM to ref | "
-             "bundle eval: MSE to real | MS-SSIM to real | Frechet distance (in-house features) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Commit {env['commit']}, {env['device']}, torch {env['torch']}, MONAI {env['monai']}, {env['date']}.",
+        f"Reference for the pixel comparison: `{reference}` (same weights, inputs and seeds).",
+        "",
+        "| sampler | network evaluations | wall s | CPU s | MSE to ref | MS-SSIM to ref | "
+        "bundle eval: MSE to real | MS-SSIM to real | Frechet distance (in-house features) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cmp, m = r.get("comparison", {}), r.get("bundle_metrics", {})
-        f = (lambda d: f"{d['mean']:.4f} +- {d['sd']:.4f}" if d else "-")
-        g = (lambda k: f"{m[k]:.4f}" if k in m else "-")
-        lines.append(f"| `{r['spec']}` | {r['network_evaluations']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{f(cmp.get('mse_to_reference'))} | {f(cmp.get('ms_ssim_to_reference'))} | {g('mse')} | "
-                     f"{g('ms_ssim')} | {g('feature_frechet_distance')} |")
-    lines += ["", "Bundle-eval columns: mean over modalities of the evaluating workflow's metrics.json (real scans of "
-              "the same subjects). Command:", "", "```bash", command, "```", ""]
+        f = lambda d: f"{d['mean']:.4f} +- {d['sd']:.4f}" if d else "-"
+        g = lambda k: f"{m[k]:.4f}" if k in m else "-"
+        lines.append(
+            f"| `{r['spec']}` | {r['network_evaluations']} | {r['wall_s']} | {r['cpu_s']} | "
+            f"{f(cmp.get('mse_to_reference'))} | {f(cmp.get('ms_ssim_to_reference'))} | {g('mse')} | "
+            f"{g('ms_ssim')} | {g('feature_frechet_distance')} |"
+        )
+    lines += [
+        "",
+        "Bundle-eval columns: mean over modalities of the evaluating workflow's metrics.json (real scans of "
+        "the same subjects). Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -150,8 +188,9 @@ def recompare(out: Path) -> int:
     for row in result["rows"]:
         folder = out / row["spec"].replace(":", "_")
         if row["spec"] != result["reference"]:
-            row["comparison"] = compare(folder, out / result["reference"].replace(":", "_"),
-                                        GENERATED[result["bundle"]])
+            row["comparison"] = compare(
+                folder, out / result["reference"].replace(":", "_"), GENERATED[result["bundle"]]
+            )
     now = environment()
     result["recompared"] = {"commit": now["commit"], "date": now["date"]}
     atomic_write_text(out / "sampler_quality.json", json.dumps(result, indent=1), overwrite=True)
@@ -200,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in specs:
         print(f"sampling {spec} ...", flush=True)
-        row = run_spec(bundle_dir, args.bundle_root, args.config_file, args.run_id, spec,
-                       out / spec.replace(":", "_"), extra, args.bundle)
+        row = run_spec(
+            bundle_dir,
+            args.bundle_root,
+            args.config_file,
+            args.run_id,
+            spec,
+            out / spec.replace(":", "_"),
+            extra,
+            args.bundle,
+        )
         name, steps = _spec(spec)
         row["network_evaluations"] = steps  # per volume (Med-DDPM, LDM) or per slice (D3M)
         rows.append(row)
@@ -213,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         row["bundle_metrics"] = bundle_metrics(folder)
     env = environment()
     command = "python ci/sampler_quality.py " + shlex.join(argv)
-    result = {"environment": env, "bundle": args.bundle, "reference": args.reference, "command": command,
-              "rows": rows}
+    result = {"environment": env, "bundle": args.bundle, "reference": args.reference, "command": command, "rows": rows}
     (out / "sampler_quality.json").write_text(json.dumps(result, indent=1))
     (out / "sampler_quality.md").write_text(to_markdown(env, rows, args.reference, command))
     print(to_markdown(env, rows, args.reference, command))

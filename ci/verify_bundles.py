@@ -52,8 +52,15 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO / "bundles"
 SCHEMA_DIRS = (REPO.parent / "shared" / "reference" / "monai-schema",)  # CI checks out shared/ beside the repo
 SCHEMA_NAME = "meta_schema_20240725.json"
-REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/demo.json",
-                  "configs/logging.conf", "docs/README.md", "docs/data_license.txt")
+REQUIRED_FILES = (
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/demo.json",
+    "configs/logging.conf",
+    "docs/README.md",
+    "docs/data_license.txt",
+)
 RUN_IDS = {"train": ("training", "run"), "infer": ("inference", "run", "evaluating")}
 UNKNOWN_KEY = "surely_not_a_config_key"
 INIT_FIRST = "reject_unknown_overrides()"
@@ -74,12 +81,12 @@ class BundleConfigs:
     """The config files of one bundle, sorted into what they are for (by MONAI-zoo file-name conventions)."""
 
     root: Path
-    train: list[str] = field(default_factory=list)        # train*.json
-    infer: list[str] = field(default_factory=list)        # inference*.json
-    evaluate: list[str] = field(default_factory=list)     # evaluate*.json
-    multi_gpu: list[str] = field(default_factory=list)    # multi_gpu*.json
-    demo: list[str] = field(default_factory=list)         # demo*.json
-    other: list[str] = field(default_factory=list)        # ablation overlays and anything else
+    train: list[str] = field(default_factory=list)  # train*.json
+    infer: list[str] = field(default_factory=list)  # inference*.json
+    evaluate: list[str] = field(default_factory=list)  # evaluate*.json
+    multi_gpu: list[str] = field(default_factory=list)  # multi_gpu*.json
+    demo: list[str] = field(default_factory=list)  # demo*.json
+    other: list[str] = field(default_factory=list)  # ablation overlays and anything else
 
     @property
     def runnable(self) -> list[str]:
@@ -96,8 +103,13 @@ def classify_configs(bundle_dir: Path) -> BundleConfigs:
         name = path.name
         if name == "metadata.json":
             continue
-        for prefix, bucket in (("multi_gpu", found.multi_gpu), ("train", found.train), ("inference", found.infer),
-                               ("evaluate", found.evaluate), ("demo", found.demo)):
+        for prefix, bucket in (
+            ("multi_gpu", found.multi_gpu),
+            ("train", found.train),
+            ("inference", found.infer),
+            ("evaluate", found.evaluate),
+            ("demo", found.demo),
+        ):
             if name.startswith(prefix):
                 bucket.append(name)
                 break
@@ -145,9 +157,14 @@ def config_stack(bundle_dir: Path, name: str, candidates: list[str]) -> list[str
         return Path(c).stem.partition("_")[2]
 
     # prefer a stage of the same name, then inference configs (evaluate.json on inference.json), then file order
-    order = sorted((c for c in candidates if c != name),
-                   key=lambda c: (suffix(c) != suffix(name) or not suffix(name), not c.startswith("inference"),
-                                  candidates.index(c)))
+    order = sorted(
+        (c for c in candidates if c != name),
+        key=lambda c: (
+            suffix(c) != suffix(name) or not suffix(name),
+            not c.startswith("inference"),
+            candidates.index(c),
+        ),
+    )
     defined = {c: _defined_ids(configs[c]) for c in candidates}
     base: list[str] = []
     missing = _referenced_ids(configs[name]) - defined[name]
@@ -289,8 +306,12 @@ def check_configs(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
         kind = "train" if name in configs.train else "infer"
         files = [str(cfg_dir / c) for c in stack]
         try:
-            workflow = ConfigWorkflow(config_file=files, meta_file=str(cfg_dir / "metadata.json"),
-                                      logging_file=False, workflow_type=_workflow_type(kind))
+            workflow = ConfigWorkflow(
+                config_file=files,
+                meta_file=str(cfg_dir / "metadata.json"),
+                logging_file=False,
+                workflow_type=_workflow_type(kind),
+            )
             run_id_for(workflow.parser.config, kind)
             missing = missing_properties(workflow)
             if missing:
@@ -349,8 +370,10 @@ def cpu_sized(io: dict) -> tuple[dict, str]:
             shape = spec.get("spatial_shape") if isinstance(spec, dict) else None
             if not shape or spec.get("type") != "image":
                 continue
-            new = [d if not isinstance(d, int) or d <= CPU_MAX_SIDE or (d & -d) < 8 else min(d & -d, CPU_MAX_SIDE)
-                   for d in shape]
+            new = [
+                d if not isinstance(d, int) or d <= CPU_MAX_SIDE or (d & -d) < 8 else min(d & -d, CPU_MAX_SIDE)
+                for d in shape
+            ]
             if new != shape:
                 changed.append(f"{shape} -> {new}")
                 spec["spatial_shape"] = new
@@ -382,8 +405,14 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
                 extras = _forward_extras(network, io, "cpu")
                 del network
                 torch.manual_seed(0)
-                verify_net_in_out(net_id=net_id, meta_file=str(cfg_dir / "metadata.json"), config_file=files,
-                                  device="cpu", extra_forward_args=extras, **{"_meta_#network_data_format": io})
+                verify_net_in_out(
+                    net_id=net_id,
+                    meta_file=str(cfg_dir / "metadata.json"),
+                    config_file=files,
+                    device="cpu",
+                    extra_forward_args=extras,
+                    **{"_meta_#network_data_format": io},
+                )
             verified.append(f"{net_id} ({'+'.join(stack)}; extra args: {sorted(extras) or 'none'}{note})")
         except Exception as e:
             problems.append(f"verify_net_in_out {net_id} in {'+'.join(stack)}: {type(e).__name__}: {e}")
@@ -399,20 +428,26 @@ def check_monailabel(bundle_dir: Path) -> list[str]:
     config = load_json(bundle_dir / "configs" / "inference.json")
     problems = [f"inference.json has no '{k}'" for k in ("network_def", "inferer") if k not in config]
     if "model.pt" not in json.dumps(config):
-        problems.append("inference.json never loads models/model.pt (MONAI Label and monai.bundle.load load "
-                        "network_def's weights from that file and skip a bundle without it)")
+        problems.append(
+            "inference.json never loads models/model.pt (MONAI Label and monai.bundle.load load "
+            "network_def's weights from that file and skip a bundle without it)"
+        )
     pre = config.get("pre_transforms") or config.get("preprocessing")
     transforms = pre.get("transforms", []) if isinstance(pre, dict) else pre if isinstance(pre, list) else []
     first = transforms[0] if transforms and isinstance(transforms[0], dict) else {}
     if "image" not in json.dumps(first.get("keys", "")):
-        problems.append("the first of pre_transforms (else preprocessing) does not read the key 'image', where "
-                        "MONAI Label puts the input volume; add MONAI-Label-only 'pre_transforms'/'post_transforms'")
+        problems.append(
+            "the first of pre_transforms (else preprocessing) does not read the key 'image', where "
+            "MONAI Label puts the input volume; add MONAI-Label-only 'pre_transforms'/'post_transforms'"
+        )
     return problems
 
 
-TRACKING = {"TensorBoard logging (TensorBoardStatsHandler)": r"TensorBoardStatsHandler",
-            "training progress bar (ignite ProgressBar)": r"ProgressBar",
-            "preview PNGs during training (brainsynth.engine.training.TrainingPreview)": r"TrainingPreview"}
+TRACKING = {
+    "TensorBoard logging (TensorBoardStatsHandler)": r"TensorBoardStatsHandler",
+    "training progress bar (ignite ProgressBar)": r"ProgressBar",
+    "preview PNGs during training (brainsynth.engine.training.TrainingPreview)": r"TrainingPreview",
+}
 
 
 def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
@@ -428,8 +463,9 @@ def check_tracking(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
     return problems
 
 
-def _networks(bundle_dir: Path, configs: BundleConfigs, cpu_size: bool = True
-              ) -> list[tuple[str, list[str], str, dict]]:
+def _networks(
+    bundle_dir: Path, configs: BundleConfigs, cpu_size: bool = True
+) -> list[tuple[str, list[str], str, dict]]:
     """(metadata format key, config stack, network id, I/O, at a CPU size unless ``cpu_size`` is False) for each
     ``<net>_data_format`` (``network_data_format`` -> ``network_def``); the stack is empty when no config defines
     the network (the id is then the first candidate)."""
@@ -475,8 +511,9 @@ def check_export(bundle_dir: Path, configs: BundleConfigs, out_dir: Path | None 
         net = parser.get_parsed_content(net_id).eval()
         spec = next(iter(io["inputs"].values()))
         shape = [int(d) if isinstance(d, int) else 16 for d in spec["spatial_shape"]]
-        x = torch.rand(1, int(spec["num_channels"]), *shape,
-                       dtype=get_equivalent_dtype(spec.get("dtype", "float32"), torch.Tensor))
+        x = torch.rand(
+            1, int(spec["num_channels"]), *shape, dtype=get_equivalent_dtype(spec.get("dtype", "float32"), torch.Tensor)
+        )
         extras = _forward_extras(net, io, "cpu")
         outcome = []
         try:
@@ -494,7 +531,7 @@ def check_export(bundle_dir: Path, configs: BundleConfigs, out_dir: Path | None 
                     eager = net(x, *extras.values())
                     torch.manual_seed(0)
                     traced = module(x, *extras.values())
-                first = (lambda o: o[0] if isinstance(o, (tuple, list)) else o)
+                first = lambda o: o[0] if isinstance(o, (tuple, list)) else o
                 if torch.allclose(first(eager), first(traced), atol=1e-4):
                     outcome.append(f"trace with {['x', *extras]} OK (output equals eager)")
                 else:
@@ -508,15 +545,20 @@ def check_export(bundle_dir: Path, configs: BundleConfigs, out_dir: Path | None 
             module.save(str(Path(out_dir) / f"{bundle_dir.name}_{net_id}.ts"))
         done.append(f"{net_id}: " + "; ".join(outcome))
         if module is None and not documented:
-            problems.append(f"{net_id} exports neither by script nor by trace and docs/README.md says nothing about "
-                            f"export")
+            problems.append(
+                f"{net_id} exports neither by script nor by trace and docs/README.md says nothing about export"
+            )
     return problems, done
 
 
 # MONAI components whose optional dependency a config pulls in by name (MONAI itself only requires torch + numpy)
-CONFIG_COMPONENT_PACKAGES = {"DiffusionModelUNet": "einops", "TensorBoardStatsHandler": "tensorboard",
-                             "TensorBoardImageHandler": "tensorboard", "LoadImage": "nibabel",
-                             "MLFlowHandler": "mlflow"}
+CONFIG_COMPONENT_PACKAGES = {
+    "DiffusionModelUNet": "einops",
+    "TensorBoardStatsHandler": "tensorboard",
+    "TensorBoardImageHandler": "tensorboard",
+    "LoadImage": "nibabel",
+    "MLFlowHandler": "mlflow",
+}
 BASE_PACKAGES = {"monai", "torch", "numpy", "brainsynth"}
 
 
@@ -532,8 +574,9 @@ def imported_modules(files: list[Path]) -> dict[str, Path]:
     def visit(node: ast.AST, guarded: bool, path: Path) -> None:
         if isinstance(node, ast.Try):
             catches = {getattr(h.type, "id", None) for h in node.handlers}
-            catches |= {getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple)
-                        for e in h.type.elts}
+            catches |= {
+                getattr(e, "id", None) for h in node.handlers if isinstance(h.type, ast.Tuple) for e in h.type.elts
+            }
             optional = bool(catches & {"ImportError", "ModuleNotFoundError"})
             for child in node.body:
                 visit(child, guarded or optional, path)
@@ -577,8 +620,11 @@ def check_requirements(bundle_dir: Path, library_dir: Path = REPO / "common" / "
         for component, dist in CONFIG_COMPONENT_PACKAGES.items():
             if re.search(rf"\b{component}\b", text):
                 needed.setdefault(dist, f"{component} in configs/{cfg.name}")
-    return [f"required_packages_version lacks {dist!r} ({why})" for dist, why in sorted(needed.items())
-            if dist not in listed]
+    return [
+        f"required_packages_version lacks {dist!r} ({why})"
+        for dist, why in sorted(needed.items())
+        if dist not in listed
+    ]
 
 
 def check_overrides_static(bundle_dir: Path, configs: BundleConfigs) -> list[str]:
@@ -603,8 +649,9 @@ def check_overrides_cli(bundle_dir: Path, configs: BundleConfigs, timeout: float
     kind = "train" if name in configs.train else "infer"
     stack = config_stack(bundle_dir, name, configs.train if kind == "train" else configs.runnable)
     cmd = [sys.executable, "-m", *bundle_run_args(bundle_dir, stack, kind), f"--{UNKNOWN_KEY}", "1"]
-    proc = subprocess.run(cmd, cwd=bundle_dir, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=bundle_dir, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     out = proc.stdout + proc.stderr
     if proc.returncode == 0:
         return [f"`{' '.join(cmd[1:])}` exited 0: the unknown key was silently accepted"]
@@ -652,8 +699,10 @@ def install_engine_probe() -> None:
     def write() -> None:
         dist = torch.distributed
         ready = dist.is_available() and dist.is_initialized()
-        state.update(rank=dist.get_rank() if ready else int(os.environ.get("RANK", 0)),
-                     world_size=dist.get_world_size() if ready else int(os.environ.get("WORLD_SIZE", 1)))
+        state.update(
+            rank=dist.get_rank() if ready else int(os.environ.get("RANK", 0)),
+            world_size=dist.get_world_size() if ready else int(os.environ.get("WORLD_SIZE", 1)),
+        )
         if state["engines"]:
             report.write_text(json.dumps(state))
 
@@ -664,8 +713,10 @@ def install_engine_probe() -> None:
         return float(sum(p.detach().double().abs().sum() for p in network.parameters()))
 
     def counting_run(engine, *args, **kwargs):
-        trains = any(k.endswith("optimizer") and v is not None  # AdversarialTrainer keeps them in its state
-                     for k, v in [*vars(engine).items(), *vars(engine.state).items()])
+        trains = any(
+            k.endswith("optimizer") and v is not None  # AdversarialTrainer keeps them in its state
+            for k, v in [*vars(engine).items(), *vars(engine.state).items()]
+        )
         record = {"engine": type(engine).__name__, "iterations": 0, "losses": [], "trains": trains}
         state["engines"].append(record)
 
@@ -674,8 +725,11 @@ def install_engine_probe() -> None:
             out = e.state.output
             out = out[0] if isinstance(out, list) and out else out
             values = [v for k, v in out.items() if "loss" in str(k)] if isinstance(out, dict) else [out]
-            losses = [float(v) for v in values  # a decollated batch may carry the loss as a Python number
-                      if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))]
+            losses = [
+                float(v)
+                for v in values  # a decollated batch may carry the loss as a Python number
+                if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))
+            ]
             if losses:  # the first loss of each iteration (e.g. "loss"; an adversarial trainer's reconstruction)
                 record["losses"] = (record["losses"] + [losses[0]])[-5:]
             record["finite"] = record.get("finite", True) and all(math.isfinite(x) for x in losses)
@@ -710,7 +764,8 @@ def probe_environment(report_dir: Path, max_iterations: int | None) -> dict:
         f"    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
         "    import verify_bundles\n"
         "    verify_bundles.install_engine_probe()\n"
-        "    sys.path.pop(0)\n")
+        "    sys.path.pop(0)\n"
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     env[PROBE_ENV] = json.dumps({"report_dir": str(report_dir), "max_iterations": max_iterations})
@@ -729,23 +784,47 @@ def bundle_run_args(bundle_dir: Path, stack: list[str], kind: str) -> list[str]:
     return ["monai.bundle", "run", run_id, "--config_file", config_arg]
 
 
-def run_workflow(bundle_root: Path, stack: list[str], kind: str, max_iterations: int | None,
-                 extra_args: list[str] | None = None, timeout: float = 600, python: str = sys.executable) -> dict:
+def run_workflow(
+    bundle_root: Path,
+    stack: list[str],
+    kind: str,
+    max_iterations: int | None,
+    extra_args: list[str] | None = None,
+    timeout: float = 600,
+    python: str = sys.executable,
+) -> dict:
     """Run ``python -m monai.bundle run`` (MONAI's own runner) from ``bundle_root`` in a fresh process with the
     engine probe; returns the probe's report (engines, iterations, losses) plus new files and the output."""
     bundle_root = Path(bundle_root)
     before = {p for p in bundle_root.rglob("*") if p.is_file()}
-    cmd = [python, "-m", *bundle_run_args(bundle_root, stack, kind), "--bundle_root", str(bundle_root),
-           *(extra_args or [])]
+    cmd = [
+        python,
+        "-m",
+        *bundle_run_args(bundle_root, stack, kind),
+        "--bundle_root",
+        str(bundle_root),
+        *(extra_args or []),
+    ]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="probe_") as reports:
-        proc = subprocess.run(cmd, cwd=bundle_root, capture_output=True, text=True, timeout=timeout,
-                              env=probe_environment(Path(reports), max_iterations))
+        proc = subprocess.run(
+            cmd,
+            cwd=bundle_root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=probe_environment(Path(reports), max_iterations),
+        )
         found = read_probe_reports(Path(reports))
     result = found[0] if found else {"engines": [], "saves": []}
     after = {p for p in bundle_root.rglob("*") if p.is_file()}
-    result.update(returncode=proc.returncode, seconds=time.time() - started, output=proc.stdout + proc.stderr,
-                  command=" ".join(cmd[1:]), new_files=sorted(str(p.relative_to(bundle_root)) for p in after - before))
+    result.update(
+        returncode=proc.returncode,
+        seconds=time.time() - started,
+        output=proc.stdout + proc.stderr,
+        command=" ".join(cmd[1:]),
+        new_files=sorted(str(p.relative_to(bundle_root)) for p in after - before),
+    )
     return result
 
 
@@ -758,14 +837,18 @@ def data_arguments(merged: dict, dataset_dir: Path | None) -> list[str]:
     if dataset_dir is not None:
         return ["--dataset_dir", str(dataset_dir)]
     cohort = merged.get("demo_cohort")
-    if merged.get("dataset_dir") == "demo" and isinstance(cohort, dict) and \
-            cohort.get("n_subjects", SMALL_COHORT + 1) > SMALL_COHORT:
+    if (
+        merged.get("dataset_dir") == "demo"
+        and isinstance(cohort, dict)
+        and cohort.get("n_subjects", SMALL_COHORT + 1) > SMALL_COHORT
+    ):
         return ["--demo_cohort", repr({**cohort, "n_subjects": SMALL_COHORT})]
     return []
 
 
-def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: float,
-               dataset_dir: Path | None = None) -> list[tuple[str, list[str], float]]:
+def run_checks(
+    bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: float, dataset_dir: Path | None = None
+) -> list[tuple[str, list[str], float]]:
     """Train configs for one iteration (dependency order), then inference configs on one batch, in one scratch
     copy of the bundle with its demo overlay, on ``dataset_dir`` (default: the overlay's demo data, small)."""
     root = scratch_copy(bundle_dir, work)
@@ -775,8 +858,14 @@ def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: fl
     for stack in stacks:  # a stage before the stages built on it
         stack = stack + demo
         label = f"train {'+'.join(stack)}"
-        r = run_workflow(root, stack, "train", max_iterations=1, timeout=timeout,
-                         extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir))
+        r = run_workflow(
+            root,
+            stack,
+            "train",
+            max_iterations=1,
+            timeout=timeout,
+            extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir),
+        )
         problems = _run_problems(r)
         trainers = [e for e in r.get("engines", []) if e["iterations"] and e["trains"]]
         if not problems and not trainers:
@@ -789,8 +878,14 @@ def run_checks(bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: fl
     for name in configs.infer:
         stack = config_stack(bundle_dir, name, configs.runnable) + demo
         label = f"infer {'+'.join(stack)}"
-        r = run_workflow(root, stack, "infer", max_iterations=1, timeout=timeout,
-                         extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir))
+        r = run_workflow(
+            root,
+            stack,
+            "infer",
+            max_iterations=1,
+            timeout=timeout,
+            extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir),
+        )
         problems = _run_problems(r)
         outputs = [f for f in r.get("new_files", []) if f.endswith((".nii.gz", ".nii"))]
         if not problems and not outputs:
@@ -819,9 +914,16 @@ def _timed(bundle: str, name: str, fn: Callable[[], list[str]]) -> Check:
     return Check(bundle, name, not problems, "\n".join(problems), time.time() - started)
 
 
-def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: Path | None = None,
-                  online: bool = False, timeout: float = 600, dataset_dir: Path | None = None,
-                  export_dir: Path | None = None) -> list[Check]:
+def verify_bundle(
+    bundle_dir: Path,
+    work: Path,
+    runs: bool = True,
+    schema_path: Path | None = None,
+    online: bool = False,
+    timeout: float = 600,
+    dataset_dir: Path | None = None,
+    export_dir: Path | None = None,
+) -> list[Check]:
     bundle_dir = Path(bundle_dir)
     b = bundle_dir.name
     configs = classify_configs(bundle_dir)
@@ -853,8 +955,13 @@ def verify_bundle(bundle_dir: Path, work: Path, runs: bool = True, schema_path: 
 
         checks.append(_timed(b, "export", export))
         checks[-1].detail = "\n".join(filter(None, [checks[-1].detail, *exported]))
-    checks.append(_timed(b, "overrides", lambda: check_overrides_static(bundle_dir, configs)
-                         + check_overrides_cli(bundle_dir, configs)))
+    checks.append(
+        _timed(
+            b,
+            "overrides",
+            lambda: check_overrides_static(bundle_dir, configs) + check_overrides_cli(bundle_dir, configs),
+        )
+    )
     if runs:
         try:
             for label, problems, seconds in run_checks(bundle_dir, configs, work, timeout, dataset_dir):
@@ -883,12 +990,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", type=Path, default=None, help="a local copy of the metadata schema")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for runs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per workflow run")
-    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
-                        help="also export each described network to TorchScript into DIR (script, else trace)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="bundles verified at the same time (default: 2, or 1 on a one-core machine)")
-    parser.add_argument("--dataset-dir", type=Path, default=None,
-                        help="run the workflows on this dataset instead of each demo overlay's simulated cohort")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also export each described network to TorchScript into DIR (script, else trace)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="bundles verified at the same time (default: 2, or 1 on a one-core machine)",
+    )
+    parser.add_argument(
+        "--dataset-dir",
+        type=Path,
+        default=None,
+        help="run the workflows on this dataset instead of each demo overlay's simulated cohort",
+    )
     args = parser.parse_args(argv)
     available = {p.name: p for p in discover_bundles()}
     names = args.bundles or sorted(available)
@@ -905,8 +1025,19 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)  # in-process checks share the cores with the workflow subprocesses
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            results = pool.map(lambda n: verify_bundle(available[n], work, not args.static, args.schema, args.online,
-                                                       args.timeout, args.dataset_dir, args.export), names)
+            results = pool.map(
+                lambda n: verify_bundle(
+                    available[n],
+                    work,
+                    not args.static,
+                    args.schema,
+                    args.online,
+                    args.timeout,
+                    args.dataset_dir,
+                    args.export,
+                ),
+                names,
+            )
             checks = [c for bundle_checks in results for c in bundle_checks]
     print(format_report(checks))
     print(f"verification of {len(names)} bundle(s) took {time.time() - started:.0f} s")

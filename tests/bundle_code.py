@@ -21,8 +21,9 @@ def bundle_scripts(bundle: str, module: str | None = None) -> ModuleType:
     package = f"{bundle}_scripts"
     if package not in sys.modules:
         folder = REPO / "bundles" / bundle / "scripts"
-        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        spec = importlib.util.spec_from_file_location(
+            package, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
         pkg = importlib.util.module_from_spec(spec)
         sys.modules[package] = pkg
         spec.loader.exec_module(pkg)

@@ -10,8 +10,16 @@ from brainsynth.engine.acceleration import accelerate
 
 
 def _unet():
-    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=1, channels=(8, 16), num_res_blocks=1,
-                              attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=1,
+        channels=(8, 16),
+        num_res_blocks=1,
+        attention_levels=(False, True),
+        norm_num_groups=8,
+        num_head_channels=8,
+    )
 
 
 def _loss_and_grads(net, x, t):
@@ -42,8 +50,16 @@ def test_checkpointing_keeps_outputs_gradients_and_state_dict(channels_last):
 
 
 def test_autoencoder_blocks_are_found():
-    ae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
-                       num_res_blocks=(1, 1), norm_num_groups=4, attention_levels=(False, False))
+    ae = AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        latent_channels=2,
+        num_res_blocks=(1, 1),
+        norm_num_groups=4,
+        attention_levels=(False, False),
+    )
     accelerate(ae, activation_checkpointing=True)
     assert any(type(m).__name__ == "CheckpointWrapper" for m in ae.modules())
 
@@ -54,9 +70,17 @@ def test_nothing_to_checkpoint_is_an_error():
 
 
 def _attention_unet(use_flash_attention=False):
-    return DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=1, channels=(8, 16), num_res_blocks=1,
-                              attention_levels=(False, True), norm_num_groups=8, num_head_channels=8,
-                              use_flash_attention=use_flash_attention)
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=1,
+        channels=(8, 16),
+        num_res_blocks=1,
+        attention_levels=(False, True),
+        norm_num_groups=8,
+        num_head_channels=8,
+        use_flash_attention=use_flash_attention,
+    )
 
 
 @pytest.mark.parametrize("switch", ["use_flash_attention", "channels_last", "activation_checkpointing"])
@@ -101,8 +125,12 @@ def test_compiled_network_keeps_plain_checkpoint_keys(tmp_path):
         def state_dict(self):
             return {}
 
-    saver = ResumableCheckpoint(tmp_path, {"network": compiled, "ema": ema, "trainer": _Trainer()},
-                                final_model_path=tmp_path / "model.pt", final_from="ema")
+    saver = ResumableCheckpoint(
+        tmp_path,
+        {"network": compiled, "ema": ema, "trainer": _Trainer()},
+        final_model_path=tmp_path / "model.pt",
+        final_from="ema",
+    )
     saver.finish(None)
     _unet().load_state_dict(load_checkpoint(tmp_path / "model.pt"))  # strict
     _unet().load_state_dict(load_checkpoint(tmp_path / "checkpoint_last.pt")["network"])
@@ -134,8 +162,14 @@ def test_samplers_honour_amp():
     condition = torch.ones(1, 1, 4, 4, 4)
     for amp in (False, True):
         seen.clear()
-        sampler = MaskConditionedSampler(ExactDDIMScheduler(num_train_timesteps=10, schedule="cosine"),
-                                         out_channels=1, num_inference_steps=2, progress=False, seed=0, amp=amp)
+        sampler = MaskConditionedSampler(
+            ExactDDIMScheduler(num_train_timesteps=10, schedule="cosine"),
+            out_channels=1,
+            num_inference_steps=2,
+            progress=False,
+            seed=0,
+            amp=amp,
+        )
         out = sampler(condition, Probe())
         assert seen == [amp, amp] and out.dtype == torch.float32
 
@@ -157,18 +191,51 @@ def test_bundle_trained_with_switches_on_loads_into_the_plain_network(tmp_path):
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
     cohort = {"n_subjects": 4, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}
     resolve_dataset_dir("demo", tmp_path / "cache", **cohort)
-    tiny = {"dataset_dir": "demo", "demo_cohort": cohort, "cache_dir": str(tmp_path / "cache"),
-            "bundle_root": str(tmp_path / "run"), "spatial_size": [24, 24, 16], "channels": [8, 16],
-            "attention_levels": [False, True], "num_res_blocks": 1, "norm_num_groups": 8, "batch_size": 2,
-            "epoch_length": 2, "max_epochs": 1, "num_workers": 0, "cache_rate": 0.0, "ema_start_step": 0,
-            "ema_update_every": 1, "preview_every": 0}
+    tiny = {
+        "dataset_dir": "demo",
+        "demo_cohort": cohort,
+        "cache_dir": str(tmp_path / "cache"),
+        "bundle_root": str(tmp_path / "run"),
+        "spatial_size": [24, 24, 16],
+        "channels": [8, 16],
+        "attention_levels": [False, True],
+        "num_res_blocks": 1,
+        "norm_num_groups": 8,
+        "batch_size": 2,
+        "epoch_length": 2,
+        "max_epochs": 1,
+        "num_workers": 0,
+        "cache_rate": 0.0,
+        "ema_start_step": 0,
+        "ema_update_every": 1,
+        "preview_every": 0,
+    }
     overlay = tmp_path / "tiny.json"
     overlay.write_text(json.dumps(tiny))
     configs = [str(bundle / "configs" / "train.json"), str(overlay)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
-           "--use_flash_attention", "true", "--channels_last", "true", "--activation_checkpointing", "true"]
-    proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(configs),
+        "--use_flash_attention",
+        "true",
+        "--channels_last",
+        "true",
+        "--activation_checkpointing",
+        "true",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     parser = ConfigParser()

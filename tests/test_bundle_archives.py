@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "ci"))
 
 import package_bundles as pb  # noqa: E402
 import verify_bundles as vb  # noqa: E402
+
 from brainsynth.engine.bundle_archive import WeightFileError, read_large_files, verify_large_files  # noqa: E402
 
 TOY = "toy_brain_bundle"
@@ -33,27 +34,45 @@ TOY_INFERENCE = {
     "device": "$torch.device('cpu')",
     "seed": 7,
     "output_path": "$@bundle_root + '/eval/output.nii.gz'",
-    "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 3,
-                    "padding": 1},
+    "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 3, "padding": 1},
     "network": "$@network_def.to(@device).eval()",
     "weights": "$brainsynth.engine.io.load_checkpoint(@bundle_root + '/models/model.pt')",
-    "initialize": ["$brainsynth.engine.training.reject_unknown_overrides()",
-                   "$brainsynth.engine.bundle_archive.verify_large_files(@bundle_root)",
-                   "$brainsynth.engine.training.seed_everything(@seed)"],
-    "inference": ["$@network.load_state_dict(@weights)",
-                  "$brainsynth.engine.io.save_nifti(@network(torch.rand(1, 1, 8, 8, 8))[0].movedim(0, -1), @output_path)"],
+    "initialize": [
+        "$brainsynth.engine.training.reject_unknown_overrides()",
+        "$brainsynth.engine.bundle_archive.verify_large_files(@bundle_root)",
+        "$brainsynth.engine.training.seed_everything(@seed)",
+    ],
+    "inference": [
+        "$@network.load_state_dict(@weights)",
+        "$brainsynth.engine.io.save_nifti(@network(torch.rand(1, 1, 8, 8, 8))[0].movedim(0, -1), @output_path)",
+    ],
 }
 
 
 def _meta(version="0.1.0"):
-    io = {"type": "image", "format": "magnitude", "num_channels": 1, "spatial_shape": [8, 8, 8],
-          "dtype": "float32", "value_range": [0, 1]}
-    return {"schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
-                      "meta_schema_20240725.json",
-            "version": version, "changelog": {version: "toy"}, "monai_version": "1.6.1", "pytorch_version": "2.13.0",
-            "numpy_version": "2.0", "required_packages_version": {"nibabel": "5.3.2"}, "task": "toy",
-            "description": "toy", "authors": "tests", "copyright": "tests",
-            "network_data_format": {"inputs": {"image": io}, "outputs": {"pred": {**io, "num_channels": 2}}}}
+    io = {
+        "type": "image",
+        "format": "magnitude",
+        "num_channels": 1,
+        "spatial_shape": [8, 8, 8],
+        "dtype": "float32",
+        "value_range": [0, 1],
+    }
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+        "meta_schema_20240725.json",
+        "version": version,
+        "changelog": {version: "toy"},
+        "monai_version": "1.6.1",
+        "pytorch_version": "2.13.0",
+        "numpy_version": "2.0",
+        "required_packages_version": {"nibabel": "5.3.2"},
+        "task": "toy",
+        "description": "toy",
+        "authors": "tests",
+        "copyright": "tests",
+        "network_data_format": {"inputs": {"image": io}, "outputs": {"pred": {**io, "num_channels": 2}}},
+    }
 
 
 @pytest.fixture
@@ -100,9 +119,17 @@ def test_toy_archive_layout_hashes_and_reproducibility(toy, tmp_path):
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         assert {n.split("/")[0] for n in names} == {TOY}  # one top-level folder named after the bundle
-        for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "docs/README.md",
-                         "large_files.yml", "models/model.pt", "brainsynth/__init__.py", "brainsynth/engine/io.py",
-                         "brainsynth/engine/bundle_archive.py"):
+        for required in (
+            "LICENSE",
+            "configs/metadata.json",
+            "configs/inference.json",
+            "docs/README.md",
+            "large_files.yml",
+            "models/model.pt",
+            "brainsynth/__init__.py",
+            "brainsynth/engine/io.py",
+            "brainsynth/engine/bundle_archive.py",
+        ):
             assert f"{TOY}/{required}" in names, required
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "checkpoint_last" in n]
         # the vendored library is byte-identical to the repository's single copy
@@ -130,8 +157,10 @@ def test_toy_archive_downloads_and_runs_without_the_repository(toy, tmp_path):
     # reference: the bundle run from the repository side (editable brainsynth), weights in its models/
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes((models / "model.pt").read_bytes())
-    _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"],
-         cwd=bundle)
+    _run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"],
+        cwd=bundle,
+    )
     expected = nib.load(bundle / "eval" / "output.nii.gz").get_fdata()
 
     workflow_dir = tmp_path / "workflow"
@@ -143,8 +172,9 @@ def test_toy_archive_downloads_and_runs_without_the_repository(toy, tmp_path):
     cmd, env = pb.without_repository_command("-c", "import brainsynth")
     assert _run(cmd, cwd=tmp_path, env=env, check=False).returncode != 0  # really no repository on the path
 
-    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", "inference", "--config_file",
-                                             "configs/inference.json")
+    cmd, env = pb.without_repository_command(
+        "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"
+    )
     _run(cmd, cwd=unpacked, env=env)
     got = nib.load(unpacked / "eval" / "output.nii.gz").get_fdata()
     assert got.shape == (8, 8, 8, 2)
@@ -152,8 +182,10 @@ def test_toy_archive_downloads_and_runs_without_the_repository(toy, tmp_path):
 
     # what monai.bundle.load gives: network_def with models/model.pt loaded; the configs import brainsynth, so the
     # bundle folder must be on sys.path (load does not add it), as each bundle's README says
-    load = (f"import monai.bundle as mb\nn = mb.load(name={TOY!r}, bundle_dir={str(workflow_dir)!r}, "
-            "workflow_type='inference', device='cpu')\nprint(type(n).__name__, float(n.weight.sum()))")
+    load = (
+        f"import monai.bundle as mb\nn = mb.load(name={TOY!r}, bundle_dir={str(workflow_dir)!r}, "
+        "workflow_type='inference', device='cpu')\nprint(type(n).__name__, float(n.weight.sum()))"
+    )
     cmd, env = pb.without_repository_command("-c", f"import sys; sys.path.insert(0, {str(unpacked)!r})\n" + load)
     name, total = _run(cmd, cwd=workflow_dir, env=env).stdout.split()[-2:]
     ref = torch.load(models / "model.pt", weights_only=True)
@@ -172,8 +204,9 @@ def test_weight_file_with_wrong_hash_is_refused(toy, tmp_path):
     with pytest.raises(WeightFileError, match=r"model\.pt: sha256 is [0-9a-f]{64} but .*refusing"):
         verify_large_files(unpacked)
     # the bundle refuses it before loading, through MONAI's own runner in a clean process
-    cmd, env = pb.without_repository_command("-m", "monai.bundle", "run", "inference", "--config_file",
-                                             "configs/inference.json")
+    cmd, env = pb.without_repository_command(
+        "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"
+    )
     proc = _run(cmd, cwd=unpacked, env=env, check=False)
     assert proc.returncode != 0
     assert "model.pt: sha256 is" in proc.stderr and "refusing" in proc.stderr
@@ -218,8 +251,11 @@ def test_real_bundle_archive_layout(bundle_dir, tmp_path):
         assert {n.split("/")[0] for n in names} == {name}
         for cfg in (bundle_dir / "configs").glob("*"):
             assert zf.read(f"{name}/configs/{cfg.name}") == cfg.read_bytes()
-        lib = sorted(p.relative_to(REPO / "common") for p in (REPO / "common/brainsynth").rglob("*.py")
-                     if "__pycache__" not in p.parts)
+        lib = sorted(
+            p.relative_to(REPO / "common")
+            for p in (REPO / "common/brainsynth").rglob("*.py")
+            if "__pycache__" not in p.parts
+        )
         assert all(f"{name}/{p.as_posix()}" in names for p in lib)
         assert f"{name}/large_files.yml" in names and f"{name}/LICENSE" in names
 
@@ -229,8 +265,9 @@ def _train_one_iteration(bundle_dir: Path, scratch: Path) -> None:
     configs = vb.classify_configs(bundle_dir)
     for stack in sorted((vb.config_stack(bundle_dir, t, configs.train) for t in configs.train), key=len):
         stack = stack + configs.demo[:1]
-        r = vb.run_workflow(scratch, stack, "train", 1, extra_args=vb.data_arguments(vb._merged(bundle_dir, stack),
-                                                                                    None))
+        r = vb.run_workflow(
+            scratch, stack, "train", 1, extra_args=vb.data_arguments(vb._merged(bundle_dir, stack), None)
+        )
         assert r["returncode"] == 0, r["output"][-3000:]
 
 
@@ -257,8 +294,9 @@ def _repository_run(bundle_dir, tmp_path):
 def _assert_same_volumes(root, reference_root, rels):
     for rel in rels:
         # same weights, inputs and seeds; float32 reductions may run in another order in another process
-        np.testing.assert_allclose(nib.load(root / rel).get_fdata(), nib.load(reference_root / rel).get_fdata(),
-                                   atol=1e-5, err_msg=rel)
+        np.testing.assert_allclose(
+            nib.load(root / rel).get_fdata(), nib.load(reference_root / rel).get_fdata(), atol=1e-5, err_msg=rel
+        )
 
 
 @pytest.mark.slow
@@ -290,8 +328,19 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
     pins = [f"{name}=={version}" for name, version in meta["required_packages_version"].items()]
-    _run([py, "-m", "pip", "install", "-q", f"torch=={meta['pytorch_version']}", f"monai=={meta['monai_version']}",
-          *pins], cwd=tmp_path)
+    _run(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"torch=={meta['pytorch_version']}",
+            f"monai=={meta['monai_version']}",
+            *pins,
+        ],
+        cwd=tmp_path,
+    )
     probe = _run([py, "-c", "import importlib.util as u; print(u.find_spec('brainsynth'))"], cwd=tmp_path)
     assert probe.stdout.strip() == "None"
 
@@ -299,8 +348,21 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
 
     workflow = tmp_path / "workflow"
     workflow.mkdir()
-    _run([py, "-m", "monai.bundle", "download", "--name", bundle_dir.name, "--url", zip_path.resolve().as_uri(),
-          "--bundle_dir", str(workflow)], cwd=workflow)
+    _run(
+        [
+            py,
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            bundle_dir.name,
+            "--url",
+            zip_path.resolve().as_uri(),
+            "--bundle_dir",
+            str(workflow),
+        ],
+        cwd=workflow,
+    )
     unpacked = workflow / bundle_dir.name
     _run([py, "-m", *run_args], cwd=unpacked)
     _assert_same_volumes(unpacked, scratch, repo_outputs)

@@ -8,9 +8,15 @@ from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
-from brainsynth.conditioning.categorical import (CategoricalConditioning, ConditionalDenoiser, EncodeConditionsd,
-                                                 GuidedDenoiser, all_combinations, filter_combinations,
-                                                 guidance_combination)
+from brainsynth.conditioning.categorical import (
+    CategoricalConditioning,
+    ConditionalDenoiser,
+    EncodeConditionsd,
+    GuidedDenoiser,
+    all_combinations,
+    filter_combinations,
+    guidance_combination,
+)
 from brainsynth.conventions import MODALITIES, PATHOLOGIES
 
 VOCAB = {"pathology": list(PATHOLOGIES), "modality": list(MODALITIES)}
@@ -64,8 +70,9 @@ def test_dropout_happens_at_the_configured_rate_per_condition_and_uses_the_null_
 
 def test_unknown_names_are_clear_errors_listing_valid_values():
     cond = CategoricalConditioning(VOCAB, embedding_dim=4)
-    with pytest.raises(ValueError, match="unknown pathology 'stroke'; valid: healthy, glioblastoma, sclerosis, "
-                                         "dementia"):
+    with pytest.raises(
+        ValueError, match="unknown pathology 'stroke'; valid: healthy, glioblastoma, sclerosis, dementia"
+    ):
         cond.encode(pathology="stroke", modality="t1w")
     with pytest.raises(ValueError, match="unknown modality 'dwi'; valid: t1w, t1ce, t2w, flair, pd"):
         cond.encode(pathology="healthy", modality="dwi")
@@ -85,9 +92,11 @@ def test_vocabularies_are_config_and_travel_with_the_weights():
 
 def test_check_rows_names_each_bad_file():
     cond = CategoricalConditioning(VOCAB, 4)
-    rows = [{"image": "a.nii.gz", "pathology": "healthy", "modality": "t1w"},
-            {"image": "b.nii.gz", "pathology": "stroke", "modality": "t1w"},
-            {"image": "c.nii.gz", "pathology": "healthy"}]
+    rows = [
+        {"image": "a.nii.gz", "pathology": "healthy", "modality": "t1w"},
+        {"image": "b.nii.gz", "pathology": "stroke", "modality": "t1w"},
+        {"image": "c.nii.gz", "pathology": "healthy"},
+    ]
     with pytest.raises(ValueError) as e:
         cond.check_rows(rows)
     msg = str(e.value)
@@ -127,8 +136,9 @@ def test_guidance_combination_matches_its_formula_in_both_modes():
     model = _Recorder(cond)
     x = torch.randn(2, 1, 4, 4, 4)
     t = torch.tensor([10.0])
-    c = torch.stack([cond.encode(pathology="sclerosis", modality="t1ce"), cond.encode(pathology="healthy",
-                                                                                       modality="pd")])
+    c = torch.stack(
+        [cond.encode(pathology="sclerosis", modality="t1ce"), cond.encode(pathology="healthy", modality="pd")]
+    )
     null = torch.full_like(c, -1)
     only_p, only_m = null.clone(), null.clone()
     only_p[:, 0], only_m[:, 1] = c[:, 0], c[:, 1]
@@ -150,9 +160,18 @@ def test_guidance_combination_matches_its_formula_in_both_modes():
 
 def test_conditional_unet_trains_and_samples_through_monai_inferer():
     cond = CategoricalConditioning(VOCAB, embedding_dim=8, dropout_prob=0.2)
-    unet = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 8), num_res_blocks=1,
-                              attention_levels=(False, True), norm_num_groups=4, num_head_channels=8,
-                              with_conditioning=True, cross_attention_dim=8)
+    unet = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=2,
+        channels=(8, 8),
+        num_res_blocks=1,
+        attention_levels=(False, True),
+        norm_num_groups=4,
+        num_head_channels=8,
+        with_conditioning=True,
+        cross_attention_dim=8,
+    )
     model = ConditionalDenoiser(unet, cond)
     scheduler = DDIMScheduler(num_train_timesteps=100)
     inferer = DiffusionInferer(scheduler)
@@ -164,12 +183,20 @@ def test_conditional_unet_trains_and_samples_through_monai_inferer():
     assert cond.embeddings["pathology"].weight.grad is not None
     model.eval()
     scheduler.set_timesteps(3)
-    sample = inferer.sample(torch.randn(2, 2, 8, 8, 8), GuidedDenoiser(model, 2.0), scheduler=scheduler,
-                            conditioning=idx, verbose=False)
+    sample = inferer.sample(
+        torch.randn(2, 2, 8, 8, 8), GuidedDenoiser(model, 2.0), scheduler=scheduler, conditioning=idx, verbose=False
+    )
     assert sample.shape == (2, 2, 8, 8, 8) and torch.isfinite(sample).all()
     # MONAI's own cfg path fills the condition with -1: that is the null token here
-    sample2 = inferer.sample(torch.randn(2, 2, 8, 8, 8), model, scheduler=scheduler, conditioning=idx, cfg=2.0,
-                             cfg_fill_value=-1, verbose=False)
+    sample2 = inferer.sample(
+        torch.randn(2, 2, 8, 8, 8),
+        model,
+        scheduler=scheduler,
+        conditioning=idx,
+        cfg=2.0,
+        cfg_fill_value=-1,
+        verbose=False,
+    )
     assert sample2.shape == sample.shape
 
 
@@ -177,16 +204,25 @@ def test_joint_dropout_trains_the_unconditional_branch_at_the_configured_rate():
     """Joint drop first (probability j), then each condition independently (p, q): all-null j + (1-j) p q, only
     pathology dropped (1-j) p (1-q), only modality (1-j) (1-p) q, none (1-j)(1-p)(1-q)."""
     j, p, q = 0.1, 0.15, 0.25
-    cond = CategoricalConditioning(VOCAB, embedding_dim=4, dropout_prob={"pathology": p, "modality": q},
-                                   joint_dropout_prob=j)
+    cond = CategoricalConditioning(
+        VOCAB, embedding_dim=4, dropout_prob={"pathology": p, "modality": q}, joint_dropout_prob=j
+    )
     n = 40000
     idx = torch.stack([cond.encode(pathology="glioblastoma", modality="t2w")] * n)
     dropped = cond.drop(idx, generator=torch.Generator().manual_seed(3))
     null_p, null_m = dropped[:, 0] < 0, dropped[:, 1] < 0
-    measured = {"all": (null_p & null_m), "pathology only": (null_p & ~null_m), "modality only": (~null_p & null_m),
-                "none": (~null_p & ~null_m)}
-    expected = {"all": j + (1 - j) * p * q, "pathology only": (1 - j) * p * (1 - q),
-                "modality only": (1 - j) * (1 - p) * q, "none": (1 - j) * (1 - p) * (1 - q)}
+    measured = {
+        "all": (null_p & null_m),
+        "pathology only": (null_p & ~null_m),
+        "modality only": (~null_p & null_m),
+        "none": (~null_p & ~null_m),
+    }
+    expected = {
+        "all": j + (1 - j) * p * q,
+        "pathology only": (1 - j) * p * (1 - q),
+        "modality only": (1 - j) * (1 - p) * q,
+        "none": (1 - j) * (1 - p) * (1 - q),
+    }
     for key, mask in measured.items():
         se = (expected[key] * (1 - expected[key]) / n) ** 0.5
         assert abs(float(mask.float().mean()) - expected[key]) < 4 * se, (key, float(mask.float().mean()))

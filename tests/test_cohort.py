@@ -75,8 +75,9 @@ def test_flair_nulls_csf_and_t1_t1ce_share_their_scale():
     # spin-echo equation by hand
     t1, t2, pd = wm
     a = ACQUISITIONS["t2w"]
-    assert float(tissue_signal("t2w", wm)) == pytest.approx(pd * (1 - np.exp(-a.tr / t1)) * np.exp(-a.te / t2),
-                                                             rel=1e-6)
+    assert float(tissue_signal("t2w", wm)) == pytest.approx(
+        pd * (1 - np.exp(-a.tr / t1)) * np.exp(-a.te / t2), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("pathology", PATHOLOGIES)
@@ -173,10 +174,12 @@ def test_spline_field_on_axes_matches_points_and_transform_inverts():
     grid_values = field.on_axes(axes)
     idx = rng.integers(0, [11, 13, 9], size=(20, 3))
     points = np.stack([axes[d][idx[:, d]] for d in range(3)], axis=1)
-    np.testing.assert_allclose(field.at_points(points), grid_values[:, idx[:, 0], idx[:, 1], idx[:, 2]].T,
-                               rtol=1e-4, atol=1e-4)
-    transform = random_transform(rng, make_grid(spacing=3), elastic_std=3.0, rotation_deg=3.0, scale_std=0.05,
-                                 shift_std=2.0)
+    np.testing.assert_allclose(
+        field.at_points(points), grid_values[:, idx[:, 0], idx[:, 1], idx[:, 2]].T, rtol=1e-4, atol=1e-4
+    )
+    transform = random_transform(
+        rng, make_grid(spacing=3), elastic_std=3.0, rotation_deg=3.0, scale_std=0.05, shift_std=2.0
+    )
     x = rng.uniform(-60, 60, (10, 3))
     np.testing.assert_allclose(transform.inverse_points(transform.at_points(x)), x, atol=1e-3)
 
@@ -302,13 +305,16 @@ def test_concurrent_requests_for_the_same_cohort_both_succeed(tmp_path):
     assert len(json.loads(results[0].read_text())["training"]) == 1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n_subjects": 0}, "n_subjects"),
-    ({"n_subjects": 2, "layout": "nifti"}, "unknown layout"),
-    ({"n_subjects": 2, "pathologies": ["healthy", "flu"]}, "unknown pathology"),
-    ({"n_subjects": 2, "spacing": 0}, "spacing"),
-    ({"n_subjects": 2, "seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_subjects": 0}, "n_subjects"),
+        ({"n_subjects": 2, "layout": "nifti"}, "unknown layout"),
+        ({"n_subjects": 2, "pathologies": ["healthy", "flu"]}, "unknown pathology"),
+        ({"n_subjects": 2, "spacing": 0}, "spacing"),
+        ({"n_subjects": 2, "seed": -1}, "seed"),
+    ],
+)
 def test_bad_parameters_are_named_before_any_work(tmp_path, kwargs, message):
     with pytest.raises(CohortError, match=message):
         generate_cohort(tmp_path / "c", **kwargs)
@@ -319,8 +325,25 @@ def test_cli_writes_cohort_and_preview_and_reports_errors(tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "cli"
-    rc = cohort_cli(["--out", str(out), "--subjects", "2", "--seed", "4", "--spacing", "6", "--layout", "brats2021",
-                     "--pathologies", "glioblastoma", "sclerosis", "--preview", "--quiet"])
+    rc = cohort_cli(
+        [
+            "--out",
+            str(out),
+            "--subjects",
+            "2",
+            "--seed",
+            "4",
+            "--spacing",
+            "6",
+            "--layout",
+            "brats2021",
+            "--pathologies",
+            "glioblastoma",
+            "sclerosis",
+            "--preview",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     datalist = json.loads((out / "datalist.json").read_text())
     assert {r["pathology"] for s in ("training", "validation") for r in datalist[s]} == {"glioblastoma", "sclerosis"}

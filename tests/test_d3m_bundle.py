@@ -50,8 +50,18 @@ def workspace(tmp_path_factory):
 
 def run_bundle(run_id, configs, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr([str(c) for c in configs]),
-           "--logging_file", "configs/logging.conf", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        repr([str(c) for c in configs]),
+        "--logging_file",
+        "configs/logging.conf",
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -105,10 +115,13 @@ def _root_message(exc: BaseException) -> str:
     return "\n".join(messages)
 
 
-@pytest.mark.parametrize("damage,expected", [
-    ("drop_t2w", "has no t2w image"),
-    ("shrink_flair", "shape (30, 32, 24) differs from"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        ("drop_t2w", "has no t2w image"),
+        ("shrink_flair", "shape (30, 32, 24) differs from"),
+    ],
+)
 def test_bad_input_stops_before_any_work(workspace, tmp_path, damage, expected):
     from monai.bundle import ConfigWorkflow
 
@@ -130,8 +143,13 @@ def test_bad_input_stops_before_any_work(workspace, tmp_path, damage, expected):
     out = tmp_path / "bundle"
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "demo.json"), str(overlay)],
-        workflow_type="train", run_id="training", bundle_root=str(out), dataset_dir=str(data), logging_file=None,
-        meta_file=str(BUNDLE / "configs" / "metadata.json"))
+        workflow_type="train",
+        run_id="training",
+        bundle_root=str(out),
+        dataset_dir=str(data),
+        logging_file=None,
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+    )
     workflow.initialize()  # must stay cheap: monai.bundle.load and MONAI Label initialize without any data
     with pytest.raises(Exception) as info:
         workflow.run()

@@ -2,22 +2,20 @@
 
 import pytest
 import torch
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 from monai.inferers import DiffusionInferer
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 import brainsynth.schedulers.sigmoid  # noqa: F401  (registers "sigmoid_alpha_bar")
 from brainsynth.deformation.estimation import DeformationUNet, make_warp, smoothness_loss
-from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
-
-bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
-from brats_mri_d3m_cemri_scripts.dual_stream_unet import DualStreamDiffusionUNet  # noqa: E402
 from brainsynth.deformation.mssdm import DeformableDenoiser, MSSDMInferer, WeightedDiffusionLoss, predict_x0
 from brainsynth.schedulers.ddim import ExactDDIMScheduler
 from brainsynth.schedulers.sigmoid import sigmoid_alpha_bar_curve
 
-TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
-            norm_num_groups=8)
+bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
+from brats_mri_d3m_cemri_scripts.dual_stream_unet import DualStreamDiffusionUNet  # noqa: E402
+
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
 
 
 def d3m_scheduler(**kw):
@@ -89,8 +87,12 @@ def test_full_d3m_loss_reaches_both_decoders_and_the_deformer():
     torch.testing.assert_close(out["alpha_bar"], scheduler.alphas_cumprod[t])
     loss = WeightedDiffusionLoss(smoothness_weight=1.0)(out, scheduler.get_velocity(target, noise, t))
     loss.backward()
-    for name, module in [("image decoder", net.denoiser.up_blocks), ("mask decoder", net.denoiser.extra_decoders),
-                         ("encoder", net.denoiser.down_blocks), ("deformer", net.deformer)]:
+    for name, module in [
+        ("image decoder", net.denoiser.up_blocks),
+        ("mask decoder", net.denoiser.extra_decoders),
+        ("encoder", net.denoiser.down_blocks),
+        ("deformer", net.deformer),
+    ]:
         assert sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None) > 0, name
 
 
@@ -144,8 +146,9 @@ def test_mssdm_with_a_zero_field_equals_plain_ddim():
     mssdm = inferer.sample(noise, net, conditioning=cond, verbose=False)
     ddim = ExactDDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
     ddim.set_timesteps(7)
-    plain = DiffusionInferer(ddim).sample(noise, net.denoiser, scheduler=ddim, conditioning=cond, mode="concat",
-                                          verbose=False)
+    plain = DiffusionInferer(ddim).sample(
+        noise, net.denoiser, scheduler=ddim, conditioning=cond, mode="concat", verbose=False
+    )
     torch.testing.assert_close(mssdm, plain, atol=1e-5, rtol=0)
 
 
@@ -157,8 +160,9 @@ def test_mssdm_warps_the_clean_estimate_at_every_step():
         net.deformer.unet.final_conv.bias.copy_(torch.tensor([1.0, 0.0]))
     noise, cond = _noise_and_condition(6)
     steps = 6
-    sampled = MSSDMInferer(d3m_scheduler(), num_inference_steps=steps).sample(noise, net, conditioning=cond,
-                                                                               verbose=False)
+    sampled = MSSDMInferer(d3m_scheduler(), num_inference_steps=steps).sample(
+        noise, net, conditioning=cond, verbose=False
+    )
     ddim = ExactDDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")
     ddim.set_timesteps(steps)
     ab = lambda s: ddim.alphas_cumprod[s] if s >= 0 else torch.tensor(1.0)
@@ -173,7 +177,8 @@ def test_mssdm_warps_the_clean_estimate_at_every_step():
             x = ab(prev).sqrt() * x0 + (1 - ab(prev)).sqrt() * eps
     torch.testing.assert_close(sampled, x, atol=1e-4, rtol=0)
     unshifted = MSSDMInferer(d3m_scheduler(), num_inference_steps=steps, use_mssdm=False).sample(
-        noise, net, conditioning=cond, verbose=False)
+        noise, net, conditioning=cond, verbose=False
+    )
     assert (sampled - unshifted).abs().max() > 1e-2
 
 

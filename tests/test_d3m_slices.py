@@ -4,14 +4,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 from monai.data import MetaTensor
 
 from brainsynth.engine.io import OutputExistsError
-from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 
 bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
 from brats_mri_d3m_cemri_scripts.slices import (  # noqa: E402
-    LabelMaskd, RandSliceSamplesd, SaveSynthesisd, SelectSlicesd, SliceSynthesisInferer, inplane_transform, label_values)
+    LabelMaskd,
+    RandSliceSamplesd,
+    SaveSynthesisd,
+    SelectSlicesd,
+    SliceSynthesisInferer,
+    inplane_transform,
+    label_values,
+)
 
 
 def test_label_mask_uses_canonical_names_and_values():
@@ -102,8 +109,9 @@ def test_whole_volume_synthesis_geometry_batching_and_determinism():
     assert (inside - cond[0, 0, 4:16, 3:15, 1:6]).abs().max() < 0.5
     assert (out[0, 2, 4:16, 3:15, 1:6] > 0).all()  # spread over 3 samples of different noise
     # the same synthesis whatever the batch size (noise is seeded per slice and sample)
-    again = SliceSynthesisInferer(_FakeSampler(), spatial_size=(32, 32), slice_batch_size=5, num_samples=3,
-                                  progress=False)(cond, net)
+    again = SliceSynthesisInferer(
+        _FakeSampler(), spatial_size=(32, 32), slice_batch_size=5, num_samples=3, progress=False
+    )(cond, net)
     torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(out))
 
 

@@ -57,37 +57,71 @@ def _set_voxels(path: Path, fn) -> None:
 def _constant(value):
     def fn(d):
         d[...] = value
+
     return fn
 
 
 # each case: (what to break, file whose name must appear, words that must appear)
 CASES = {
     "missing_modality": (lambda f: file_of(f, "t1c").unlink(), "{folder}", "has no t1ce image"),
-    "shape_mismatch": (lambda f: _save(np.random.rand(8, 7, 5).astype(np.float32), file_of(f, "t2w")), "t2w",
-                       "shape (8, 7, 5) differs"),
-    "spacing_mismatch": (lambda f: _save(np.random.rand(*SHAPE).astype(np.float32), file_of(f, "t2f"),
-                                         np.diag([-1.0, -1.0, 2.0, 1.0])), "t2f", "voxel spacing 1 x 1 x 2 mm differs"),
-    "affine_mismatch": (lambda f: _save(np.random.rand(*SHAPE).astype(np.float32), file_of(f, "t1n"),
-                                        np.array([[-1.0, 0, 0, 3], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])),
-                        "t1n", "affine (position / orientation) differs"),
-    "label_outside_convention": (lambda f: _set_voxels(file_of(f, "seg"), lambda d: d.__setitem__((0, 0, 0), 4)),
-                                 "seg", "label values [4] are outside the brats2023 convention"),
-    "non_integer_labels": (lambda f: _save(np.full(SHAPE, 0.5, np.float32), file_of(f, "seg")), "seg",
-                           "non-integer values"),
-    "nan_voxels": (lambda f: _set_voxels(file_of(f, "t2w"), lambda d: d.__setitem__((1, 1, 1), np.nan)), "t2w",
-                   "contains 1 NaN and 0 Inf voxels"),
-    "inf_voxels": (lambda f: _set_voxels(file_of(f, "t1c"), lambda d: d.__setitem__((1, 2, 1), np.inf)), "t1c",
-                   "contains 0 NaN and 1 Inf voxels"),
+    "shape_mismatch": (
+        lambda f: _save(np.random.rand(8, 7, 5).astype(np.float32), file_of(f, "t2w")),
+        "t2w",
+        "shape (8, 7, 5) differs",
+    ),
+    "spacing_mismatch": (
+        lambda f: _save(np.random.rand(*SHAPE).astype(np.float32), file_of(f, "t2f"), np.diag([-1.0, -1.0, 2.0, 1.0])),
+        "t2f",
+        "voxel spacing 1 x 1 x 2 mm differs",
+    ),
+    "affine_mismatch": (
+        lambda f: _save(
+            np.random.rand(*SHAPE).astype(np.float32),
+            file_of(f, "t1n"),
+            np.array([[-1.0, 0, 0, 3], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+        ),
+        "t1n",
+        "affine (position / orientation) differs",
+    ),
+    "label_outside_convention": (
+        lambda f: _set_voxels(file_of(f, "seg"), lambda d: d.__setitem__((0, 0, 0), 4)),
+        "seg",
+        "label values [4] are outside the brats2023 convention",
+    ),
+    "non_integer_labels": (
+        lambda f: _save(np.full(SHAPE, 0.5, np.float32), file_of(f, "seg")),
+        "seg",
+        "non-integer values",
+    ),
+    "nan_voxels": (
+        lambda f: _set_voxels(file_of(f, "t2w"), lambda d: d.__setitem__((1, 1, 1), np.nan)),
+        "t2w",
+        "contains 1 NaN and 0 Inf voxels",
+    ),
+    "inf_voxels": (
+        lambda f: _set_voxels(file_of(f, "t1c"), lambda d: d.__setitem__((1, 2, 1), np.inf)),
+        "t1c",
+        "contains 0 NaN and 1 Inf voxels",
+    ),
     "unreadable": (lambda f: file_of(f, "t2f").write_bytes(b"not a nifti file at all"), "t2f", "unreadable"),
     "truncated": (lambda f: _truncate(file_of(f, "t1n")), "t1n", "truncated or corrupt voxel data"),
     "all_zeros": (lambda f: _set_voxels(file_of(f, "t1c"), _constant(0)), "t1c", "is empty (all zeros)"),
     "constant": (lambda f: _set_voxels(file_of(f, "t2w"), _constant(7)), "t2w", "is constant (every voxel = 7)"),
-    "four_d": (lambda f: _save(np.random.rand(*SHAPE, 2).astype(np.float32), file_of(f, "t2f")), "t2f",
-               "is 4-D (shape (8, 7, 6, 2)) where a 3-D volume is expected"),
-    "subject_id_disagrees": (lambda f: file_of(f, "t2w").rename(f / "BraTS-GLI-00008-000-t2w.nii.gz"),
-                             "BraTS-GLI-00008-000-t2w", "file name says subject 'BraTS-GLI-00008-000'"),
-    "empty_brain_mask": (lambda f: _save(np.zeros(SHAPE, np.uint8), file_of(f, "brain_mask")), "brain_mask",
-                         "brain mask is empty"),
+    "four_d": (
+        lambda f: _save(np.random.rand(*SHAPE, 2).astype(np.float32), file_of(f, "t2f")),
+        "t2f",
+        "is 4-D (shape (8, 7, 6, 2)) where a 3-D volume is expected",
+    ),
+    "subject_id_disagrees": (
+        lambda f: file_of(f, "t2w").rename(f / "BraTS-GLI-00008-000-t2w.nii.gz"),
+        "BraTS-GLI-00008-000-t2w",
+        "file name says subject 'BraTS-GLI-00008-000'",
+    ),
+    "empty_brain_mask": (
+        lambda f: _save(np.zeros(SHAPE, np.uint8), file_of(f, "brain_mask")),
+        "brain_mask",
+        "brain mask is empty",
+    ),
 }
 
 
@@ -155,10 +189,15 @@ def test_msd_4d_file_is_expected_and_checked_per_channel(tmp_path):
     img[..., 2] = 0
     _save(img, tmp_path / "imagesTr" / "BRATS_001.nii.gz")
     _save(np.zeros(SHAPE, np.uint8), tmp_path / "labelsTr" / "BRATS_001.nii.gz")
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-        "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+                "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
+            }
+        )
+    )
     (report,) = check_items(discover(tmp_path))
     assert report.problems == [f"{tmp_path / 'imagesTr' / 'BRATS_001.nii.gz'}: channel t1ce is empty (all zeros)"]
 
@@ -169,12 +208,17 @@ def test_per_scan_rows_from_a_4d_file_are_checked_on_their_channel(tmp_path):
     img = np.random.default_rng(0).random((*SHAPE, 4)).astype(np.float32)
     img[..., 1] = np.nan  # the T1w channel
     _save(img, tmp_path / "BRATS_002.nii.gz")
-    row = {"subject": "BRATS_002", "image4d": str(tmp_path / "BRATS_002.nii.gz"), "pathology": "glioblastoma",
-           "image4d_channels": ["flair", "t1w", "t1ce", "t2w"]}
+    row = {
+        "subject": "BRATS_002",
+        "image4d": str(tmp_path / "BRATS_002.nii.gz"),
+        "pathology": "glioblastoma",
+        "image4d_channels": ["flair", "t1w", "t1ce", "t2w"],
+    }
     reports = {r.subject + s["modality"]: r for s, r in zip(expand_scans([row]), check_items(expand_scans([row])))}
     assert reports["BRATS_002flair"].usable and reports["BRATS_002t2w"].usable
-    assert reports["BRATS_002t1w"].problems == [f"{tmp_path / 'BRATS_002.nii.gz'}: contains {np.prod(SHAPE)} NaN "
-                                                 "and 0 Inf voxels"]
+    assert reports["BRATS_002t1w"].problems == [
+        f"{tmp_path / 'BRATS_002.nii.gz'}: contains {np.prod(SHAPE)} NaN and 0 Inf voxels"
+    ]
 
 
 def test_duplicate_subject_ids_are_reported(tmp_path):
@@ -203,12 +247,17 @@ def test_cli_runs_as_a_module(tmp_path):
     folder = make_subject(tmp_path)
     with gzip.open(file_of(folder, "seg"), "wb") as fh:  # a gzip stream that is not a NIfTI
         fh.write(b"\0" * 400)
-    done = subprocess.run([sys.executable, "-m", "brainsynth.data", "check", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "brainsynth.data", "check", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1, done.stderr
     assert f"{file_of(folder, 'seg')}: unreadable" in done.stdout
-    listed = subprocess.run([sys.executable, "-m", "brainsynth.data", "discover", str(tmp_path), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "brainsynth.data", "discover", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0 and '"label_convention": "brats2023"' in listed.stdout
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -13,8 +11,16 @@ import numpy as np
 import pytest
 
 from brainsynth.conventions import BRATS_MODALITIES, LAYOUT_SUFFIXES, MSD_CHANNELS, label_convention
-from brainsynth.data import (DatasetError, LoadSubjectd, discover, expand_scans, read_datalist, remap_labels,
-                             resolve_dataset_dir, split_items)
+from brainsynth.data import (
+    DatasetError,
+    LoadSubjectd,
+    discover,
+    expand_scans,
+    read_datalist,
+    remap_labels,
+    resolve_dataset_dir,
+    split_items,
+)
 
 SHAPE = (6, 5, 4)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 20], [0, 0, 1.5, -5], [0, 0, 0, 1]])
@@ -55,8 +61,11 @@ def write_layout(root: Path, layout: str) -> Path:
     for name, seed in SUBJECTS.items():
         images = _images(seed)
         if layout in ("brats2021", "brats2023", "peds"):
-            sub = {"brats2021": f"BraTS2021_0000{seed}", "brats2023": f"BraTS-GLI-0000{seed}-000",
-                   "peds": f"BraTS-PED-0000{seed}-000"}[layout]
+            sub = {
+                "brats2021": f"BraTS2021_0000{seed}",
+                "brats2023": f"BraTS-GLI-0000{seed}-000",
+                "peds": f"BraTS-PED-0000{seed}-000",
+            }[layout]
             suffixes = LAYOUT_SUFFIXES["brats2021" if layout == "brats2021" else "brats2023"]
             convention = {"brats2021": "brats2021", "brats2023": "brats2023", "peds": "peds2024"}[layout]
             for m, img in images.items():
@@ -72,16 +81,29 @@ def write_layout(root: Path, layout: str) -> Path:
                 _save(img, root / "files" / f"{name}_{m}.nii.gz")
             _save(_to_convention(CANONICAL_SEG, "brats2021"), root / "files" / f"{name}_seg.nii.gz")
     if layout == "msd":
-        dataset = {"name": "BrainTumour", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                   "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-                   "training": [{"image": f"./imagesTr/BRATS_00{s}.nii.gz", "label": f"./labelsTr/BRATS_00{s}.nii.gz"}
-                                for s in SUBJECTS.values()], "test": []}
+        dataset = {
+            "name": "BrainTumour",
+            "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+            "training": [
+                {"image": f"./imagesTr/BRATS_00{s}.nii.gz", "label": f"./labelsTr/BRATS_00{s}.nii.gz"}
+                for s in SUBJECTS.values()
+            ],
+            "test": [],
+        }
         (root / "dataset.json").write_text(json.dumps(dataset))
         return root
     synonyms = {"t1w": "T1", "t1ce": "t1-gd", "t2w": "T2w", "flair": "t2f"}  # spellings users write
     if layout == "json":
-        rows = [{"subject": n, **{synonyms[m]: f"files/{n}_{m}.nii.gz" for m in BRATS_MODALITIES},
-                 "label": f"files/{n}_seg.nii.gz", "pathology": "GBM"} for n in SUBJECTS]
+        rows = [
+            {
+                "subject": n,
+                **{synonyms[m]: f"files/{n}_{m}.nii.gz" for m in BRATS_MODALITIES},
+                "label": f"files/{n}_seg.nii.gz",
+                "pathology": "GBM",
+            }
+            for n in SUBJECTS
+        ]
         (root / "my_list.json").write_text(json.dumps({"label_convention": "brats2021", "training": rows}))
         return root / "my_list.json"
     if layout == "csv":
@@ -89,8 +111,15 @@ def write_layout(root: Path, layout: str) -> Path:
             w = csv.writer(fh)
             w.writerow(["subject", *[synonyms[m] for m in BRATS_MODALITIES], "seg", "pathology", "label_convention"])
             for n in SUBJECTS:
-                w.writerow([n, *[f"files/{n}_{m}.nii.gz" for m in BRATS_MODALITIES], f"files/{n}_seg.nii.gz",
-                            "glioma", "brats2021"])
+                w.writerow(
+                    [
+                        n,
+                        *[f"files/{n}_{m}.nii.gz" for m in BRATS_MODALITIES],
+                        f"files/{n}_seg.nii.gz",
+                        "glioma",
+                        "brats2021",
+                    ]
+                )
         return root / "list.csv"
     if layout == "csv_per_scan":
         with open(root / "scans.csv", "w", newline="") as fh:
@@ -98,8 +127,16 @@ def write_layout(root: Path, layout: str) -> Path:
             w.writerow(["subject", "image", "modality", "pathology", "seg", "label_convention"])
             for n in SUBJECTS:
                 for i, m in enumerate(BRATS_MODALITIES):  # the segmentation is given on one row only
-                    w.writerow([n, f"files/{n}_{m}.nii.gz", synonyms[m], "glioblastoma",
-                                f"files/{n}_seg.nii.gz" if i == 0 else "", "brats2021"])
+                    w.writerow(
+                        [
+                            n,
+                            f"files/{n}_{m}.nii.gz",
+                            synonyms[m],
+                            "glioblastoma",
+                            f"files/{n}_seg.nii.gz" if i == 0 else "",
+                            "brats2021",
+                        ]
+                    )
         return root / "scans.csv"
     return root
 
@@ -126,8 +163,16 @@ def test_every_layout_loads_back_the_same_canonical_data(tmp_path, layout):
         np.testing.assert_array_equal(out["seg"][0].numpy(), CANONICAL_SEG, err_msg=layout)
 
 
-@pytest.mark.parametrize("layout,convention", [("brats2021", "brats2021"), ("brats2023", "brats2023"),
-                                               ("peds", "peds2024"), ("msd", "msd"), ("json", "brats2021")])
+@pytest.mark.parametrize(
+    "layout,convention",
+    [
+        ("brats2021", "brats2021"),
+        ("brats2023", "brats2023"),
+        ("peds", "peds2024"),
+        ("msd", "msd"),
+        ("json", "brats2021"),
+    ],
+)
 def test_source_label_convention_is_recorded_per_row(tmp_path, layout, convention):
     assert {r["label_convention"] for r in discover(write_layout(tmp_path, layout))} == {convention}
 
@@ -149,7 +194,11 @@ def test_expanded_scans_load_the_right_volume_even_from_a_4d_file(tmp_path):
     rows = discover(write_layout(tmp_path, "msd"))
     scans = expand_scans(rows, modalities=["T1-Gd", "flair"])
     assert [(s["subject"], s["modality"]) for s in scans] == [
-        ("BRATS_000", "t1ce"), ("BRATS_000", "flair"), ("BRATS_001", "t1ce"), ("BRATS_001", "flair")]
+        ("BRATS_000", "t1ce"),
+        ("BRATS_000", "flair"),
+        ("BRATS_001", "t1ce"),
+        ("BRATS_001", "flair"),
+    ]
     assert {s["pathology"] for s in scans} == {"glioblastoma"}
     out = LoadSubjectd(keys="image", seg_key=None)(scans[0])
     np.testing.assert_array_equal(out["image"][0].numpy(), _images(0)["t1ce"])
@@ -185,12 +234,15 @@ def test_peds_convention_can_be_overridden_for_releases_numbered_like_gli(tmp_pa
         discover(root, label_convention="brats2099")
 
 
-@pytest.mark.parametrize("convention,source,canonical", [
-    ("brats2021", [0, 1, 2, 4], [0, 1, 2, 3]),
-    ("brats2023", [0, 1, 2, 3], [0, 1, 2, 3]),
-    ("peds2024", [0, 1, 2, 3, 4], [0, 3, 1, 1, 2]),
-    ("msd", [0, 1, 2, 3], [0, 2, 1, 3]),
-])
+@pytest.mark.parametrize(
+    "convention,source,canonical",
+    [
+        ("brats2021", [0, 1, 2, 4], [0, 1, 2, 3]),
+        ("brats2023", [0, 1, 2, 3], [0, 1, 2, 3]),
+        ("peds2024", [0, 1, 2, 3, 4], [0, 3, 1, 1, 2]),
+        ("msd", [0, 1, 2, 3], [0, 2, 1, 3]),
+    ],
+)
 def test_label_remapping_per_convention(convention, source, canonical):
     np.testing.assert_array_equal(remap_labels(np.array(source, np.float32), convention), canonical)
 
@@ -204,8 +256,14 @@ def test_label_outside_the_convention_is_an_error_naming_the_file(convention, ba
 def test_cohort_style_datalist_keeps_its_splits(tmp_path):
     write_layout(tmp_path, "json")
     rows = {n: {"subject": n, "t1w": f"files/{n}_t1w.nii.gz", "pathology": "healthy"} for n in SUBJECTS}
-    datalist = {"layout": "brats2023", "label_convention": "brats2023", "seed": 0,
-                "training": [rows["s0"]], "validation": [rows["s1"]], "test": []}
+    datalist = {
+        "layout": "brats2023",
+        "label_convention": "brats2023",
+        "seed": 0,
+        "training": [rows["s0"]],
+        "validation": [rows["s1"]],
+        "test": [],
+    }
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     found = discover(tmp_path)  # a datalist.json inside the folder wins over scanning it
     assert [r["split"] for r in found] == ["training", "validation"]
@@ -230,8 +288,15 @@ def test_hash_split_is_deterministic_disjoint_and_complete():
 
 
 def test_scans_of_one_subject_always_share_a_split():
-    subjects = [{"subject": f"case{i}", "t1w": f"/d/case{i}_t1.nii.gz", "flair": f"/d/case{i}_flair.nii.gz",
-                 "pathology": "sclerosis"} for i in range(40)]
+    subjects = [
+        {
+            "subject": f"case{i}",
+            "t1w": f"/d/case{i}_t1.nii.gz",
+            "flair": f"/d/case{i}_flair.nii.gz",
+            "pathology": "sclerosis",
+        }
+        for i in range(40)
+    ]
     scans = expand_scans(subjects)
     for split in ("training", "validation", "test"):
         chosen = {r["subject"] for r in split_items(subjects, split, allow_empty=True)}
@@ -243,13 +308,16 @@ def test_expand_scans_needs_a_pathology():
         expand_scans([{"subject": "a", "t1w": "/x/a_t1.nii.gz"}])
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"subject": "a", "t1w": "a.nii.gz", "pathology": "flu"}, "row 0: unknown pathology 'flu'"),
-    ({"subject": "a", "image": "a.nii.gz"}, "row 0: 'image' without a 'modality' field"),
-    ({"subject": "a", "image": "a.nii.gz", "modality": "T3"}, "row 0: unknown modality 'T3'"),
-    ({"subject": "a", "seg": "a_seg.nii.gz"}, "row 0: no image path"),
-    ({"subject": "a", "t1w": "a.nii.gz", "split": "train"}, "row 0: split 'train' is not one of"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"subject": "a", "t1w": "a.nii.gz", "pathology": "flu"}, "row 0: unknown pathology 'flu'"),
+        ({"subject": "a", "image": "a.nii.gz"}, "row 0: 'image' without a 'modality' field"),
+        ({"subject": "a", "image": "a.nii.gz", "modality": "T3"}, "row 0: unknown modality 'T3'"),
+        ({"subject": "a", "seg": "a_seg.nii.gz"}, "row 0: no image path"),
+        ({"subject": "a", "t1w": "a.nii.gz", "split": "train"}, "row 0: split 'train' is not one of"),
+    ],
+)
 def test_bad_datalist_rows_are_named(tmp_path, row, message):
     path = tmp_path / "list.json"
     path.write_text(json.dumps([row]))
@@ -294,8 +362,10 @@ def cohort_dirs(tmp_path_factory):
     from brainsynth.cohort import generate_cohort
 
     root = tmp_path_factory.mktemp("cohort")
-    return {layout: generate_cohort(root / layout, layout=layout, **COHORT).parent
-            for layout in ("brats2023", "brats2021", "msd")}
+    return {
+        layout: generate_cohort(root / layout, layout=layout, **COHORT).parent
+        for layout in ("brats2023", "brats2021", "msd")
+    }
 
 
 def _load_all(row):
@@ -370,8 +440,9 @@ def test_invert_with_background_pads_with_the_background_value(shape):
     data = pre({"mask": MetaTensor(torch.ones(1, *shape))})
     pred = MetaTensor(torch.rand(1, *grid, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     label = MetaTensor(torch.randint(0, 3, (1, *grid), generator=torch.Generator().manual_seed(1)).float())
-    out = InvertWithBackgroundd(["pred", "label"], background=[-1.0, None], transform=pre, orig_keys="mask",
-                                nearest_interp=[False, True])({**data, "pred": pred, "label": label})
+    out = InvertWithBackgroundd(
+        ["pred", "label"], background=[-1.0, None], transform=pre, orig_keys="mask", nearest_interp=[False, True]
+    )({**data, "pred": pred, "label": label})
     resize = ResizeWithPadOrCrop(grid)
     inside = resize.inverse(resize(torch.ones(1, *shape))) > 0
     assert tuple(out["pred"].shape[1:]) == shape and tuple(out["label"].shape[1:]) == shape

@@ -26,8 +26,12 @@ def test_integer_shift_moves_content_by_exactly_that_many_voxels(spatial, axis, 
     # warped(x) = image(x + shift): compare the overlap, and the part pulled from outside is zero-padded
     inside = slice(max(0, -shift), n - max(0, shift))
     source = slice(max(0, shift), n + min(0, shift))
-    torch.testing.assert_close(warped.narrow(axis + 2, inside.start, inside.stop - inside.start),
-                               image.narrow(axis + 2, source.start, source.stop - source.start), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        warped.narrow(axis + 2, inside.start, inside.stop - inside.start),
+        image.narrow(axis + 2, source.start, source.stop - source.start),
+        atol=1e-5,
+        rtol=0,
+    )
     outside = torch.ones(n, dtype=torch.bool)
     outside[inside] = False
     assert warped.index_select(axis + 2, outside.nonzero().flatten()).abs().max() < 1e-6

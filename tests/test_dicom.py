@@ -9,13 +9,23 @@ import numpy as np
 import pydicom
 import pytest
 
-from brainsynth.data import (DatasetError, LoadSubjectd, check_items, discover, read_dicom_series,
-                             write_dicom_series)
+from brainsynth.data import DatasetError, LoadSubjectd, check_items, discover, read_dicom_series, write_dicom_series
 from brainsynth.engine.io import OutputExistsError
 
 SHAPE = (9, 7, 5)
-PATIENT_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientAddress",
-                  "OtherPatientIDs", "InstitutionName", "ReferringPhysicianName", "StudyDate", "AccessionNumber")
+PATIENT_FIELDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientAddress",
+    "OtherPatientIDs",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "AccessionNumber",
+)
 
 
 def _oblique_affine() -> np.ndarray:
@@ -38,8 +48,11 @@ def _nifti(tmp_path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 @pytest.mark.parametrize("kind", ["integer", "float"])
 def test_series_written_from_nifti_reads_back_with_same_geometry_and_values(tmp_path, kind):
     rng = np.random.default_rng(0)
-    array = rng.integers(-300, 3000, SHAPE).astype(np.int16) if kind == "integer" else \
-        (rng.random(SHAPE) * 1000 - 50).astype(np.float32)
+    array = (
+        rng.integers(-300, 3000, SHAPE).astype(np.int16)
+        if kind == "integer"
+        else (rng.random(SHAPE) * 1000 - 50).astype(np.float32)
+    )
     source = nib.load(str(_nifti(tmp_path, array, _oblique_affine())))
     write_dicom_series(np.asarray(source.dataobj), source.affine, tmp_path / "series")
     assert len(list((tmp_path / "series").glob("*.dcm"))) == SHAPE[2]

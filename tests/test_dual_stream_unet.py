@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from monai.networks.nets import DiffusionModelUNet
-
 from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+from monai.networks.nets import DiffusionModelUNet
 
 bundle_scripts("brats_mri_d3m_cemri")  # the bundle's own code, importable as brats_mri_d3m_cemri_scripts
 from brats_mri_d3m_cemri_scripts.dual_stream_unet import DualStreamDiffusionUNet  # noqa: E402
 
-TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8,
-            norm_num_groups=8)
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
 
 
 def test_single_decoder_is_exactly_monai_diffusion_unet():

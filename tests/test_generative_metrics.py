@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from brainsynth.metrics.feature_network import (FeatureExtractor, PathologyModalityNet, load_feature_network,
-                                        prepare_volumes, robust_rescale, train_feature_network)
-from brainsynth.metrics.distribution import (conditioning_accuracy, diversity_ms_ssim, evaluate_generated,
-                                           frechet_distance, maximum_mean_discrepancy, ms_ssim, ms_ssim_settings)
+from brainsynth.metrics.distribution import (
+    conditioning_accuracy,
+    diversity_ms_ssim,
+    evaluate_generated,
+    frechet_distance,
+    maximum_mean_discrepancy,
+    ms_ssim,
+    ms_ssim_settings,
+)
+from brainsynth.metrics.feature_network import (
+    FeatureExtractor,
+    PathologyModalityNet,
+    load_feature_network,
+    prepare_volumes,
+    robust_rescale,
+    train_feature_network,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +58,11 @@ def test_mmd_matches_the_unbiased_linear_kernel_estimate_and_equalises_counts():
     g = gen[:10]  # the larger set is cut to the size of the smaller one
     kxx, kyy, kxy = real @ real.T, g @ g.T, g @ real.T
     m = 10
-    expected = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                - 2 * kxy.sum() / (m * m))
+    expected = (
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.sum() / (m * m)
+    )
     assert maximum_mean_discrepancy(gen, real) == pytest.approx(expected, rel=1e-9)
 
 
@@ -121,7 +137,7 @@ def _toy_scans(tmp_path, n):
     for i in range(n):
         pathology, modality = ["healthy", "glioblastoma"][i % 2], ["t1w", "t2w"][(i // 2) % 2]
         v = grid[0] if modality == "t1w" else grid[1]
-        v = v + 0.05 * rng.standard_normal(v.shape) + (3.0 * ((grid ** 2).sum(0) < 0.2) if i % 2 else 0.0)
+        v = v + 0.05 * rng.standard_normal(v.shape) + (3.0 * ((grid**2).sum(0) < 0.2) if i % 2 else 0.0)
         path = tmp_path / f"scan{i}.nii.gz"
         nib.save(nib.Nifti1Image(v.astype(np.float32), np.eye(4)), path)
         rows.append({"image": str(path), "pathology": pathology, "modality": modality})
@@ -130,8 +146,16 @@ def _toy_scans(tmp_path, n):
 
 def test_feature_network_trains_saves_and_reloads_identically(tmp_path):
     rows = _toy_scans(tmp_path, 12)
-    out = train_feature_network(rows[:8], tmp_path / "fn.pt", rows[8:], input_shape=(16, 16, 16), epochs=2,
-                                batch_size=4, augment=False, block_inplanes=(4, 8, 16, 32))
+    out = train_feature_network(
+        rows[:8],
+        tmp_path / "fn.pt",
+        rows[8:],
+        input_shape=(16, 16, 16),
+        epochs=2,
+        batch_size=4,
+        augment=False,
+        block_inplanes=(4, 8, 16, 32),
+    )
     ckpt = torch.load(out, weights_only=True)  # loads with weights_only: no code in the file
     assert set(ckpt["validation"]) == {"pathology_accuracy", "modality_accuracy", "n_scans"}
     assert ckpt["validation"]["n_scans"] == 4
@@ -157,8 +181,9 @@ def test_feature_network_rejects_unknown_labels_naming_the_file(tmp_path):
 
 
 def test_user_supplied_torchscript_network_gives_features_but_no_conditioning_accuracy(tmp_path):
-    module = torch.jit.script(torch.nn.Sequential(torch.nn.Conv3d(1, 5, 3), torch.nn.AdaptiveAvgPool3d(1),
-                                                  torch.nn.Flatten()))
+    module = torch.jit.script(
+        torch.nn.Sequential(torch.nn.Conv3d(1, 5, 3), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten())
+    )
     module.save(str(tmp_path / "user.pt"))
     extractor = load_feature_network(tmp_path / "user.pt")
     gen, real = torch.rand(4, 1, 20, 20, 20), torch.rand(5, 1, 20, 20, 20)

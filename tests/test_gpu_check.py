@@ -17,8 +17,13 @@ import gpu_check  # noqa: E402
 
 
 def test_tiny_mode_measures_every_case(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "ci" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "ci" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (report_path,) = tmp_path.glob("gpu_check_tiny_*.json")
     report = json.loads(report_path.read_text())
@@ -47,8 +52,9 @@ def test_gpu_mode_refuses_without_a_gpu():
 
     if torch.cuda.is_available():
         return
-    proc = subprocess.run([sys.executable, str(REPO / "ci" / "gpu_check.py")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "ci" / "gpu_check.py")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -75,7 +81,16 @@ def test_case_error_keeps_the_real_exception():
 
 
 def test_a_failing_case_reports_its_exception_not_a_log_line():
-    case = {"bundle": "brats_mri_med_ddpm", "size": "demo", "variant": "x", "kind": "train", "stage": "diffusion",
-            "overrides": {"no_such_key": 1, "dataset_dir": "demo"}, "threads": 1, "steps": 1, "warmup": 0}
+    case = {
+        "bundle": "brats_mri_med_ddpm",
+        "size": "demo",
+        "variant": "x",
+        "kind": "train",
+        "stage": "diffusion",
+        "overrides": {"no_such_key": 1, "dataset_dir": "demo"},
+        "threads": 1,
+        "steps": 1,
+        "warmup": 0,
+    }
     result = benchmark._run_in_subprocess(case, 300)
     assert "no_such_key" in result["error"] and result["error"].startswith("KeyError")

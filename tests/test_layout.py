@@ -78,15 +78,15 @@ def test_shared_modules_serve_several_bundles_or_say_why():
         users = _users(module)
         if len(users) <= 1:
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-            assert "Used by one bundle" in doc, f"brainsynth.{module} serves {users or 'no bundle'} and does not say " \
-                                                "why it is shared"
+            assert "Used by one bundle" in doc, (
+                f"brainsynth.{module} serves {users or 'no bundle'} and does not say why it is shared"
+            )
 
 
 def test_every_subpackage_says_what_lives_there():
     for init in COMMON.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.splitlines()) >= 2, init
-
 
 
 def test_bundle_scripts_switches_between_bundles_in_one_process():

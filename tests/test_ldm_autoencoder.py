@@ -6,15 +6,27 @@ import math
 
 import pytest
 import torch
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 from monai.engines import AdversarialTrainer
 from monai.networks.nets import PatchDiscriminator
 
 from brainsynth.engine.io import load_checkpoint, save_checkpoint
-from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 
 bundle_scripts("brain_mri_conditional_ldm")  # the bundle's own code, importable as brain_mri_conditional_ldm_scripts
 from brain_mri_conditional_ldm_scripts.latent_autoencoder import (  # noqa: E402
-    AutoencoderKLInferer, AutoencoderPrepareBatch, DiscriminatorAdversarialLoss, GeneratorAdversarialLoss, LatentAutoencoderKL, LatentDiffusionPrepareBatch, LatentScaleFactor, ReconstructionKLLoss, TrainerProgress, compute_latent_scale_factor, decode_latents, kl_divergence)
+    AutoencoderKLInferer,
+    AutoencoderPrepareBatch,
+    DiscriminatorAdversarialLoss,
+    GeneratorAdversarialLoss,
+    LatentAutoencoderKL,
+    LatentDiffusionPrepareBatch,
+    LatentScaleFactor,
+    ReconstructionKLLoss,
+    TrainerProgress,
+    compute_latent_scale_factor,
+    decode_latents,
+    kl_divergence,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +36,18 @@ def _one_thread():
 
 
 def tiny_autoencoder(latent_channels: int = 3) -> LatentAutoencoderKL:
-    return LatentAutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(4, 8, 8),
-                               latent_channels=latent_channels, num_res_blocks=1, attention_levels=(False,) * 3,
-                               norm_num_groups=4, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+    return LatentAutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=(4, 8, 8),
+        latent_channels=latent_channels,
+        num_res_blocks=1,
+        attention_levels=(False,) * 3,
+        norm_num_groups=4,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
 
 
 def test_autoencoder_round_trips_shapes_with_4x_downsampling():
@@ -87,7 +108,7 @@ def test_adversarial_losses_use_the_patch_logits_and_switch_on_after_warm_up():
     act = torch.nn.functional.leaky_relu
     logits_f, logits_r = act(fake[-1], 0.05), act(real[-1], 0.05)
     assert float(g(fake)) == pytest.approx(0.5 * float(((logits_f - 1) ** 2).mean()), rel=1e-5)
-    expected_d = 0.5 * 0.5 * (float((logits_f ** 2).mean()) + float(((logits_r - 1) ** 2).mean()))
+    expected_d = 0.5 * 0.5 * (float((logits_f**2).mean()) + float(((logits_r - 1) ** 2).mean()))
     assert float(d(real, fake)) == pytest.approx(expected_d, rel=1e-5)
 
 
@@ -117,7 +138,8 @@ def test_latent_scale_factor_is_one_over_the_std_of_the_latents_of_the_data():
     assert compute_latent_scale_factor(stub, batches, num_batches=2) == pytest.approx(1.0 / float(z.std()), rel=1e-6)
     # other data, other factor
     assert compute_latent_scale_factor(stub, batches[2:], num_batches=2) != pytest.approx(
-        compute_latent_scale_factor(stub, batches, num_batches=2), rel=1e-3)
+        compute_latent_scale_factor(stub, batches, num_batches=2), rel=1e-3
+    )
     with pytest.raises(ValueError, match="no batches"):
         compute_latent_scale_factor(stub, [], num_batches=2)
 
@@ -156,22 +178,39 @@ def test_autoencoder_stage_runs_in_monai_adversarial_trainer_and_resumes_its_cou
     g, d = GeneratorAdversarialLoss(0.1, start_iteration=1), DiscriminatorAdversarialLoss(0.1, start_iteration=1)
     data = [{"image": torch.rand(2, 1, 16, 16, 16)} for _ in range(2)]
     before = [p.detach().clone() for p in ae.parameters()]
-    trainer = AdversarialTrainer(device="cpu", max_epochs=1, train_data_loader=data, g_network=ae,
-                                 g_optimizer=torch.optim.Adam(ae.parameters(), 1e-3), g_loss_function=g,
-                                 recon_loss_function=ReconstructionKLLoss(inferer, 1e-6), d_network=disc,
-                                 d_optimizer=torch.optim.Adam(disc.parameters(), 1e-3), d_loss_function=d,
-                                 g_inferer=inferer, prepare_batch=AutoencoderPrepareBatch(),
-                                 train_handlers=[g, d, LatentScaleFactor(ae, data, 1)])
+    trainer = AdversarialTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        g_network=ae,
+        g_optimizer=torch.optim.Adam(ae.parameters(), 1e-3),
+        g_loss_function=g,
+        recon_loss_function=ReconstructionKLLoss(inferer, 1e-6),
+        d_network=disc,
+        d_optimizer=torch.optim.Adam(disc.parameters(), 1e-3),
+        d_loss_function=d,
+        g_inferer=inferer,
+        prepare_batch=AutoencoderPrepareBatch(),
+        train_handlers=[g, d, LatentScaleFactor(ae, data, 1)],
+    )
     trainer.run()
     assert any(not torch.equal(a, b) for a, b in zip(before, ae.parameters()))
     assert ae.has_scale_factor
     progress = TrainerProgress(trainer).state_dict()
     assert progress == {"iteration": 2, "epoch": 1, "epoch_length": 2}
     assert all(isinstance(v, int) for v in progress.values())  # weights-only checkpointable
-    other = AdversarialTrainer(device="cpu", max_epochs=1, train_data_loader=data, g_network=ae,
-                               g_optimizer=torch.optim.Adam(ae.parameters()), g_loss_function=g,
-                               recon_loss_function=ReconstructionKLLoss(inferer), d_network=disc,
-                               d_optimizer=torch.optim.Adam(disc.parameters()), d_loss_function=d)
+    other = AdversarialTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        g_network=ae,
+        g_optimizer=torch.optim.Adam(ae.parameters()),
+        g_loss_function=g,
+        recon_loss_function=ReconstructionKLLoss(inferer),
+        d_network=disc,
+        d_optimizer=torch.optim.Adam(disc.parameters()),
+        d_loss_function=d,
+    )
     other.state.epoch_length = 2
     TrainerProgress(other).load_state_dict(progress)
     assert (other.state.iteration, other.state.epoch) == (2, 1)

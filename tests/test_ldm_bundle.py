@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 
 from brainsynth.data.provenance import read_provenance, sha256_file
@@ -20,20 +19,55 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_conditiona
 CONFIGS = BUNDLE / "configs"
 
 #: keys that define what the trained weights mean: training and inference configs must agree on them
-SHARED_KEYS = ["pathologies", "modalities", "pixdim", "spatial_size", "latent_channels", "ae_channels",
-               "ae_num_res_blocks", "ae_norm_num_groups", "ae_nonlocal_attention", "condition_embedding_dim",
-               "unet_channels", "unet_attention_levels", "unet_num_res_blocks", "unet_num_head_channels",
-               "unet_norm_num_groups", "transformer_num_layers", "num_train_timesteps", "beta_schedule",
-               "beta_start", "beta_end", "prediction_type", "autoencoder_def", "unet_def", "network_def"]
+SHARED_KEYS = [
+    "pathologies",
+    "modalities",
+    "pixdim",
+    "spatial_size",
+    "latent_channels",
+    "ae_channels",
+    "ae_num_res_blocks",
+    "ae_norm_num_groups",
+    "ae_nonlocal_attention",
+    "condition_embedding_dim",
+    "unet_channels",
+    "unet_attention_levels",
+    "unet_num_res_blocks",
+    "unet_num_head_channels",
+    "unet_norm_num_groups",
+    "transformer_num_layers",
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "autoencoder_def",
+    "unet_def",
+    "network_def",
+]
 
 TINY = {
     "demo_cohort": {"n_subjects": 8, "spacing": 6.0, "seed": 0},
-    "pixdim": [12.0, 12.0, 12.0], "spatial_size": [16, 16, 16],
-    "ae_channels": [4, 8, 8], "ae_norm_num_groups": 4, "disc_channels": 4,
-    "ae_batch_size": 4, "ae_epoch_length": 2, "ae_max_epochs": 1, "scale_factor_batches": 1,
-    "condition_embedding_dim": 8, "unet_channels": [8, 16], "unet_num_head_channels": 8, "unet_norm_num_groups": 4,
-    "diffusion_batch_size": 4, "diffusion_epoch_length": 2, "diffusion_max_epochs": 1,
-    "num_inference_steps": 2, "batch_size": 2, "preview_every": 2, "preview_steps": 2,
+    "pixdim": [12.0, 12.0, 12.0],
+    "spatial_size": [16, 16, 16],
+    "ae_channels": [4, 8, 8],
+    "ae_norm_num_groups": 4,
+    "disc_channels": 4,
+    "ae_batch_size": 4,
+    "ae_epoch_length": 2,
+    "ae_max_epochs": 1,
+    "scale_factor_batches": 1,
+    "condition_embedding_dim": 8,
+    "unet_channels": [8, 16],
+    "unet_num_head_channels": 8,
+    "unet_norm_num_groups": 4,
+    "diffusion_batch_size": 4,
+    "diffusion_epoch_length": 2,
+    "diffusion_max_epochs": 1,
+    "num_inference_steps": 2,
+    "batch_size": 2,
+    "preview_every": 2,
+    "preview_steps": 2,
 }
 
 
@@ -57,8 +91,11 @@ def test_training_and_inference_configs_agree_on_everything_the_weights_depend_o
         assert train_demo[key] == infer_demo[key], f"{key} differs under demo.json"
     # every stage's preprocessing is the same image space as the evaluation's real scans
     evaluate = _merged(["inference.json", "evaluate.json"])
-    steps = [t for t in train["preprocessing"]["transforms"] if "Conditions" not in t["_target_"]
-             and t["_target_"] != "SelectItemsd"]
+    steps = [
+        t
+        for t in train["preprocessing"]["transforms"]
+        if "Conditions" not in t["_target_"] and t["_target_"] != "SelectItemsd"
+    ]
     assert [t["_target_"] for t in steps] == [t["_target_"] for t in evaluate["real_preprocessing"]["transforms"]]
 
 
@@ -67,12 +104,25 @@ STAGE2 = ["train_autoencoder.json", "train_diffusion.json"]
 SAMPLING = ["inference.json"]
 
 
-def _run(run_id: str, configs: list[str], root: Path, tiny: Path, *args: str,
-         check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    run_id: str, configs: list[str], root: Path, tiny: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m monai.bundle run RUN_ID` from the bundle folder with CONFIGS + demo.json + the tiny overlay."""
     config = [f"configs/{f}" for f in configs] + ["configs/demo.json", str(tiny)]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(config),
-           "--bundle_root", str(root), "--cache_dir", str(root / "cache"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        repr(config),
+        "--bundle_root",
+        str(root),
+        "--cache_dir",
+        str(root / "cache"),
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -103,8 +153,20 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     assert seen and not seen & set(held_out)
 
     out = root / "outputs" / "held_out"
-    _run("inference", SAMPLING, root, tiny, "--pathology", "sclerosis", "--modality", "t1ce", "--num_samples", "2",
-         "--output_dir", str(out))
+    _run(
+        "inference",
+        SAMPLING,
+        root,
+        tiny,
+        "--pathology",
+        "sclerosis",
+        "--modality",
+        "t1ce",
+        "--num_samples",
+        "2",
+        "--output_dir",
+        str(out),
+    )
     volumes = sorted(out.glob("*.nii.gz"))
     assert [v.name for v in volumes] == ["sclerosis_t1ce_000.nii.gz", "sclerosis_t1ce_001.nii.gz"]
     arrays = [np.asarray(nib.load(v).dataobj) for v in volumes]
@@ -132,8 +194,19 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     np.testing.assert_allclose(pred[0, 0].numpy(), arrays[0], atol=1e-5)
 
     # a name outside the vocabulary fails before any sampling, listing the valid names
-    bad = _run("inference", SAMPLING, root, tiny, "--pathology", "sclerosis", "--modality", "dwi", "--output_dir",
-               str(root / "outputs" / "bad"), check=False)
+    bad = _run(
+        "inference",
+        SAMPLING,
+        root,
+        tiny,
+        "--pathology",
+        "sclerosis",
+        "--modality",
+        "dwi",
+        "--output_dir",
+        str(root / "outputs" / "bad"),
+        check=False,
+    )
     assert bad.returncode != 0
     assert "unknown modality 'dwi'; valid: t1w, t1ce, t2w, flair, pd" in bad.stdout + bad.stderr
     assert not (root / "outputs" / "bad").exists() or not any((root / "outputs" / "bad").iterdir())

@@ -8,15 +8,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 
 from brainsynth.conditioning.categorical import CategoricalConditioning
 from brainsynth.conventions import MODALITIES, PATHOLOGIES
 from brainsynth.engine.io import OutputExistsError
-from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 
 bundle_scripts("brain_mri_conditional_ldm")  # the bundle's own code, importable as brain_mri_conditional_ldm_scripts
 from brain_mri_conditional_ldm_scripts.latent_sampling import (  # noqa: E402
-    NoisePrepareBatch, SaveGeneratedd, check_output_dir, condition_requests, evaluate_conditions, pixdim_affine)
+    NoisePrepareBatch,
+    SaveGeneratedd,
+    check_output_dir,
+    condition_requests,
+    evaluate_conditions,
+    pixdim_affine,
+)
 
 VOCAB = {"pathology": list(PATHOLOGIES), "modality": list(MODALITIES)}
 
@@ -86,12 +92,14 @@ class _ToyExtractor:
     def extract(self, volumes):
         v = torch.as_tensor(np.asarray(volumes)).reshape(len(volumes), -1).double()
         m = v.mean(1, keepdim=True)
-        return torch.cat([m, m ** 2 + 0.01 * v.std(1, keepdim=True)], 1)
+        return torch.cat([m, m**2 + 0.01 * v.std(1, keepdim=True)], 1)
 
     def classify(self, volumes):
         means = [float(np.mean(v)) for v in volumes]
-        return {"pathology": ["glioblastoma" if m > 0.5 else "healthy" for m in means],
-                "modality": ["t1w"] * len(means)}
+        return {
+            "pathology": ["glioblastoma" if m > 0.5 else "healthy" for m in means],
+            "modality": ["t1w"] * len(means),
+        }
 
 
 def test_evaluation_per_combination_marks_held_out_and_writes_a_table(tmp_path, cond):
@@ -100,13 +108,16 @@ def test_evaluation_per_combination_marks_held_out_and_writes_a_table(tmp_path, 
     gen_dir = tmp_path / "generated"
     for r in requests:
         level = 0.8 if r["pathology"] == "glioblastoma" else 0.2
-        nib.save(nib.Nifti1Image((level + 0.05 * rng.random((12, 12, 12))).astype(np.float32), np.eye(4)),
-                 gen_dir.mkdir(exist_ok=True) or gen_dir / f"{r['name']}.nii.gz")
+        nib.save(
+            nib.Nifti1Image((level + 0.05 * rng.random((12, 12, 12))).astype(np.float32), np.eye(4)),
+            gen_dir.mkdir(exist_ok=True) or gen_dir / f"{r['name']}.nii.gz",
+        )
     real_rows = []
     for i, (p, level) in enumerate([("glioblastoma", 0.7), ("glioblastoma", 0.75), ("healthy", 0.3)]):
         real_rows.append({"image": rng.random((1, 12, 12, 12)) * 0.1 + level, "pathology": p, "modality": "t1w"})
-    report = evaluate_conditions(requests, gen_dir, real_rows, lambda row: row, _ToyExtractor(),
-                                 [["glioblastoma", "t1w"]], tmp_path / "eval")
+    report = evaluate_conditions(
+        requests, gen_dir, real_rows, lambda row: row, _ToyExtractor(), [["glioblastoma", "t1w"]], tmp_path / "eval"
+    )
     by = {(e["pathology"], e["modality"]): e for e in report["combinations"]}
     gbm, healthy = by[("glioblastoma", "t1w")], by[("healthy", "t1w")]
     assert gbm["split"] == "held-out" and healthy["split"] == "seen"

@@ -5,19 +5,25 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+from scipy import ndimage
 
 bundle_scripts("brats_mri_med_ddpm")  # the bundle's own code, importable as brats_mri_med_ddpm_scripts
 from brats_mri_med_ddpm_scripts.mask_augmentation import (  # noqa: E402
-    PAPER_SCALE_FACTORS, augment_tumour, move_tumour, scale_tumour, tumour_inside, tumour_mask, write_augmented_masks)
+    PAPER_SCALE_FACTORS,
+    augment_tumour,
+    move_tumour,
+    scale_tumour,
+    tumour_inside,
+    tumour_mask,
+    write_augmented_masks,
+)
 
 
 def _subject(shape=(40, 40, 32), radius=5.0, centre=(20, 18, 16)):
     """A spherical brain with a layered tumour: enhancing rim (3) around necrosis (1), edema (2) outside."""
     grid = np.indices(shape).astype(float)
-    brain = (((grid - np.array(shape).reshape(3, 1, 1, 1) / 2) ** 2).sum(0) <= 15.0 ** 2)
+    brain = ((grid - np.array(shape).reshape(3, 1, 1, 1) / 2) ** 2).sum(0) <= 15.0**2
     r = np.sqrt(((grid - np.array(centre).reshape(3, 1, 1, 1)) ** 2).sum(0))
     seg = np.zeros(shape, np.int16)
     seg[r <= radius] = 2
@@ -37,7 +43,7 @@ def test_scaling_changes_volume_by_factor_cubed_and_keeps_centre(factor):
     out = scale_tumour(seg, factor)
     before, after = tumour_mask(seg), tumour_mask(out)
     ratio = after.sum() / before.sum()
-    assert abs(ratio / factor ** 3 - 1) < 0.2, ratio
+    assert abs(ratio / factor**3 - 1) < 0.2, ratio
     np.testing.assert_allclose(ndimage.center_of_mass(after), ndimage.center_of_mass(before), atol=0.75)
     # the layers scale too: each label keeps roughly its share of the tumour
     for label in (1, 2, 3):
@@ -73,7 +79,7 @@ def test_augmented_tumours_stay_inside_the_brain():
         assert o.seg.shape == seg.shape and o.seg.dtype == seg.dtype
         # the tumour was really moved (random centre inside the brain) and scaled
         ratio = tumour_mask(o.seg).sum() / tumour_mask(seg).sum()
-        assert abs(ratio / o.factor ** 3 - 1) < 0.3  # loose: a 2.5-voxel radius at 0.5x
+        assert abs(ratio / o.factor**3 - 1) < 0.3  # loose: a 2.5-voxel radius at 0.5x
     assert any(o.shift != (0, 0, 0) for o in outputs)
     # deterministic for a seed
     again = list(augment_tumour(seg, brain, factors=(2.0, 1.2, 0.5), rng=1))
@@ -94,9 +100,15 @@ def test_write_augmented_masks_round_trip(tmp_path):
     seg2021 = np.where(seg == 3, 4, seg)  # BraTS 2021 numbering: 4 = enhancing
     nib.save(nib.Nifti1Image(seg2021, affine), str(tmp_path / "s1_seg.nii.gz"))
     nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), str(tmp_path / "s1_brain_mask.nii.gz"))
-    rows = [{"subject": "s1", "seg": str(tmp_path / "s1_seg.nii.gz"),
-             "brain_mask": str(tmp_path / "s1_brain_mask.nii.gz"), "label_convention": "brats2021",
-             "pathology": "glioblastoma"}]
+    rows = [
+        {
+            "subject": "s1",
+            "seg": str(tmp_path / "s1_seg.nii.gz"),
+            "brain_mask": str(tmp_path / "s1_brain_mask.nii.gz"),
+            "label_convention": "brats2021",
+            "pathology": "glioblastoma",
+        }
+    ]
     datalist = write_augmented_masks(rows, tmp_path / "aug", factors=PAPER_SCALE_FACTORS, per_subject=4, seed=0)
     content = json.loads(datalist.read_text())
     assert content["label_convention"] == "canonical"

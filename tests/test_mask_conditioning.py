@@ -9,9 +9,16 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import LoadImage
 
-from brainsynth.conditioning.semantic_mask import (BRATS_CLASSES, WHOLE_HEAD_CLASSES, ConditionLabelsd,
-                                          MaskConditionedPrepareBatch, MaskConditionedSampler, MaskError, MaskOneHotd,
-                                          SemanticMaskConditioning)
+from brainsynth.conditioning.semantic_mask import (
+    BRATS_CLASSES,
+    WHOLE_HEAD_CLASSES,
+    ConditionLabelsd,
+    MaskConditionedPrepareBatch,
+    MaskConditionedSampler,
+    MaskError,
+    MaskOneHotd,
+    SemanticMaskConditioning,
+)
 from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
 
@@ -95,13 +102,20 @@ def _with_file(array, name):
     return MetaTensor(torch.as_tensor(array), meta={"filename_or_obj": name})
 
 
-@pytest.mark.parametrize("problem,array,match", [
-    ("label outside the set", lambda lm: np.where(lm == 2, 7, lm), r"bad\.nii\.gz: label value\(s\) \[7\] are outside"),
-    ("2-D", lambda lm: lm[:, :, 3], r"bad\.nii\.gz: a condition mask must be a 3-D label map"),
-    ("4 channels", lambda lm: np.stack([lm] * 4), r"bad\.nii\.gz: a condition mask must be a 3-D"),
-    ("fractional", lambda lm: lm * 0.5, r"bad\.nii\.gz: mask has non-integer values"),
-    ("no brain", lambda lm: np.where(lm == 4, 0, lm), r"bad\.nii\.gz: no brain voxels"),
-])
+@pytest.mark.parametrize(
+    "problem,array,match",
+    [
+        (
+            "label outside the set",
+            lambda lm: np.where(lm == 2, 7, lm),
+            r"bad\.nii\.gz: label value\(s\) \[7\] are outside",
+        ),
+        ("2-D", lambda lm: lm[:, :, 3], r"bad\.nii\.gz: a condition mask must be a 3-D label map"),
+        ("4 channels", lambda lm: np.stack([lm] * 4), r"bad\.nii\.gz: a condition mask must be a 3-D"),
+        ("fractional", lambda lm: lm * 0.5, r"bad\.nii\.gz: mask has non-integer values"),
+        ("no brain", lambda lm: np.where(lm == 4, 0, lm), r"bad\.nii\.gz: no brain voxels"),
+    ],
+)
 def test_validate_names_file_and_problem(problem, array, match):
     seg, brain = _toy_subject()
     cond = SemanticMaskConditioning(BRATS_CLASSES)
@@ -115,8 +129,8 @@ def test_validate_shape_against_the_model_grid():
     seg, brain = _toy_subject((12, 10, 8))
     cond = SemanticMaskConditioning(BRATS_CLASSES)
     lm = cond.label_map(seg, {"brain": brain})[None]
-    cond.validate(lm, spatial_size=(16, 16, 16))   # padding keeps everything
-    cond.validate(lm, spatial_size=(8, 8, 8))      # the brain box (8 x 6 x 6) survives a centre crop
+    cond.validate(lm, spatial_size=(16, 16, 16))  # padding keeps everything
+    cond.validate(lm, spatial_size=(8, 8, 8))  # the brain box (8 x 6 x 6) survives a centre crop
     with pytest.raises(MaskError, match=r"does not match the model's grid \(4, 4, 4\)"):
         cond.validate(_with_file(lm, "m.nii.gz"), spatial_size=(4, 4, 4))
 
@@ -169,17 +183,21 @@ def test_training_concatenates_condition_after_noisy_image():
     torch.testing.assert_close(x[:, 4:], batch["condition"])
 
 
-@pytest.mark.parametrize("scheduler,steps", [
-    (DDPMScheduler(num_train_timesteps=250, schedule="cosine"), None),
-    (ExactDDIMScheduler(num_train_timesteps=250, schedule="cosine"), 10),
-])
+@pytest.mark.parametrize(
+    "scheduler,steps",
+    [
+        (DDPMScheduler(num_train_timesteps=250, schedule="cosine"), None),
+        (ExactDDIMScheduler(num_train_timesteps=250, schedule="cosine"), 10),
+    ],
+)
 def test_sampler_sees_condition_at_every_step(scheduler, steps):
     cond = SemanticMaskConditioning(WHOLE_HEAD_CLASSES, value_range=(-1, 1))
     condition = cond.one_hot(torch.randint(0, 3, (3, 1, 4, 4, 4)), channel_dim=1)
     condition = MetaTensor(condition, meta={"filename_or_obj": "m.nii.gz"})
     spy = _Spy(1)
     out = MaskConditionedSampler(scheduler, out_channels=1, num_inference_steps=steps, progress=False, seed=3)(
-        condition, spy)
+        condition, spy
+    )
     expected_steps = 250 if steps is None else steps
     assert len(spy.seen) == expected_steps
     assert out.shape == (3, 1, 4, 4, 4) and isinstance(out, MetaTensor)

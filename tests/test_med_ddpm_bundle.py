@@ -13,19 +13,31 @@ import numpy as np
 import pytest
 import torch
 
-from brainsynth.data.provenance import MARKER, read_provenance, sha256_file
-
-from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
-from brainsynth.engine.io import load_checkpoint, save_nifti
 from brainsynth.conditioning.semantic_mask import BRATS_CLASSES, MaskError, SemanticMaskConditioning
+from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
+from brainsynth.data.provenance import MARKER, read_provenance, sha256_file
+from brainsynth.engine.io import load_checkpoint, save_nifti
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
 COHORT = {"n_subjects": 5, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}
 TINY = {  # a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seconds per run on one core
-    "dataset_dir": "demo", "demo_cohort": COHORT, "spatial_size": [24, 24, 16], "channels": [8, 16],
-    "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 8, "batch_size": 2,
-    "epoch_length": 2, "max_epochs": 1, "num_workers": 0, "cache_rate": 0.0, "ema_start_step": 1,
-    "sampler": "ddim", "num_inference_steps": 2, "progress": False, "split": "test",
+    "dataset_dir": "demo",
+    "demo_cohort": COHORT,
+    "spatial_size": [24, 24, 16],
+    "channels": [8, 16],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "batch_size": 2,
+    "epoch_length": 2,
+    "max_epochs": 1,
+    "num_workers": 0,
+    "cache_rate": 0.0,
+    "ema_start_step": 1,
+    "sampler": "ddim",
+    "num_inference_steps": 2,
+    "progress": False,
+    "split": "test",
 }
 
 
@@ -41,8 +53,16 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("med_ddpm")
     cohort = resolve_dataset_dir("demo", root / "cache", **COHORT)  # the bundle runs find and reuse it
     overlay = root / "tiny.json"
-    overlay.write_text(json.dumps({**TINY, "cache_dir": str(root / "cache"), "bundle_root": str(root / "run"),
-                                   "output_dir": str(root / "run" / "outputs")}))
+    overlay.write_text(
+        json.dumps(
+            {
+                **TINY,
+                "cache_dir": str(root / "cache"),
+                "bundle_root": str(root / "run"),
+                "output_dir": str(root / "run" / "outputs"),
+            }
+        )
+    )
     return root, cohort, overlay
 
 
@@ -83,8 +103,12 @@ def test_train_resume_sample_end_to_end(workspace):
     (copy / "models").mkdir(exist_ok=True)
     shutil.copy(root / "run" / "models" / "model.pt", copy / "models" / "model.pt")
     tiny_net = {k: TINY[k] for k in ("channels", "attention_levels", "num_res_blocks", "norm_num_groups")}
-    net = monai.bundle.load(name=BUNDLE.name, bundle_dir=str(copy.parent), device="cpu",
-                            net_override={**tiny_net, "num_head_channels": TINY["channels"]})
+    net = monai.bundle.load(
+        name=BUNDLE.name,
+        bundle_dir=str(copy.parent),
+        device="cpu",
+        net_override={**tiny_net, "num_head_channels": TINY["channels"]},
+    )
     ema = load_checkpoint(root / "run" / "models" / "model.pt")
     assert all(torch.equal(ema[k], v) for k, v in net.state_dict().items())
     assert any(not torch.equal(ema[k], second["network"][k]) for k in ema)  # EMA weights, not the live ones
@@ -131,10 +155,15 @@ def test_train_resume_sample_end_to_end(workspace):
     masks.mkdir()
     for index in range(2):
         lm, affine = _condition_mask(cohort, index)
-        save_nifti(np.pad(lm, ((4, 4), (4, 4), (0, 0))), masks / f"padded{index}.nii.gz", affine=affine,
-                   dtype=np.int16)
-    _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], "--dataset_dir", str(masks),
-         "--output_dir", str(cropped))
+        save_nifti(np.pad(lm, ((4, 4), (4, 4), (0, 0))), masks / f"padded{index}.nii.gz", affine=affine, dtype=np.int16)
+    _run(
+        "inference",
+        ["configs/inference.json", "configs/demo.json", str(overlay)],
+        "--dataset_dir",
+        str(masks),
+        "--output_dir",
+        str(cropped),
+    )
     resize = ResizeWithPadOrCrop((24, 24, 16))
     inside = np.asarray(resize.inverse(resize(torch.ones(1, 32, 32, 16)))[0]) > 0  # the generated region
     assert inside.sum() == 24 * 24 * 16
@@ -144,6 +173,7 @@ def test_train_resume_sample_end_to_end(workspace):
             assert data.shape == (32, 32, 16)
             assert np.all(data[~inside] == 0), (suffix, np.unique(data[~inside])[:5])
             assert data[inside].std() > 0
+
 
 def _condition_mask(cohort, subject_index=0):
     row = split_items(discover(cohort), "training")[subject_index]
@@ -168,9 +198,11 @@ def test_bad_masks_are_rejected_before_any_work(workspace, tmp_path):
     kwargs = dict(conditioning=cond, spatial_size=(24, 24, 16), region_keys={"brain": "brain_mask"})
 
     assert inputs.check_inputs(inputs.mask_rows(str(good)), **kwargs)
-    for path, message in ((outside, r"outside\.nii\.gz: label value\(s\) \[9\] are outside"),
-                          (flat, r"flat\.nii\.gz: a condition mask must be a 3-D label map"),
-                          (too_big, r"too_big\.nii\.gz: shape \(64, 64, 48\) does not match the model's grid")):
+    for path, message in (
+        (outside, r"outside\.nii\.gz: label value\(s\) \[9\] are outside"),
+        (flat, r"flat\.nii\.gz: a condition mask must be a 3-D label map"),
+        (too_big, r"too_big\.nii\.gz: shape \(64, 64, 48\) does not match the model's grid"),
+    ):
         with pytest.raises(MaskError, match=message):
             inputs.check_inputs(inputs.mask_rows(str(path)), **kwargs)
     # a folder: every bad file is listed, the good one is not
@@ -182,8 +214,15 @@ def test_bad_masks_are_rejected_before_any_work(workspace, tmp_path):
 
     # through the bundle: the run fails in `initialize`, nothing is written
     out_dir = tmp_path / "never"
-    proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(root / "tiny.json")],
-                "--dataset_dir", str(outside), "--output_dir", str(out_dir), expect_ok=False)
+    proc = _run(
+        "inference",
+        ["configs/inference.json", "configs/demo.json", str(root / "tiny.json")],
+        "--dataset_dir",
+        str(outside),
+        "--output_dir",
+        str(out_dir),
+        expect_ok=False,
+    )
     assert proc.returncode != 0 and "are outside this model's set" in proc.stdout + proc.stderr
     assert not out_dir.exists()
 
@@ -195,8 +234,9 @@ def test_inputs_missing_path_and_bare_segmentation(workspace, tmp_path):
         inputs.mask_rows(str(tmp_path / "no_such_dir"))
     # a tumour segmentation without brain labels is not a condition mask: the error says what is missing
     row = split_items(discover(cohort), "training")[0]
-    seg_only = save_nifti(np.asarray(nib.load(row["seg"]).dataobj), tmp_path / "seg_only.nii.gz",
-                          reference=row["seg"], dtype=np.int16)
+    seg_only = save_nifti(
+        np.asarray(nib.load(row["seg"]).dataobj), tmp_path / "seg_only.nii.gz", reference=row["seg"], dtype=np.int16
+    )
     with pytest.raises(MaskError, match=r"seg_only\.nii\.gz: no brain voxels"):
         inputs.check_inputs(inputs.mask_rows(str(seg_only)), SemanticMaskConditioning(BRATS_CLASSES), (24, 24, 16))
 
@@ -205,9 +245,27 @@ def test_train_and_inference_configs_agree_on_the_model():
     """Weights trained with train.json must load into inference.json's network: the shared keys are identical."""
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    shared = ["imports", "bundle_root", "model_path", "device", "modalities", "classes", "condition_range",
-              "region_keys", "spatial_size", "channels", "attention_levels", "num_res_blocks", "norm_num_groups",
-              "num_train_timesteps", "conditioning", "network_def", "network", "label_convention", "seed"]
+    shared = [
+        "imports",
+        "bundle_root",
+        "model_path",
+        "device",
+        "modalities",
+        "classes",
+        "condition_range",
+        "region_keys",
+        "spatial_size",
+        "channels",
+        "attention_levels",
+        "num_res_blocks",
+        "norm_num_groups",
+        "num_train_timesteps",
+        "conditioning",
+        "network_def",
+        "network",
+        "label_convention",
+        "seed",
+    ]
     for key in shared:
         assert train[key] == infer[key], key
     assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
@@ -221,9 +279,23 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
     run_root = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for epochs in ("1", "2"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "training", "--config_file", configs, "--bundle_root", str(run_root),
-               "--max_epochs", epochs]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            configs,
+            "--bundle_root",
+            str(run_root),
+            "--max_epochs",
+            epochs,
+        ]
         proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = load_checkpoint(run_root / "models" / "checkpoint_last.pt")
@@ -231,10 +303,13 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
     assert all(not k.startswith("module.") for k in ckpt["network"])  # portable: no DDP wrapper prefix
 
 
-@pytest.mark.parametrize("overlays,io,millions", [
-    ([], (8, 4), 57.563),                              # BraTS variant: authors' 57.6 M parameters
-    (["single_modality.json"], (3, 1), 40.226),        # whole-head variant: authors' 40.2 M parameters
-])
+@pytest.mark.parametrize(
+    "overlays,io,millions",
+    [
+        ([], (8, 4), 57.563),  # BraTS variant: authors' 57.6 M parameters
+        (["single_modality.json"], (3, 1), 40.226),  # whole-head variant: authors' 40.2 M parameters
+    ],
+)
 def test_paper_networks_match_the_authors_size(overlays, io, millions):
     from monai.bundle import ConfigParser
 
@@ -252,18 +327,31 @@ def test_evaluating_and_downstream_workflows(workspace, tmp_path):
     """The paper's table and the downstream experiment run end to end on the tiny cohort and write their tables."""
     root, _, overlay = workspace
     extra = tmp_path / "extra.json"
-    extra.write_text(json.dumps({"bundle_root": str(tmp_path / "run"), "feature_input_shape": [16, 16, 16],
-                                 "feature_epochs": 1, "seg_spatial_size": [24, 24, 16], "seg_iterations": 2,
-                                 "augment_per_subject": 1, "split": "training"}))
+    extra.write_text(
+        json.dumps(
+            {
+                "bundle_root": str(tmp_path / "run"),
+                "feature_input_shape": [16, 16, 16],
+                "feature_epochs": 1,
+                "seg_spatial_size": [24, 24, 16],
+                "seg_iterations": 2,
+                "augment_per_subject": 1,
+                "split": "training",
+            }
+        )
+    )
     _run("training", ["configs/train.json", "configs/demo.json", str(overlay), str(extra)])
-    _run("evaluating", ["configs/inference.json", "configs/evaluate.json", "configs/demo.json", str(overlay),
-                        str(extra)])
+    _run(
+        "evaluating", ["configs/inference.json", "configs/evaluate.json", "configs/demo.json", str(overlay), str(extra)]
+    )
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert set(metrics["modalities"]) == {"t1w", "t1ce", "t2w", "flair"}
     assert all(0 <= e["mse"]["mean"] <= 1 and -1 <= e["ms_ssim"]["mean"] <= 1 for e in metrics["modalities"].values())
     assert "in-house" in metrics["feature_network"]
-    _run("downstream", ["configs/inference.json", "configs/downstream.json", "configs/demo.json", str(overlay),
-                        str(extra)])
+    _run(
+        "downstream",
+        ["configs/inference.json", "configs/downstream.json", "configs/demo.json", str(overlay), str(extra)],
+    )
     result = json.loads((tmp_path / "run" / "eval" / "downstream" / "downstream.json").read_text())
     assert list(result["arms"]) == ["real", "synthetic", "real + synthetic"]
     arms = result["arms"]

@@ -29,17 +29,23 @@ def cosine_betas_closed_form(T: int, s: float = 0.008, max_beta: float = 0.999) 
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
-@pytest.mark.parametrize("config_file,key", [("train.json", "train#scheduler"),
-                                             ("inference.json", "ancestral_scheduler"),
-                                             ("inference.json", "fast_scheduler")])
+@pytest.mark.parametrize(
+    "config_file,key",
+    [
+        ("train.json", "train#scheduler"),
+        ("inference.json", "ancestral_scheduler"),
+        ("inference.json", "fast_scheduler"),
+    ],
+)
 def test_bundle_schedules_are_the_cosine_closed_form(config_file, key):
     scheduler = _parsed(config_file, key)
     assert scheduler.num_train_timesteps == 250
     expected = cosine_betas_closed_form(250)
     np.testing.assert_allclose(scheduler.betas.double().numpy(), expected, rtol=1e-5, atol=1e-6)
     assert float(scheduler.betas[-1]) == pytest.approx(0.999)  # the last beta is clipped, as in the authors' code
-    np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - expected), rtol=1e-4,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        scheduler.alphas_cumprod.double().numpy(), np.cumprod(1 - expected), rtol=1e-4, atol=1e-7
+    )
     assert scheduler.prediction_type == "epsilon"
 
 

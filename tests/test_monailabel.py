@@ -32,23 +32,27 @@ pytestmark = pytest.mark.monailabel
 
 @pytest.fixture(scope="module")
 def monailabel_python():
-    proc = subprocess.run(["bash", str(REPO / "ci" / "monailabel" / "setup_venv.sh")], capture_output=True,
-                          text=True, timeout=3600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "ci" / "monailabel" / "setup_venv.sh")], capture_output=True, text=True, timeout=3600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
 
 def _run(cmd, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
 
 def _stack(bundle_dir: Path, name: str) -> list[str]:
     configs = vb.classify_configs(bundle_dir)
-    return vb.config_stack(bundle_dir, name, configs.train if name in configs.train else configs.runnable) + \
-        configs.demo[:1]
+    return (
+        vb.config_stack(bundle_dir, name, configs.train if name in configs.train else configs.runnable)
+        + configs.demo[:1]
+    )
 
 
 # settings both sides use, so the comparison is exact: a deterministic sampler (an ancestral sampler draws its
@@ -61,8 +65,19 @@ def _infer(scratch: Path, bundle_dir: Path, *overrides: str) -> None:
     with extra ``--key value`` overrides."""
     stack = _stack(bundle_dir, "inference.json")
     shared = [a for k, v in SHARED_SETTINGS.get(bundle_dir.name, {}).items() for a in (f"--{k}", str(v))]
-    _run([sys.executable, "-m", *vb.bundle_run_args(scratch, stack, "infer"), "--bundle_root", str(scratch),
-          *vb.data_arguments(vb._merged(bundle_dir, stack), None), *shared, *overrides], cwd=scratch)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            *vb.bundle_run_args(scratch, stack, "infer"),
+            "--bundle_root",
+            str(scratch),
+            *vb.data_arguments(vb._merged(bundle_dir, stack), None),
+            *shared,
+            *overrides,
+        ],
+        cwd=scratch,
+    )
 
 
 # --- what each bundle takes from MONAI Label, and the repository run it must agree with -------------------------
@@ -82,10 +97,17 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
     files = {m: str(t1n).replace("-t1n.", f"-{s}.") for m, s in (("t1w", "t1n"), ("t2w", "t2w"), ("flair", "t2f"))}
     images = [nib.load(f) for f in files.values()]
     stacked = tmp / "t1w_t2w_flair.nii.gz"
-    nib.save(nib.Nifti1Image(np.stack([i.get_fdata(dtype=np.float32) for i in images], -1), images[0].affine),
-             stacked)
-    _infer(scratch, bundle_dir, "--input_files", repr(files), "--subjects_split", "$None",  # this subject, whatever
-           "--output_dir", str(tmp / "reference"))                                          # its split
+    nib.save(nib.Nifti1Image(np.stack([i.get_fdata(dtype=np.float32) for i in images], -1), images[0].affine), stacked)
+    _infer(
+        scratch,
+        bundle_dir,
+        "--input_files",
+        repr(files),
+        "--subjects_split",
+        "$None",  # this subject, whatever
+        "--output_dir",
+        str(tmp / "reference"),
+    )  # its split
     (reference,) = sorted((tmp / "reference").rglob("*_t1ce_synthetic.nii.gz"))
     return stacked, {"output": "t1ce"}, nib.load(reference).get_fdata()
 
@@ -93,8 +115,18 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
 def ldm_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np.ndarray]:
     """Conditions in (request params), a volume out; the sent volume only fixes the grid, so it is a volume of the
     generated size and spacing, and the result must be the repository's first sample for that combination."""
-    _infer(scratch, bundle_dir, "--pathology", "sclerosis", "--modality", "flair", "--num_samples", "1",
-           "--output_dir", str(tmp / "reference"))
+    _infer(
+        scratch,
+        bundle_dir,
+        "--pathology",
+        "sclerosis",
+        "--modality",
+        "flair",
+        "--num_samples",
+        "1",
+        "--output_dir",
+        str(tmp / "reference"),
+    )
     (reference,) = sorted((tmp / "reference").rglob("*.nii.gz"))
     ref = nib.load(reference)
     grid = tmp / "grid.nii.gz"
@@ -102,8 +134,7 @@ def ldm_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
     return grid, {"pathology": "sclerosis", "modality": "flair"}, ref.get_fdata()
 
 
-CASES = {"brats_mri_med_ddpm": med_ddpm_case, "brats_mri_d3m_cemri": d3m_case,
-         "brain_mri_conditional_ldm": ldm_case}
+CASES = {"brats_mri_med_ddpm": med_ddpm_case, "brats_mri_d3m_cemri": d3m_case, "brain_mri_conditional_ldm": ldm_case}
 BUNDLES = pb.discover_bundles()
 
 
@@ -111,31 +142,36 @@ def test_every_bundle_has_a_monailabel_case():
     assert sorted(b.name for b in BUNDLES) == sorted(CASES), "add the bundle's MONAI Label case to this file"
 
 
-@pytest.mark.parametrize("bundle_dir", [b for b in BUNDLES if b.name in CASES],
-                         ids=[b.name for b in BUNDLES if b.name in CASES])
+@pytest.mark.parametrize(
+    "bundle_dir", [b for b in BUNDLES if b.name in CASES], ids=[b.name for b in BUNDLES if b.name in CASES]
+)
 def test_monailabel_serves_bundle(bundle_dir, monailabel_python, tmp_path):
     from monai.bundle import ConfigParser, download
 
     configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(bundle_dir, tmp_path / "scratch")
     for stack in sorted((_stack(bundle_dir, t) for t in configs.train), key=len):
-        r = vb.run_workflow(scratch, stack, "train", max_iterations=1,
-                            extra_args=vb.data_arguments(vb._merged(bundle_dir, stack), None))
+        r = vb.run_workflow(
+            scratch, stack, "train", max_iterations=1, extra_args=vb.data_arguments(vb._merged(bundle_dir, stack), None)
+        )
         assert r["returncode"] == 0, r["output"][-3000:]
     zip_path = pb.build_archive(bundle_dir, tmp_path / "dist", models_dir=scratch / "models")
     (tmp_path / "workflow").mkdir()
-    download(name=bundle_dir.name, url=zip_path.resolve().as_uri(), bundle_dir=str(tmp_path / "workflow"),
-             progress=False)
+    download(
+        name=bundle_dir.name, url=zip_path.resolve().as_uri(), bundle_dir=str(tmp_path / "workflow"), progress=False
+    )
     served = tmp_path / "workflow" / bundle_dir.name
     parser = ConfigParser()
-    parser.read_config([str(served / "configs" / "inference.json")] +
-                       [str(served / "configs" / d) for d in configs.demo[:1]])
+    parser.read_config(
+        [str(served / "configs" / "inference.json")] + [str(served / "configs" / d) for d in configs.demo[:1]]
+    )
     parser.config.update(SHARED_SETTINGS.get(bundle_dir.name, {}))
     (served / "configs" / "inference.json").write_text(json.dumps(parser.config, indent=1))
 
     image, params, expected = CASES[bundle_dir.name](scratch, bundle_dir, tmp_path)
-    result = sai.serve_and_infer(monailabel_python, served, image, tmp_path / "monailabel_out.nii.gz", params,
-                                 work=tmp_path / "monailabel")
+    result = sai.serve_and_infer(
+        monailabel_python, served, image, tmp_path / "monailabel_out.nii.gz", params, work=tmp_path / "monailabel"
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=1))
     print(result["log_tail"])
     assert "error" not in result, result["error"] + "\n" + result["log_tail"]

@@ -21,8 +21,11 @@ import verify_bundles as vb  # noqa: E402
 ITERATIONS = 2
 # every train config's overlay; by default only each bundle's first stage (later stages build on an earlier one
 # and take minutes on a shared 2-core CPU: -m slow)
-CASES = [pytest.param(b, t, id=f"{b.name}-{t}", marks=[pytest.mark.slow] if i else [])
-         for b in vb.discover_bundles() for i, t in enumerate(vb.classify_configs(b).train)]
+CASES = [
+    pytest.param(b, t, id=f"{b.name}-{t}", marks=[pytest.mark.slow] if i else [])
+    for b in vb.discover_bundles()
+    for i, t in enumerate(vb.classify_configs(b).train)
+]
 
 
 @pytest.mark.parametrize("bundle_dir, train_name", CASES)
@@ -41,10 +44,20 @@ def test_ddp_on_cpu_two_processes(bundle_dir, train_name, tmp_path):
     stack = stack + configs.demo[:1] + [overlay]  # the overlay goes last so the demo cannot undo DDP
     reports = tmp_path / "reports"
     reports.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           *vb.bundle_run_args(scratch, stack, "train"), "--bundle_root", str(scratch)]
-    proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=600,
-                          env=vb.probe_environment(reports, ITERATIONS))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        *vb.bundle_run_args(scratch, stack, "train"),
+        "--bundle_root",
+        str(scratch),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=scratch, capture_output=True, text=True, timeout=600, env=vb.probe_environment(reports, ITERATIONS)
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     ranks = {r["rank"]: r for r in vb.read_probe_reports(reports)}

@@ -9,8 +9,16 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from scipy.stats import wilcoxon
 
 from brainsynth.engine.io import OutputExistsError
-from brainsynth.metrics.paired import (compare_methods, markdown_table, read_csv, slice_metrics, slice_rows,
-                                       volume_metrics, wilcoxon_signed_rank, write_csv)
+from brainsynth.metrics.paired import (
+    compare_methods,
+    markdown_table,
+    read_csv,
+    slice_metrics,
+    slice_rows,
+    volume_metrics,
+    wilcoxon_signed_rank,
+    write_csv,
+)
 
 
 def _pair(n=3, h=32, w=28, seed=0):
@@ -24,8 +32,9 @@ def test_whole_image_values_equal_monai_metrics():
     pred, target = _pair()
     m = slice_metrics(pred, target)
     torch.testing.assert_close(m["psnr_whole"], PSNRMetric(max_val=1.0)(pred[:, None], target[:, None])[:, 0])
-    torch.testing.assert_close(m["ssim_whole"], SSIMMetric(spatial_dims=2, data_range=1.0)(pred[:, None],
-                                                                                             target[:, None])[:, 0])
+    torch.testing.assert_close(
+        m["ssim_whole"], SSIMMetric(spatial_dims=2, data_range=1.0)(pred[:, None], target[:, None])[:, 0]
+    )
     assert torch.isnan(m["psnr_region"]).all() and torch.isnan(m["ssim_region"]).all()
 
 
@@ -97,8 +106,9 @@ def test_compare_methods_pairs_units_and_formats_a_table(tmp_path):
     summary = compare_methods(back, reference="d3m")
     assert [s["method"] for s in summary] == ["d3m", "baseline"]
     assert summary[0]["psnr_whole_mean"] > summary[1]["psnr_whole_mean"]
-    assert summary[1]["psnr_whole_p"] == pytest.approx(wilcoxon([r["psnr_whole"] for r in rows[:6]],
-                                                                [r["psnr_whole"] for r in rows[6:]]).pvalue)
+    assert summary[1]["psnr_whole_p"] == pytest.approx(
+        wilcoxon([r["psnr_whole"] for r in rows[:6]], [r["psnr_whole"] for r in rows[6:]]).pvalue
+    )
     table = markdown_table(summary)
     assert "| d3m | 6 |" in table and "ref." in table and "±" in table
     with pytest.raises(ValueError, match="different units"):

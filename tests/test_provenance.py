@@ -15,8 +15,16 @@ import pytest
 import torch
 
 from brainsynth.data import DatasetError, write_dicom_series
-from brainsynth.data.provenance import (MARKER, RunProvenance, count_synthetic, is_synthetic, read_provenance,
-                                        refuse_synthetic, sha256_file, sidecar_path)
+from brainsynth.data.provenance import (
+    MARKER,
+    RunProvenance,
+    count_synthetic,
+    is_synthetic,
+    read_provenance,
+    refuse_synthetic,
+    sha256_file,
+    sidecar_path,
+)
 from brainsynth.engine.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,15 +112,22 @@ def test_data_check_and_the_provenance_cli_report_a_mixed_folder(tmp_path, weigh
     t1.unlink()
     save_nifti(data, t1, reference=img, provenance=record)  # one subject's T1 is now synthetic
     env = {"PYTHONWARNINGS": "ignore"}
-    check = subprocess.run([sys.executable, "-m", "brainsynth.data", "check", str(cohort)], capture_output=True,
-                           text=True, timeout=300, env={**__import__("os").environ, **env})
+    check = subprocess.run(
+        [sys.executable, "-m", "brainsynth.data", "check", str(cohort)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, **env},
+    )
     lines = check.stdout.splitlines()
     flagged = [line for line in lines if "SYNTHETIC" in line]
     assert len(flagged) == 1 and subject.name in flagged[0], check.stdout
     assert lines[-1].endswith("1 synthetic"), lines[-1]
     cli = [sys.executable, "-m", "brainsynth.data", "provenance"]
     synthetic = subprocess.run(cli + [str(t1)], capture_output=True, text=True, timeout=120)
-    assert synthetic.returncode == 0 and "SYNTHETIC" in synthetic.stdout and record["weights_sha256"] in synthetic.stdout
+    assert (
+        synthetic.returncode == 0 and "SYNTHETIC" in synthetic.stdout and record["weights_sha256"] in synthetic.stdout
+    )
     mixed = subprocess.run(cli + [str(subject)], capture_output=True, text=True, timeout=120)
     assert mixed.returncode == 1 and "NOT MARKED" in mixed.stdout
     broken = tmp_path / "broken.nii.gz"
@@ -137,8 +152,13 @@ def test_no_dicom_patient_field_reaches_a_record(tmp_path, weights):
             ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MRN12345", "19700101"
             ds.save_as(f)
         inputs[key] = str(folder)
-    saver = slices.SaveSynthesisd("pred", tmp_path / "out", reference_key="t1w", save_uncertainty=True,
-                                  provenance={"weights": str(weights), "seed": 3})
+    saver = slices.SaveSynthesisd(
+        "pred",
+        tmp_path / "out",
+        reference_key="t1w",
+        save_uncertainty=True,
+        provenance={"weights": str(weights), "seed": 3},
+    )
     from monai.data import MetaTensor
 
     pred = MetaTensor(torch.rand(3, 6, 6, 4) * 2 - 1, affine=torch.eye(4))

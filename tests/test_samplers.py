@@ -26,11 +26,13 @@ def test_sequence_is_evenly_spread():
 
 def _trajectory_oracle(sched, x0, eps, kind):
     """A 'network' that returns the exact prediction for a sample lying on x_t = a x0 + s eps."""
+
     def net(x, t):
         ab = sched.alphas_cumprod[int(t)]
         if kind == "epsilon":
             return eps.clone()
         return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v
+
     return net
 
 
@@ -108,7 +110,8 @@ def test_eta_one_is_the_ddpm_posterior_and_is_the_default_of_step():
         a, _ = stochastic.step(output, t, sample, generator=torch.Generator().manual_seed(3))
         b, _ = stochastic.step(output, t, sample, generator=torch.Generator().manual_seed(4))
         dz = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3)) - torch.randn(
-            sample.shape, generator=torch.Generator().manual_seed(4))
+            sample.shape, generator=torch.Generator().manual_seed(4)
+        )
         std = (a - b) / dz  # the deterministic part cancels: what is left is std x (z1 - z2)
         torch.testing.assert_close(std, torch.full_like(std, float(ddpm._get_variance(t).sqrt())), rtol=1e-3, atol=1e-5)
     deterministic = ExactDDIMScheduler(num_train_timesteps=50, schedule="cosine", clip_sample=False)

@@ -10,8 +10,13 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
 from brainsynth.engine.io import load_checkpoint
-from brainsynth.engine.training import (CHECKPOINT_LAST, EMAHandler, ResumableCheckpoint, check_overrides,
-                                 reject_unknown_overrides)
+from brainsynth.engine.training import (
+    CHECKPOINT_LAST,
+    EMAHandler,
+    ResumableCheckpoint,
+    check_overrides,
+    reject_unknown_overrides,
+)
 
 
 def test_ema_resets_before_start_then_averages():
@@ -33,9 +38,15 @@ def test_ema_resets_before_start_then_averages():
 def _trainer(net, max_epochs, handlers):
     data = [{"image": torch.randn(2, 3), "label": torch.randn(2, 1)} for _ in range(3)]
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=data,
-                                network=net, optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                train_handlers=None)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=None,
+    )
     return trainer, opt
 
 
@@ -45,8 +56,12 @@ def test_training_resumes_from_last_checkpoint(tmp_path):
     trainer, opt = _trainer(net, 2, None)
     ema = EMAHandler(net, decay=0.5, update_every=1, start_step=0)
     ema.attach(trainer)
-    ckpt = ResumableCheckpoint(tmp_path, {"network": net, "optimizer": opt, "ema": ema, "trainer": trainer},
-                               final_model_path=tmp_path / "model.pt", final_from="ema")
+    ckpt = ResumableCheckpoint(
+        tmp_path,
+        {"network": net, "optimizer": opt, "ema": ema, "trainer": trainer},
+        final_model_path=tmp_path / "model.pt",
+        final_from="ema",
+    )
     ckpt.attach(trainer)
     trainer.run()
     assert trainer.state.iteration == 6
@@ -62,7 +77,8 @@ def test_training_resumes_from_last_checkpoint(tmp_path):
     seen = []
     trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
     ResumableCheckpoint(tmp_path, {"network": net2, "optimizer": opt2, "ema": ema2, "trainer": trainer2}).attach(
-        trainer2)
+        trainer2
+    )
     trainer2.run()
     assert seen == [7, 8, 9]  # only the third epoch runs
     assert not torch.equal(net2.weight, torch.nn.Linear(3, 1).weight)
@@ -94,12 +110,16 @@ def test_reject_unknown_overrides_ignores_python_callers():
 def test_monai_runner_fails_on_misspelled_override(tmp_path):
     cfg = tmp_path / "cfg.json"
     out = tmp_path / "out.txt"
-    cfg.write_text(json.dumps({
-        "imports": ["$import brainsynth"],
-        "epochs": 2,
-        "initialize": ["$brainsynth.engine.training.reject_unknown_overrides()"],
-        "run": [f"$open({str(out)!r}, 'w').write(str(@epochs))"],
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "imports": ["$import brainsynth"],
+                "epochs": 2,
+                "initialize": ["$brainsynth.engine.training.reject_unknown_overrides()"],
+                "run": [f"$open({str(out)!r}, 'w').write(str(@epochs))"],
+            }
+        )
+    )
     base = [sys.executable, "-m", "monai.bundle", "run", "run", "--config_file", str(cfg)]
     ok = subprocess.run(base + ["--epochs", "5"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

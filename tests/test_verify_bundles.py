@@ -27,8 +27,13 @@ CHECKS = ("files", "metadata", "configs", "requirements", "tracking", "monailabe
 def test_verification_command_passes_for_every_bundle(tmp_path):
     """CI's verification: the one command, all bundles, including a one-iteration train run of every train config
     and one run of every inference config on tiny simulated-cohort data (the demo overlays)."""
-    proc = subprocess.run([sys.executable, str(REPO / "ci" / "verify_bundles.py"), "--work", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "ci" / "verify_bundles.py"), "--work", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     report = proc.stdout
     print(report)
     assert proc.returncode == 0, report[-6000:] + proc.stderr[-3000:]
@@ -52,15 +57,15 @@ def broken(tmp_path):
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "cache", "outputs"))
     cfg = dest / "configs"
     meta = json.loads((cfg / "metadata.json").read_text())
-    meta["version"] = "9.9.9"                       # not in the changelog
-    del meta["authors"]                             # required by the schema
-    meta["required_packages_version"] = {}          # nibabel, einops, ... unlisted
-    meta["network_data_format"]["outputs"]["pred"]["num_channels"] += 1   # not what the network returns
+    meta["version"] = "9.9.9"  # not in the changelog
+    del meta["authors"]  # required by the schema
+    meta["required_packages_version"] = {}  # nibabel, einops, ... unlisted
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] += 1  # not what the network returns
     (cfg / "metadata.json").write_text(json.dumps(meta))
     inference = json.loads((cfg / "inference.json").read_text())
-    inference["initialize"] = inference["initialize"][1:]   # no reject_unknown_overrides() first
-    del inference["device"]                                  # a MONAI inference property
-    inference.pop("pre_transforms", None)                    # MONAI Label falls back to a pipeline without "image"
+    inference["initialize"] = inference["initialize"][1:]  # no reject_unknown_overrides() first
+    del inference["device"]  # a MONAI inference property
+    inference.pop("pre_transforms", None)  # MONAI Label falls back to a pipeline without "image"
     (cfg / "inference.json").write_text(json.dumps(inference))
     for train in cfg.glob("train*.json"):  # logs to the console only
         train.write_text(train.read_text().replace("TensorBoardStatsHandler", "StatsHandler"))
@@ -84,8 +89,10 @@ def test_verifier_names_each_fault(broken):
     assert "version '9.9.9' is not in the changelog" in metadata
 
     config_problems = "\n".join(vb.check_configs(broken, configs))
-    assert "inference.json: the first 'initialize' item must be $brainsynth.engine.training.reject_unknown_overrides()" \
+    assert (
+        "inference.json: the first 'initialize' item must be $brainsynth.engine.training.reject_unknown_overrides()"
         in config_problems
+    )
     assert re.search(r"inference\.json.*MONAI infer properties missing.*'device'", config_problems)
     assert "no multi-GPU overlay" in config_problems
 
@@ -115,21 +122,30 @@ def test_stages_merge_on_the_configs_they_build_on(tmp_path):
     cfg = tmp_path / "configs"
     cfg.mkdir()
     (cfg / "train_autoencoder.json").write_text(json.dumps({"autoencoder_def": {}, "train": {"trainer": {}}}))
-    (cfg / "train_diffusion.json").write_text(json.dumps({"diffusion_def": {},
-                                                          "latent": "$@autoencoder_def.encode(@x)", "x": 1}))
+    (cfg / "train_diffusion.json").write_text(
+        json.dumps({"diffusion_def": {}, "latent": "$@autoencoder_def.encode(@x)", "x": 1})
+    )
     (cfg / "inference.json").write_text(json.dumps({"autoencoder_def": {}, "y": "@autoencoder_def"}))
-    assert vb.config_stack(tmp_path, "train_diffusion.json", ["train_autoencoder.json", "train_diffusion.json"]) \
-        == ["train_autoencoder.json", "train_diffusion.json"]
-    assert vb.config_stack(tmp_path, "train_autoencoder.json", ["train_autoencoder.json", "train_diffusion.json"]) \
-        == ["train_autoencoder.json"]
-    assert vb.config_stack(tmp_path, "inference.json", ["inference.json", "train_autoencoder.json"]) \
-        == ["inference.json"]
+    assert vb.config_stack(tmp_path, "train_diffusion.json", ["train_autoencoder.json", "train_diffusion.json"]) == [
+        "train_autoencoder.json",
+        "train_diffusion.json",
+    ]
+    assert vb.config_stack(tmp_path, "train_autoencoder.json", ["train_autoencoder.json", "train_diffusion.json"]) == [
+        "train_autoencoder.json"
+    ]
+    assert vb.config_stack(tmp_path, "inference.json", ["inference.json", "train_autoencoder.json"]) == [
+        "inference.json"
+    ]
 
 
 def test_paper_scale_shapes_are_reduced_to_a_compatible_cpu_size():
-    io = {"inputs": {"image": {"type": "image", "spatial_shape": [192, 192, 144]},
-                     "timesteps": {"type": "tensor", "spatial_shape": [1]}},
-          "outputs": {"pred": {"type": "image", "spatial_shape": [155, "16*n", 24]}}}
+    io = {
+        "inputs": {
+            "image": {"type": "image", "spatial_shape": [192, 192, 144]},
+            "timesteps": {"type": "tensor", "spatial_shape": [1]},
+        },
+        "outputs": {"pred": {"type": "image", "spatial_shape": [155, "16*n", 24]}},
+    }
     reduced, note = vb.cpu_sized(io)
     assert reduced["inputs"]["image"]["spatial_shape"] == [32, 32, 16]  # 192 = 64 * 3, 144 = 16 * 9
     assert all(a % b == 0 for a, b in zip([192, 192, 144], [32, 32, 16]))
@@ -159,16 +175,27 @@ def test_tracking_mlflow_with_a_local_store(bundle_dir, mlflow_python, tmp_path)
     configs = vb.classify_configs(bundle_dir)
     scratch = vb.scratch_copy(bundle_dir, tmp_path)
     stack = vb.config_stack(bundle_dir, configs.train[0], configs.train) + configs.demo[:1]
-    r = vb.run_workflow(scratch, stack, "train", max_iterations=1, python=mlflow_python,
-                        extra_args=["--tracking", "mlflow", *vb.data_arguments(vb._merged(bundle_dir, stack), None)])
+    r = vb.run_workflow(
+        scratch,
+        stack,
+        "train",
+        max_iterations=1,
+        python=mlflow_python,
+        extra_args=["--tracking", "mlflow", *vb.data_arguments(vb._merged(bundle_dir, stack), None)],
+    )
     assert r["returncode"] == 0, r["output"][-3000:]
     store = scratch / "eval" / "mlruns.db"
     assert store.is_file(), r["new_files"]
-    query = ("import json, mlflow; c = mlflow.tracking.MlflowClient(tracking_uri='sqlite:///' + __import__('sys')"
-             ".argv[1]); runs = [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]; "
-             "print(json.dumps([[r.info.status, r.data.metrics] for r in runs]))")
-    runs = json.loads(subprocess.run([mlflow_python, "-c", query, str(store)], capture_output=True, text=True,
-                                     check=True).stdout.strip().splitlines()[-1])
+    query = (
+        "import json, mlflow; c = mlflow.tracking.MlflowClient(tracking_uri='sqlite:///' + __import__('sys')"
+        ".argv[1]); runs = [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]; "
+        "print(json.dumps([[r.info.status, r.data.metrics] for r in runs]))"
+    )
+    runs = json.loads(
+        subprocess.run([mlflow_python, "-c", query, str(store)], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert [status for status, _ in runs] == ["FINISHED"]
     losses = {k: v for k, v in runs[0][1].items() if "loss" in k}
     assert losses and all(v == v and abs(v) != float("inf") for v in losses.values()), runs

@@ -41,8 +41,9 @@ def free_port() -> int:
 
 def sample_app(python: str) -> Path:
     """The stock monaibundle app installed with MONAI Label (``<prefix>/monailabel/sample-apps/monaibundle``)."""
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    prefix = subprocess.run(
+        [python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     app = Path(prefix) / "monailabel" / "sample-apps" / "monaibundle"
     if not (app / "main.py").is_file():
         raise FileNotFoundError(f"{app}: MONAI Label's monaibundle sample app not found in {python}'s environment")
@@ -56,16 +57,30 @@ def _get(url: str, timeout: float = 10) -> bytes:
 
 def _post_form(url: str, fields: dict[str, str], timeout: float) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
-                    for k, v in fields.items()) + f"--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310 - 127.0.0.1 only
         return r.read(), r.headers.get("content-type", "")
 
 
-def serve_and_infer(python: str, bundle: Path, image: Path, out: Path, params: dict | None = None,
-                    startup_timeout: float = 300, infer_timeout: float = 600, work: Path | None = None) -> dict:
+def serve_and_infer(
+    python: str,
+    bundle: Path,
+    image: Path,
+    out: Path,
+    params: dict | None = None,
+    startup_timeout: float = 300,
+    infer_timeout: float = 600,
+    work: Path | None = None,
+) -> dict:
     bundle, image, out = Path(bundle).resolve(), Path(image).resolve(), Path(out)
     name = bundle.name
     work = Path(work or tempfile.mkdtemp(prefix="monailabel_"))
@@ -79,20 +94,46 @@ def serve_and_infer(python: str, bundle: Path, image: Path, out: Path, params: d
     shutil.copy2(image, studies / f"{image_id}{suffix}")
     port = free_port()
     monailabel = Path(python).parent / "monailabel"
-    cmd = [str(monailabel), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
-           "--port", str(port), "--conf", "models", name, "--conf", "zoo_source", "github", "--conf", "preload",
-           "false", "--conf", "skip_trainers", "true", "--conf", "sam2", "false"]
+    cmd = [
+        str(monailabel),
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "models",
+        name,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "preload",
+        "false",
+        "--conf",
+        "skip_trainers",
+        "true",
+        "--conf",
+        "sam2",
+        "false",
+    ]
     log_path = work / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+    }
     env.pop("PYTHONPATH", None)  # the server sees its own environment plus the bundle folder, nothing of ours
     env["MONAILABEL_PYEXE"] = python  # the launcher script runs `python -m monailabel.main` with this python
     env["PATH"] = os.pathsep.join([str(Path(python).parent), env.get("PATH", "")])
     base = f"http://127.0.0.1:{port}"
     result: dict = {"command": " ".join(cmd), "port": port, "work": str(work)}
     with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
+        server = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.time() + startup_timeout
             info = None
@@ -103,17 +144,18 @@ def serve_and_infer(python: str, bundle: Path, image: Path, out: Path, params: d
                 except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                     time.sleep(2)
             if info is None:
-                raise RuntimeError(f"MONAI Label did not start within {startup_timeout:.0f} s "
-                                   f"(exit {server.poll()})")
+                raise RuntimeError(f"MONAI Label did not start within {startup_timeout:.0f} s (exit {server.poll()})")
             models = sorted(info.get("models", {}))
             result["models"] = models
             if name not in models:
                 raise RuntimeError(f"MONAI Label lists models {models}, not {name}: the bundle was not accepted")
             started = time.time()
-            body, content_type = _post_form(f"{base}/infer/{name}?image={image_id}&output=image",
-                                            {"params": json.dumps(params or {})}, infer_timeout)
-            result.update(infer_seconds=round(time.time() - started, 1), content_type=content_type,
-                          bytes=len(body))
+            body, content_type = _post_form(
+                f"{base}/infer/{name}?image={image_id}&output=image",
+                {"params": json.dumps(params or {})},
+                infer_timeout,
+            )
+            result.update(infer_seconds=round(time.time() - started, 1), content_type=content_type, bytes=len(body))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(body)
             result["out"] = str(out)
@@ -142,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="{}", help="JSON params of the infer request")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = serve_and_infer(args.python, args.bundle, args.image, args.out, json.loads(args.params),
-                             work=args.work)
+    result = serve_and_infer(args.python, args.bundle, args.image, args.out, json.loads(args.params), work=args.work)
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=1))
     print("--- server log (tail) ---\n" + result["log_tail"])
     return 0 if "out" in result and "error" not in result else 1

@@ -17,11 +17,27 @@ MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair", "pd")
 BRATS_MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair")
 
 MODALITY_SYNONYMS: dict[str, str] = {
-    "t1": "t1w", "t1n": "t1w", "t1w": "t1w", "t1-weighted": "t1w", "t1native": "t1w",
-    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1post": "t1ce", "t1_gd": "t1ce",
-    "t2": "t2w", "t2w": "t2w", "t2-weighted": "t2w",
-    "flair": "flair", "t2f": "flair", "t2flair": "flair", "t2-flair": "flair",
-    "pd": "pd", "pdw": "pd", "proton-density": "pd",
+    "t1": "t1w",
+    "t1n": "t1w",
+    "t1w": "t1w",
+    "t1-weighted": "t1w",
+    "t1native": "t1w",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t1gd": "t1ce",
+    "t1-gd": "t1ce",
+    "t1post": "t1ce",
+    "t1_gd": "t1ce",
+    "t2": "t2w",
+    "t2w": "t2w",
+    "t2-weighted": "t2w",
+    "flair": "flair",
+    "t2f": "flair",
+    "t2flair": "flair",
+    "t2-flair": "flair",
+    "pd": "pd",
+    "pdw": "pd",
+    "proton-density": "pd",
 }
 
 
@@ -29,8 +45,9 @@ def canonical_modality(name: str) -> str:
     """Map any known modality spelling (t1n, T1-Gd, t2f, ...) to its canonical key; unknown names are an error."""
     key = str(name).strip().lower().replace(" ", "")
     if key not in MODALITY_SYNONYMS:
-        raise ValueError(f"unknown modality {name!r}; valid: {', '.join(MODALITIES)} (or a synonym such as "
-                         f"t1n, t1c, t1gd, t2f)")
+        raise ValueError(
+            f"unknown modality {name!r}; valid: {', '.join(MODALITIES)} (or a synonym such as t1n, t1c, t1gd, t2f)"
+        )
     return MODALITY_SYNONYMS[key]
 
 
@@ -38,12 +55,23 @@ def canonical_modality(name: str) -> str:
 PATHOLOGIES: tuple[str, ...] = ("healthy", "glioblastoma", "sclerosis", "dementia")
 
 PATHOLOGY_SYNONYMS: dict[str, str] = {
-    "healthy": "healthy", "normal": "healthy", "control": "healthy", "hc": "healthy",
-    "glioblastoma": "glioblastoma", "gbm": "glioblastoma", "glioma": "glioblastoma", "tumour": "glioblastoma",
+    "healthy": "healthy",
+    "normal": "healthy",
+    "control": "healthy",
+    "hc": "healthy",
+    "glioblastoma": "glioblastoma",
+    "gbm": "glioblastoma",
+    "glioma": "glioblastoma",
+    "tumour": "glioblastoma",
     "tumor": "glioblastoma",
-    "sclerosis": "sclerosis", "ms": "sclerosis", "multiple_sclerosis": "sclerosis",
+    "sclerosis": "sclerosis",
+    "ms": "sclerosis",
+    "multiple_sclerosis": "sclerosis",
     "multiple-sclerosis": "sclerosis",
-    "dementia": "dementia", "ad": "dementia", "alzheimer": "dementia", "alzheimers": "dementia",
+    "dementia": "dementia",
+    "ad": "dementia",
+    "alzheimer": "dementia",
+    "alzheimers": "dementia",
 }
 
 
@@ -58,10 +86,10 @@ def canonical_pathology(name: str) -> str:
 #: canonical segmentation labels (value -> name)
 LABELS: dict[int, str] = {
     0: "background",
-    1: "necrotic_core",   # necrotic / non-enhancing tumour core (BraTS NCR/NET)
-    2: "edema",           # peritumoural edema (BraTS ED)
-    3: "enhancing",       # enhancing tumour (BraTS ET)
-    4: "lesion",          # white-matter lesion (multiple sclerosis)
+    1: "necrotic_core",  # necrotic / non-enhancing tumour core (BraTS NCR/NET)
+    2: "edema",  # peritumoural edema (BraTS ED)
+    3: "enhancing",  # enhancing tumour (BraTS ET)
+    4: "lesion",  # white-matter lesion (multiple sclerosis)
 }
 LABEL_VALUES: dict[str, int] = {v: k for k, v in LABELS.items()}
 
@@ -84,8 +112,9 @@ LABEL_CONVENTIONS: dict[str, LabelConvention] = {
     "brats2021": LabelConvention("brats2021", {0: 0, 1: 1, 2: 2, 4: 3}, "BraTS 2021: 1 NCR, 2 ED, 4 ET"),
     "brats2023": LabelConvention("brats2023", {0: 0, 1: 1, 2: 2, 3: 3}, "BraTS 2023 GLI/BraSyn: 1 NCR, 2 ED, 3 ET"),
     # BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 ED. Non-enhancing tumour and cyst both become the canonical core.
-    "peds2024": LabelConvention("peds2024", {0: 0, 1: 3, 2: 1, 3: 1, 4: 2},
-                                "BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 ED"),
+    "peds2024": LabelConvention(
+        "peds2024", {0: 0, 1: 3, 2: 1, 3: 1, 4: 2}, "BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 ED"
+    ),
     "msd": LabelConvention("msd", {0: 0, 1: 2, 2: 1, 3: 3}, "MSD Task01: 1 edema, 2 non-enhancing, 3 enhancing"),
 }
 

@@ -18,8 +18,7 @@ import fire
 import torch
 
 
-def main(config_file, bundle_root: str = ".", timesteps: tuple = (900, 500, 100), seed: int = 0,
-         **overrides) -> None:
+def main(config_file, bundle_root: str = ".", timesteps: tuple = (900, 500, 100), seed: int = 0, **overrides) -> None:
     from monai.bundle import ConfigParser
 
     from brainsynth.conditioning.categorical import all_combinations
@@ -48,17 +47,27 @@ def main(config_file, bundle_root: str = ".", timesteps: tuple = (900, 500, 100)
             by_p = {}
             for i, c in enumerate(combos):
                 by_p.setdefault(c["modality"], []).append(eps[i])
-            between_p = torch.stack([(torch.stack(v) - torch.stack(v).mean(0)).flatten(1).norm(dim=1).mean()
-                                     for v in by_p.values()]).mean() / e0.norm()
+            between_p = (
+                torch.stack(
+                    [(torch.stack(v) - torch.stack(v).mean(0)).flatten(1).norm(dim=1).mean() for v in by_p.values()]
+                ).mean()
+                / e0.norm()
+            )
             by_m = {}
             for i, c in enumerate(combos):
                 by_m.setdefault(c["pathology"], []).append(eps[i])
-            between_m = torch.stack([(torch.stack(v) - torch.stack(v).mean(0)).flatten(1).norm(dim=1).mean()
-                                     for v in by_m.values()]).mean() / e0.norm()
-            out[int(t)] = {"conditioned_vs_null": float(rel), "between_pathologies": float(between_p),
-                           "between_modalities": float(between_m)}
+            between_m = (
+                torch.stack(
+                    [(torch.stack(v) - torch.stack(v).mean(0)).flatten(1).norm(dim=1).mean() for v in by_m.values()]
+                ).mean()
+                / e0.norm()
+            )
+            out[int(t)] = {
+                "conditioned_vs_null": float(rel),
+                "between_pathologies": float(between_p),
+                "between_modalities": float(between_m),
+            }
     print(json.dumps(out, indent=2))
-
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ class LatentAutoencoderKL(AutoencoderKL):
 
     def scale_factor(self) -> float:
         if not self.has_scale_factor:
-            raise RuntimeError("the autoencoder has no latent scale factor: load the weights written at the end of "
-                               "stage 1 (train_autoencoder.json), which computes it from the training data")
+            raise RuntimeError(
+                "the autoencoder has no latent scale factor: load the weights written at the end of "
+                "stage 1 (train_autoencoder.json), which computes it from the training data"
+            )
         return float(self.latent_scale_factor)
 
 
@@ -80,8 +82,13 @@ class ReconstructionKLLoss(nn.Module):
     """L1(reconstruction, image) + kl_weight * KL (+ perceptual_weight * perceptual, when a perceptual loss is
     given; it needs pretrained weights, which the user supplies)."""
 
-    def __init__(self, inferer: AutoencoderKLInferer, kl_weight: float = 1e-6,
-                 perceptual_loss: nn.Module | None = None, perceptual_weight: float = 0.001) -> None:
+    def __init__(
+        self,
+        inferer: AutoencoderKLInferer,
+        kl_weight: float = 1e-6,
+        perceptual_loss: nn.Module | None = None,
+        perceptual_weight: float = 0.001,
+    ) -> None:
         super().__init__()
         self.inferer = inferer
         self.kl_weight = float(kl_weight)
@@ -105,8 +112,13 @@ class ReconstructionKLLoss(nn.Module):
 class AutoencoderPrepareBatch(PrepareBatch):
     """``prepare_batch`` for autoencoder training: the image is both the input and the target."""
 
-    def __call__(self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None,
-                 non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         return images, images
 
@@ -153,8 +165,13 @@ class DiscriminatorAdversarialLoss(_WarmupAdversarial):
 
 
 @torch.no_grad()
-def compute_latent_scale_factor(autoencoder: nn.Module, batches: Iterable, num_batches: int = 8,
-                                image_key: str = CommonKeys.IMAGE, device: str | torch.device | None = None) -> float:
+def compute_latent_scale_factor(
+    autoencoder: nn.Module,
+    batches: Iterable,
+    num_batches: int = 8,
+    image_key: str = CommonKeys.IMAGE,
+    device: str | torch.device | None = None,
+) -> float:
     """1 / std of the autoencoder's latents (``encode_stage_2_inputs``) over the first ``num_batches`` batches."""
     net = unwrap(autoencoder)
     was_training = net.training
@@ -183,8 +200,9 @@ class LatentScaleFactor:
     it in the autoencoder's ``latent_scale_factor`` buffer. Attach it **before** the checkpoint handler so the
     final weights carry it."""
 
-    def __init__(self, autoencoder: nn.Module, data_loader: Iterable, num_batches: int = 8,
-                 image_key: str = CommonKeys.IMAGE) -> None:
+    def __init__(
+        self, autoencoder: nn.Module, data_loader: Iterable, num_batches: int = 8, image_key: str = CommonKeys.IMAGE
+    ) -> None:
         self.autoencoder = autoencoder
         self.data_loader = data_loader
         self.num_batches = int(num_batches)
@@ -225,8 +243,13 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         net.eval()
         return net.encode_stage_2_inputs(images) * net.scale_factor()
 
-    def __call__(self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None,
-                 non_blocking: bool = False, **kwargs: Any):
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ):
         images, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         latent_batch = dict(batchdata)
         latent_batch[CommonKeys.IMAGE] = self.encode(images.as_tensor() if hasattr(images, "as_tensor") else images)
@@ -260,8 +283,10 @@ class TrainerProgress:
     def load_state_dict(self, state: dict[str, int]) -> None:
         s = self.engine.state
         if state.get("epoch_length") and s.epoch_length and int(state["epoch_length"]) != int(s.epoch_length):
-            raise ValueError(f"checkpoint was written with epoch_length {state['epoch_length']}, this run uses "
-                             f"{s.epoch_length}; resume with the same epoch length")
+            raise ValueError(
+                f"checkpoint was written with epoch_length {state['epoch_length']}, this run uses "
+                f"{s.epoch_length}; resume with the same epoch length"
+            )
         s.iteration, s.epoch = int(state["iteration"]), int(state["epoch"])
 
 
@@ -294,8 +319,14 @@ class ReconstructionReport:
     ``reconstruction_metrics.json`` / ``.md`` (all scans, and seen / held-out combinations separately) and a
     preview PNG of the first scan (image, reconstruction, error)."""
 
-    def __init__(self, output_dir: str | Any, pixdim: Any = (1.0, 1.0, 1.0), held_out: Any = None,
-                 overwrite: bool = False, save_volumes: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | Any,
+        pixdim: Any = (1.0, 1.0, 1.0),
+        held_out: Any = None,
+        overwrite: bool = False,
+        save_volumes: bool = True,
+    ) -> None:
         from pathlib import Path
 
         self.output_dir = Path(output_dir)
@@ -310,6 +341,7 @@ class ReconstructionReport:
         from monai.metrics import PSNRMetric, SSIMMetric
 
         from brainsynth.engine.io import save_nifti
+
         from .latent_sampling import pixdim_affine
 
         for row, item in zip(engine.state.batch, engine.state.output):
@@ -317,23 +349,39 @@ class ReconstructionReport:
             recon = torch.as_tensor(item["pred"]).detach().float().cpu()[None]
             kernel = min(7, min(image.shape[2:]) // 2 * 2 - 1)
             name = f"{row['subject']}_{row['modality']}"
-            entry = {"scan": name, "pathology": row["pathology"], "modality": row["modality"],
-                     "split": "held-out" if (row["pathology"], row["modality"]) in self.held_out else "seen",
-                     "mae": float((recon - image).abs().mean()),
-                     "psnr": float(PSNRMetric(max_val=1.0)(recon.clamp(0, 1), image)),
-                     "ssim": float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel)(recon.clamp(0, 1),
-                                                                                                  image))}
+            entry = {
+                "scan": name,
+                "pathology": row["pathology"],
+                "modality": row["modality"],
+                "split": "held-out" if (row["pathology"], row["modality"]) in self.held_out else "seen",
+                "mae": float((recon - image).abs().mean()),
+                "psnr": float(PSNRMetric(max_val=1.0)(recon.clamp(0, 1), image)),
+                "ssim": float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel)(recon.clamp(0, 1), image)),
+            }
             self.rows.append(entry)
             if self.save_volumes:
                 affine = pixdim_affine(self.pixdim, image.shape[2:])
-                save_nifti(recon[0, 0].numpy(), self.output_dir / f"{name}_reconstruction.nii.gz", affine=affine,
-                           overwrite=self.overwrite)
-                save_nifti((recon - image).abs()[0, 0].numpy(), self.output_dir / f"{name}_error.nii.gz",
-                           affine=affine, overwrite=self.overwrite)
+                save_nifti(
+                    recon[0, 0].numpy(),
+                    self.output_dir / f"{name}_reconstruction.nii.gz",
+                    affine=affine,
+                    overwrite=self.overwrite,
+                )
+                save_nifti(
+                    (recon - image).abs()[0, 0].numpy(),
+                    self.output_dir / f"{name}_error.nii.gz",
+                    affine=affine,
+                    overwrite=self.overwrite,
+                )
             if self._preview is None:
-                self._preview = {"title": name, "volumes": {"image": image[0, 0].numpy(),
-                                                            "reconstruction": recon[0, 0].clamp(0, 1).numpy(),
-                                                            "abs error": (recon - image).abs()[0, 0].numpy()}}
+                self._preview = {
+                    "title": name,
+                    "volumes": {
+                        "image": image[0, 0].numpy(),
+                        "reconstruction": recon[0, 0].clamp(0, 1).numpy(),
+                        "abs error": (recon - image).abs()[0, 0].numpy(),
+                    },
+                }
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -342,7 +390,9 @@ class ReconstructionReport:
             if rows:
                 out[group] = {"n_scans": len(rows)} | {
                     f"{k}_{stat}": float(getattr(np, stat)([r[k] for r in rows]))
-                    for k in ("mae", "psnr", "ssim") for stat in ("mean", "std")}
+                    for k in ("mae", "psnr", "ssim")
+                    for stat in ("mean", "std")
+                }
         return out
 
     def write(self, engine=None) -> dict[str, Any]:
@@ -352,17 +402,28 @@ class ReconstructionReport:
         from brainsynth.engine.preview import save_preview
 
         summary = self.summary()
-        atomic_write_text(self.output_dir / "reconstruction_metrics.json",
-                          json.dumps({"summary": summary, "scans": self.rows}, indent=2), overwrite=self.overwrite)
+        atomic_write_text(
+            self.output_dir / "reconstruction_metrics.json",
+            json.dumps({"summary": summary, "scans": self.rows}, indent=2),
+            overwrite=self.overwrite,
+        )
         lines = ["| scans | n | mean absolute error | PSNR (dB) | SSIM (3D) |", "|---|---|---|---|---|"]
         for group, s in summary.items():
-            lines.append(f"| {group} | {s['n_scans']} | {s['mae_mean']:.4f} +- {s['mae_std']:.4f} | "
-                         f"{s['psnr_mean']:.2f} +- {s['psnr_std']:.2f} | {s['ssim_mean']:.3f} +- {s['ssim_std']:.3f} |")
-        atomic_write_text(self.output_dir / "reconstruction_metrics.md", "\n".join(lines) + "\n",
-                          overwrite=self.overwrite)
+            lines.append(
+                f"| {group} | {s['n_scans']} | {s['mae_mean']:.4f} +- {s['mae_std']:.4f} | "
+                f"{s['psnr_mean']:.2f} +- {s['psnr_std']:.2f} | {s['ssim_mean']:.3f} +- {s['ssim_std']:.3f} |"
+            )
+        atomic_write_text(
+            self.output_dir / "reconstruction_metrics.md", "\n".join(lines) + "\n", overwrite=self.overwrite
+        )
         if self._preview is not None:
-            save_preview(self._preview["volumes"], self.output_dir / "reconstruction_preview.png",
-                         overwrite=self.overwrite, spacing=self.pixdim, title=self._preview["title"])
+            save_preview(
+                self._preview["volumes"],
+                self.output_dir / "reconstruction_preview.png",
+                overwrite=self.overwrite,
+                spacing=self.pixdim,
+                title=self._preview["title"],
+            )
         logger.info("autoencoder reconstruction: %s", summary)
         return summary
 

@@ -24,17 +24,23 @@ from monai.engines import PrepareBatch
 from monai.inferers import Inferer, LatentDiffusionInferer
 from monai.transforms import MapTransform
 
-from brainsynth.engine.acceleration import autocast
 from brainsynth.conditioning.categorical import CategoricalConditioning, all_combinations
+from brainsynth.engine.acceleration import autocast
 from brainsynth.engine.io import atomic_write_text, save_nifti
 from brainsynth.engine.training import unwrap
 
 logger = logging.getLogger(__name__)
 
 
-def condition_requests(conditioning: CategoricalConditioning, pathology: str | None = None,
-                       modality: str | None = None, num_samples: int = 1, grid: bool = False,
-                       combinations: Sequence[Sequence[str]] | None = None, seed: int = 0) -> list[dict]:
+def condition_requests(
+    conditioning: CategoricalConditioning,
+    pathology: str | None = None,
+    modality: str | None = None,
+    num_samples: int = 1,
+    grid: bool = False,
+    combinations: Sequence[Sequence[str]] | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """Rows for the sampler: ``num_samples`` volumes of one combination, of each listed combination, or of every
     combination (``grid=True``). Names are validated here, before any sampling starts."""
     if int(num_samples) < 1:
@@ -56,9 +62,16 @@ def condition_requests(conditioning: CategoricalConditioning, pathology: str | N
         resolved = conditioning.decode(idx)
         label = "_".join(resolved[n] or "any" for n in names)
         for k in range(int(num_samples)):
-            rows.append({**{n: (resolved[n] or "any") for n in names}, "condition": idx, "sample": k,
-                         # a distinct, reproducible seed per volume, independent of batch size and order
-                         "seed": int(seed) * 1_000_003 + len(rows), "name": f"{label}_{k:03d}"})
+            rows.append(
+                {
+                    **{n: (resolved[n] or "any") for n in names},
+                    "condition": idx,
+                    "sample": k,
+                    # a distinct, reproducible seed per volume, independent of batch size and order
+                    "seed": int(seed) * 1_000_003 + len(rows),
+                    "name": f"{label}_{k:03d}",
+                }
+            )
     return rows
 
 
@@ -70,11 +83,17 @@ class NoisePrepareBatch(PrepareBatch):
         self.condition_name = condition_name
         self.seed_key = seed_key
 
-    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
-                 non_blocking: bool = False, **kwargs: Any):
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ):
         seeds = torch.as_tensor(batchdata[self.seed_key]).reshape(-1).tolist()
-        noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                             for s in seeds]).to(device)
+        noise = torch.stack(
+            [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        ).to(device)
         condition = torch.as_tensor(batchdata[self.condition_name]).long().to(device)
         return noise, None, (), {"conditioning": condition}
 
@@ -84,8 +103,14 @@ class LatentSampler(Inferer):
     with ``num_inference_steps`` steps of ``scheduler`` and the autoencoder's stored latent scale factor.
     ``amp``: run the denoiser and the decoder under bf16 autocast (the bundle's ``amp`` key)."""
 
-    def __init__(self, autoencoder: torch.nn.Module, scheduler: Any, num_inference_steps: int = 50,
-                 verbose: bool = True, amp: bool = False) -> None:
+    def __init__(
+        self,
+        autoencoder: torch.nn.Module,
+        scheduler: Any,
+        num_inference_steps: int = 50,
+        verbose: bool = True,
+        amp: bool = False,
+    ) -> None:
         super().__init__()
         self.amp = bool(amp)
         self.autoencoder = autoencoder
@@ -93,17 +118,29 @@ class LatentSampler(Inferer):
         self.num_inference_steps = int(num_inference_steps)
         self.verbose = verbose
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any,
-                 conditioning: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        *args: Any,
+        conditioning: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         ae = unwrap(self.autoencoder).eval()
         # timesteps stay on the CPU: MONAI 1.6.1's DiffusionInferer.sample concatenates them with a CPU tensor and
         # fails on CUDA otherwise (found by ci/gpu_check.sh); it moves each timestep to the input's device itself
         self.scheduler.set_timesteps(self.num_inference_steps)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
         with autocast(inputs, self.amp):
-            images = inferer.sample(input_noise=inputs, autoencoder_model=ae, diffusion_model=network,
-                                    scheduler=self.scheduler, conditioning=conditioning, mode="crossattn",
-                                    verbose=self.verbose)
+            images = inferer.sample(
+                input_noise=inputs,
+                autoencoder_model=ae,
+                diffusion_model=network,
+                scheduler=self.scheduler,
+                conditioning=conditioning,
+                mode="crossattn",
+                verbose=self.verbose,
+            )
         return images.float()
 
 
@@ -118,9 +155,16 @@ class SaveGeneratedd(MapTransform):
     """Write ``data[key]`` (1, H, W, D) to ``<output_dir>/<data[name_key]>.nii.gz`` atomically; an existing file
     is an error unless ``overwrite``. Records the path under ``<key>_path``."""
 
-    def __init__(self, keys: str = "pred", output_dir: str | os.PathLike = "outputs", pixdim: Sequence[float] = (1, 1, 1),
-                 name_key: str = "name", overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
-                 condition_keys: Sequence[str] = ("pathology", "modality")) -> None:
+    def __init__(
+        self,
+        keys: str = "pred",
+        output_dir: str | os.PathLike = "outputs",
+        pixdim: Sequence[float] = (1, 1, 1),
+        name_key: str = "name",
+        overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
+        condition_keys: Sequence[str] = ("pathology", "modality"),
+    ) -> None:
         """``provenance``: the run's settings for the synthetic mark (``brainsynth.data.provenance.RunProvenance``,
         plus ``autoencoder`` for the second weight file); every volume is marked with its row's conditions and
         seed."""
@@ -143,12 +187,22 @@ class SaveGeneratedd(MapTransform):
             volume = torch.as_tensor(d[key]).detach().float().cpu()[0]
             path = self.output_dir / f"{d[self.name_key]}.nii.gz"
             if not torch.isfinite(volume).all():
-                raise FloatingPointError(f"{d[self.name_key]}: the generated volume is not finite (NaN / Inf); nothing "
-                                         f"was written. Likely damaged weights ({self.provenance.weights})")
-            record = self.provenance.record({k: d.get(k) for k in self.condition_keys if k in d},
-                                            volume_seed=d.get("seed"), autoencoder_sha256=self.autoencoder_sha256)
-            save_nifti(volume.numpy(), path, affine=pixdim_affine(self.pixdim, volume.shape), overwrite=self.overwrite,
-                       provenance=record)
+                raise FloatingPointError(
+                    f"{d[self.name_key]}: the generated volume is not finite (NaN / Inf); nothing "
+                    f"was written. Likely damaged weights ({self.provenance.weights})"
+                )
+            record = self.provenance.record(
+                {k: d.get(k) for k in self.condition_keys if k in d},
+                volume_seed=d.get("seed"),
+                autoencoder_sha256=self.autoencoder_sha256,
+            )
+            save_nifti(
+                volume.numpy(),
+                path,
+                affine=pixdim_affine(self.pixdim, volume.shape),
+                overwrite=self.overwrite,
+                provenance=record,
+            )
             d[f"{key}_path"] = str(path)
         return d
 
@@ -158,9 +212,16 @@ class SampleMontage:
     completes, writes one PNG with ``brainsynth.engine.preview.save_montage``: a row per pathology (and sample), a
     column per modality, one axial slice through the brain centre."""
 
-    def __init__(self, path: str | os.PathLike, key: str = "pred", row_key: str = "pathology",
-                 col_key: str = "modality", pixdim: Sequence[float] = (1.0, 1.0, 1.0), overwrite: bool = False,
-                 max_per_cell: int = 2) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        key: str = "pred",
+        row_key: str = "pathology",
+        col_key: str = "modality",
+        pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+        overwrite: bool = False,
+        max_per_cell: int = 2,
+    ) -> None:
         self.path = Path(path)
         self.key, self.row_key, self.col_key = key, row_key, col_key
         self.pixdim = tuple(float(p) for p in pixdim)
@@ -186,10 +247,15 @@ class SampleMontage:
         subjects = []
         for r in rows:
             for k in range(max(len(self.cells.get((r, c), [])) for c in cols)):
-                vols = {c: (self.cells[(r, c)][k].astype(np.float32) if k < len(self.cells.get((r, c), []))
-                            else np.zeros(shape, np.float32)) for c in cols}  # blank where nothing was asked
-                subjects.append({"volumes": vols, "title": r if k == 0 else f"{r} #{k + 1}",
-                                 "spacing": self.pixdim})
+                vols = {
+                    c: (
+                        self.cells[(r, c)][k].astype(np.float32)
+                        if k < len(self.cells.get((r, c), []))
+                        else np.zeros(shape, np.float32)
+                    )
+                    for c in cols
+                }  # blank where nothing was asked
+                subjects.append({"volumes": vols, "title": r if k == 0 else f"{r} #{k + 1}", "spacing": self.pixdim})
         save_montage(subjects, self.path, modalities=cols, overwrite=self.overwrite)
         logger.info("montage of %d combination(s) written to %s", len(self.cells), self.path)
         return self.path
@@ -201,8 +267,12 @@ class SampleMontage:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
 
-def check_output_dir(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], overwrite: bool = False,
-                     extra_files: Sequence[str] = ()) -> Path:
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    overwrite: bool = False,
+    extra_files: Sequence[str] = (),
+) -> Path:
     """Fail before sampling if any output of this run (a volume per row, plus ``extra_files``) already exists:
     outputs never replace earlier ones unless asked."""
     output_dir = Path(output_dir)
@@ -210,8 +280,10 @@ def check_output_dir(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, 
         names = [f"{r['name']}.nii.gz" for r in rows] + [str(f) for f in extra_files if f]
         clash = [str(output_dir / n) for n in names if (output_dir / n).exists()]
         if clash:
-            raise FileExistsError(f"{len(clash)} output(s) already exist, e.g. {clash[0]}; choose another output_dir "
-                                  "or pass --overwrite true")
+            raise FileExistsError(
+                f"{len(clash)} output(s) already exist, e.g. {clash[0]}; choose another output_dir "
+                "or pass --overwrite true"
+            )
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -222,11 +294,19 @@ def _load_volume(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
 
 
-def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike,
-                        real_rows: Sequence[Mapping[str, Any]], real_transform: Any, extractor: Any,
-                        held_out: Sequence[Sequence[str]] | None, report_dir: str | os.PathLike,
-                        max_real_per_combination: int | None = None, max_pairs: int | None = 200, seed: int = 0,
-                        overwrite: bool = False) -> dict[str, Any]:
+def evaluate_conditions(
+    requests: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    real_rows: Sequence[Mapping[str, Any]],
+    real_transform: Any,
+    extractor: Any,
+    held_out: Sequence[Sequence[str]] | None,
+    report_dir: str | os.PathLike,
+    max_real_per_combination: int | None = None,
+    max_pairs: int | None = 200,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Score generated volumes per (pathology, modality) combination against real scans of that combination.
 
     ``requests``: the sampler rows (their volumes are read from ``output_dir``); ``real_rows``: per-scan rows
@@ -250,32 +330,49 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
         generated = np.stack([_load_volume(p) for p in paths])
         refs = real_by_combo.get((pathology, modality), [])
         if max_real_per_combination:
-            refs = refs[:int(max_real_per_combination)]
-        entry: dict[str, Any] = {"pathology": pathology, "modality": modality,
-                                 "split": "held-out" if (pathology, modality) in held else "seen",
-                                 "n_generated": len(paths), "n_real": len(refs)}
+            refs = refs[: int(max_real_per_combination)]
+        entry: dict[str, Any] = {
+            "pathology": pathology,
+            "modality": modality,
+            "split": "held-out" if (pathology, modality) in held else "seen",
+            "n_generated": len(paths),
+            "n_real": len(refs),
+        }
         if len(refs) >= 2 and len(paths) >= 2:
             real = np.stack([np.asarray(real_transform(dict(r))["image"])[0] for r in refs])
-            entry.update(evaluate_generated(extractor, generated, real, pathology, modality, max_pairs=max_pairs,
-                                            seed=seed))
+            entry.update(
+                evaluate_generated(extractor, generated, real, pathology, modality, max_pairs=max_pairs, seed=seed)
+            )
         else:  # too few scans for a distribution metric: keep what can be measured honestly
             from brainsynth.metrics.distribution import conditioning_accuracy, diversity_ms_ssim
             from brainsynth.metrics.feature_network import prepare_volumes
 
             entry["feature_network"] = extractor.name
             if len(paths) >= 2:
-                entry["diversity_ms_ssim"] = diversity_ms_ssim(prepare_volumes(generated, generated.shape[1:]),
-                                                               max_pairs=max_pairs, seed=seed)
+                entry["diversity_ms_ssim"] = diversity_ms_ssim(
+                    prepare_volumes(generated, generated.shape[1:]), max_pairs=max_pairs, seed=seed
+                )
             if getattr(extractor, "has_heads", False):
-                entry.update({f"conditioning_{k}": v for k, v in
-                              conditioning_accuracy(extractor, generated, pathology, modality).items()})
+                entry.update(
+                    {
+                        f"conditioning_{k}": v
+                        for k, v in conditioning_accuracy(extractor, generated, pathology, modality).items()
+                    }
+                )
             entry["note"] = "fewer than 2 real or generated volumes: no feature distance"
         results.append(entry)
-        logger.info("%s / %s (%s): %s", pathology, modality, entry["split"],
-                    {k: v for k, v in entry.items() if isinstance(v, float)})
-    report = {"feature_network": getattr(extractor, "name", "?"),
-              "feature_network_validation": dict(getattr(extractor, "validation", {}) or {}),
-              "combinations": results}
+        logger.info(
+            "%s / %s (%s): %s",
+            pathology,
+            modality,
+            entry["split"],
+            {k: v for k, v in entry.items() if isinstance(v, float)},
+        )
+    report = {
+        "feature_network": getattr(extractor, "name", "?"),
+        "feature_network_validation": dict(getattr(extractor, "validation", {}) or {}),
+        "combinations": results,
+    }
     report_dir = Path(report_dir)
     atomic_write_text(report_dir / "metrics.json", json.dumps(report, indent=2), overwrite=overwrite)
     atomic_write_text(report_dir / "metrics.md", metrics_table(report), overwrite=overwrite)
@@ -284,12 +381,15 @@ def evaluate_conditions(requests: Sequence[Mapping[str, Any]], output_dir: str |
 
 def metrics_table(report: Mapping[str, Any]) -> str:
     """Markdown table of ``evaluate_conditions`` results; column names say what each number is."""
-    cols = [("feature_frechet_distance", "Frechet distance ({net} features)"),
-            ("feature_mmd", "MMD ({net} features)"),
-            ("diversity_ms_ssim", "MS-SSIM among generated"), ("real_diversity_ms_ssim", "MS-SSIM among real"),
-            ("conditioning_pathology_accuracy", "pathology recognised"),
-            ("conditioning_modality_accuracy", "modality recognised"),
-            ("conditioning_joint_accuracy", "both recognised")]
+    cols = [
+        ("feature_frechet_distance", "Frechet distance ({net} features)"),
+        ("feature_mmd", "MMD ({net} features)"),
+        ("diversity_ms_ssim", "MS-SSIM among generated"),
+        ("real_diversity_ms_ssim", "MS-SSIM among real"),
+        ("conditioning_pathology_accuracy", "pathology recognised"),
+        ("conditioning_modality_accuracy", "modality recognised"),
+        ("conditioning_joint_accuracy", "both recognised"),
+    ]
     net = report.get("feature_network", "?")
     head = ["pathology", "modality", "split", "n gen", "n real"] + [c[1].format(net=net) for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

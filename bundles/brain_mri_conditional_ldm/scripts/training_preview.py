@@ -21,8 +21,9 @@ class ReconstructionPreview:
         self.autoencoder, self.dataset, self.out_dir = autoencoder, dataset, Path(out_dir)
 
     def __call__(self, engine: Any) -> Path:
-        from .latent_autoencoder import AutoencoderReconstructionInferer
         from brainsynth.engine.preview import save_training_preview
+
+        from .latent_autoencoder import AutoencoderReconstructionInferer
 
         item = self.dataset[0]
         image = torch.as_tensor(item["image"]).float()
@@ -30,18 +31,32 @@ class ReconstructionPreview:
         with eval_mode(self.autoencoder):
             recon = AutoencoderReconstructionInferer()(image[None].to(device), self.autoencoder)[0].float().cpu()
         name = f"{item.get('pathology', '')} {item.get('modality', '')}".strip()
-        return save_training_preview(engine, self.out_dir, {f"{name} input": image[0], "reconstruction": recon[0]},
-                                     title=f"autoencoder, iteration {engine.state.iteration}")
+        return save_training_preview(
+            engine,
+            self.out_dir,
+            {f"{name} input": image[0], "reconstruction": recon[0]},
+            title=f"autoencoder, iteration {engine.state.iteration}",
+        )
 
 
 class SamplePreview:
     """Stage 2: one sample per (pathology, modality) in ``combinations`` from ``network`` (the EMA denoiser) with
     classifier-free guidance, decoded by the autoencoder; noise from ``seed``, the same at every preview."""
 
-    def __init__(self, network: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: Any,
-                 conditioning: Any, latent_shape: Sequence[int], combinations: Sequence[Sequence[str]],
-                 out_dir: str, seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 3.0,
-                 guidance_mode: str = "per_condition"):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        autoencoder: torch.nn.Module,
+        scheduler: Any,
+        conditioning: Any,
+        latent_shape: Sequence[int],
+        combinations: Sequence[Sequence[str]],
+        out_dir: str,
+        seed: int = 0,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        guidance_mode: str = "per_condition",
+    ):
         self.network, self.autoencoder, self.scheduler = network, autoencoder, scheduler
         self.conditioning, self.latent_shape = conditioning, [int(s) for s in latent_shape]
         self.combinations = [tuple(c) for c in combinations]
@@ -49,10 +64,12 @@ class SamplePreview:
         self.guidance_scale, self.guidance_mode = guidance_scale, guidance_mode
 
     def __call__(self, engine: Any) -> Path:
-        from brainsynth.conditioning.categorical import GuidedDenoiser
-        from .latent_sampling import LatentSampler, NoisePrepareBatch, condition_requests
-        from brainsynth.engine.preview import save_training_preview
         from monai.data import list_data_collate
+
+        from brainsynth.conditioning.categorical import GuidedDenoiser
+        from brainsynth.engine.preview import save_training_preview
+
+        from .latent_sampling import LatentSampler, NoisePrepareBatch, condition_requests
 
         rows = condition_requests(self.conditioning, combinations=self.combinations, seed=self.seed)
         device = next(self.network.parameters()).device
@@ -62,5 +79,6 @@ class SamplePreview:
         with eval_mode(self.network):
             images = sampler(noise, guided, **kwargs).float().cpu()
         volumes = {r["name"].rsplit("_", 1)[0]: images[i, 0] for i, r in enumerate(rows)}
-        return save_training_preview(engine, self.out_dir, volumes,
-                                     title=f"latent diffusion (EMA), iteration {engine.state.iteration}")
+        return save_training_preview(
+            engine, self.out_dir, volumes, title=f"latent diffusion (EMA), iteration {engine.state.iteration}"
+        )

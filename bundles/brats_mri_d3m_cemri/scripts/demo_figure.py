@@ -42,8 +42,11 @@ def main() -> None:
     synthetic = out_dir / f"{subject}_{target}_synthetic.nii.gz"
     if not synthetic.is_file():
         raise SystemExit(f"{synthetic}: not found; run the inference workflow first")
-    volumes = {"T1 (input)": nib.load(row["t1w"]).get_fdata(), "T1ce real": nib.load(row[target]).get_fdata(),
-               "T1ce synthetic": nib.load(synthetic).get_fdata()}
+    volumes = {
+        "T1 (input)": nib.load(row["t1w"]).get_fdata(),
+        "T1ce real": nib.load(row[target]).get_fdata(),
+        "T1ce synthetic": nib.load(synthetic).get_fdata(),
+    }
     for suffix, name in (("mask_predicted", "mask predicted"), ("synthetic_sd", "uncertainty (sd)")):
         found = sorted(out_dir.glob(f"{subject}_*{suffix}.nii.gz"))
         if found:

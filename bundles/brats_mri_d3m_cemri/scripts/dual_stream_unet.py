@@ -30,8 +30,9 @@ class DualStreamDiffusionUNet(DiffusionModelUNet):
         **unet_kwargs: any other DiffusionModelUNet argument (channels, attention_levels, num_res_blocks, ...).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int = 2, num_decoders: int = 2,
-                 **unet_kwargs):
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int = 2, num_decoders: int = 2, **unet_kwargs
+    ):
         if num_decoders < 1:
             raise ValueError(f"num_decoders must be >= 1, got {num_decoders}")
         if out_channels % num_decoders:
@@ -43,14 +44,19 @@ class DualStreamDiffusionUNet(DiffusionModelUNet):
         self.extra_decoders = nn.ModuleList()
         for _ in range(num_decoders - 1):
             # a second MONAI U-Net of the same configuration donates a freshly initialised decoder + head
-            donor = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=per_decoder,
-                                       **unet_kwargs)
+            donor = DiffusionModelUNet(
+                spatial_dims=spatial_dims, in_channels=in_channels, out_channels=per_decoder, **unet_kwargs
+            )
             self.extra_decoders.append(nn.ModuleDict({"up_blocks": donor.up_blocks, "out": donor.out}))
 
     # --- the two halves of DiffusionModelUNet.forward --------------------------------------------------------
-    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-               class_labels: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def encode(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Shared trunk: (middle-block features, encoder skips, time(+class) embedding)."""
         if context is not None and not self.with_conditioning:
             raise ValueError("model should have with_conditioning = True if context is provided")
@@ -68,8 +74,14 @@ class DualStreamDiffusionUNet(DiffusionModelUNet):
         return h, skips, emb
 
     @staticmethod
-    def decode(up_blocks: nn.ModuleList, out: nn.Module, h: torch.Tensor, skips: list[torch.Tensor],
-               emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        up_blocks: nn.ModuleList,
+        out: nn.Module,
+        h: torch.Tensor,
+        skips: list[torch.Tensor],
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One decoder stream over the shared skips (the list is not modified)."""
         remaining = list(skips)
         for up in up_blocks:
@@ -81,8 +93,13 @@ class DualStreamDiffusionUNet(DiffusionModelUNet):
     def decoders(self) -> list[tuple[nn.ModuleList, nn.Module]]:
         return [(self.up_blocks, self.out)] + [(d["up_blocks"], d["out"]) for d in self.extra_decoders]
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # type: ignore[override]
         h, skips, emb = self.encode(x, timesteps, context, class_labels)
         outputs = [self.decode(up, out, h, skips, emb, context) for up, out in self.decoders()]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -62,8 +62,9 @@ def label_values(labels: int | str | Sequence[int | str]) -> list[int]:
     return values
 
 
-def subjects_with_label(rows: Sequence[dict], labels: int | str | Sequence[int | str],
-                        seg_key: str = "seg") -> list[dict]:
+def subjects_with_label(
+    rows: Sequence[dict], labels: int | str | Sequence[int | str], seg_key: str = "seg"
+) -> list[dict]:
     """Rows whose segmentation contains any of ``labels`` (canonical; the row's label convention is applied).
 
     D3M trains on tumour-bearing slices of the mask label: a subject without any (e.g. no enhancing tumour)
@@ -80,8 +81,12 @@ def subjects_with_label(rows: Sequence[dict], labels: int | str | Sequence[int |
         if np.isin(seg, wanted).any():
             kept.append(row)
     if len(kept) < len(rows):
-        logger.info("%d of %d subjects have no %s voxels and are left out", len(rows) - len(kept), len(rows),
-                    "/".join(LABELS[v] for v in wanted))
+        logger.info(
+            "%d of %d subjects have no %s voxels and are left out",
+            len(rows) - len(kept),
+            len(rows),
+            "/".join(LABELS[v] for v in wanted),
+        )
     if not kept:
         raise ValueError(f"none of the {len(rows)} subjects has {'/'.join(LABELS[v] for v in wanted)} voxels")
     return kept
@@ -94,8 +99,14 @@ class LabelMaskd(MapTransform):
     (0, 1).
     """
 
-    def __init__(self, keys: KeysCollection, labels: int | str | Sequence[int | str], output_key: str = "mask",
-                 values: Sequence[float] = (-1.0, 1.0), allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        labels: int | str | Sequence[int | str],
+        output_key: str = "mask",
+        values: Sequence[float] = (-1.0, 1.0),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.labels = label_values(labels)
         self.output_key = output_key
@@ -111,8 +122,9 @@ class LabelMaskd(MapTransform):
         return d
 
 
-def brain_slices(image: torch.Tensor, threshold: float = BRAIN_THRESHOLD,
-                 min_fraction: float = BRAIN_FRACTION) -> torch.Tensor:
+def brain_slices(
+    image: torch.Tensor, threshold: float = BRAIN_THRESHOLD, min_fraction: float = BRAIN_FRACTION
+) -> torch.Tensor:
     """Boolean (D,) over the last axis of a (C, H, W, D) [-1, 1]-scaled volume: slices showing brain in channel 0."""
     fraction = (torch.as_tensor(image)[0] > threshold).float().mean(dim=(0, 1))
     return fraction >= min_fraction
@@ -125,9 +137,15 @@ class SelectSlicesd(MapTransform):
     0 of ``reference_key``; "all" - every slice. Deterministic, so MONAI's CacheDataset caches the result.
     """
 
-    def __init__(self, keys: KeysCollection, selection: str = "tumour", mask_key: str = "mask",
-                 reference_key: str = "condition", indices_key: str = "slice_indices",
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        selection: str = "tumour",
+        mask_key: str = "mask",
+        reference_key: str = "condition",
+        indices_key: str = "slice_indices",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -159,8 +177,14 @@ class RandSliceSamplesd(Randomizable, MapTransform):
     when ``indices_key`` is present). Other entries are dropped so batches collate.
     """
 
-    def __init__(self, keys: KeysCollection, num_samples: int = 1, indices_key: str = "slice_indices",
-                 keep_keys: Sequence[str] = ("subject",), allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_samples: int = 1,
+        indices_key: str = "slice_indices",
+        keep_keys: Sequence[str] = ("subject",),
+        allow_missing_keys: bool = False,
+    ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -185,8 +209,13 @@ class RandSliceSamplesd(Randomizable, MapTransform):
         return samples
 
 
-def inplane_transform(spatial_size: Sequence[int], mode: str = "pad", keys: KeysCollection | None = None,
-                      pad_value: float = -1.0, interp: str | Sequence[str] = "bilinear"):
+def inplane_transform(
+    spatial_size: Sequence[int],
+    mode: str = "pad",
+    keys: KeysCollection | None = None,
+    pad_value: float = -1.0,
+    interp: str | Sequence[str] = "bilinear",
+):
     """The in-plane step from the input grid to the network's (H, W), depth untouched.
 
     "pad": centre padding with ``pad_value`` (background) or centre cropping (MONAI ResizeWithPadOrCrop) -
@@ -223,15 +252,27 @@ class SliceSynthesisInferer(Inferer):
     (0 without a mask channel), 2 the voxel-wise standard deviation of the image over samples (0 for one sample).
 
     With ``mask_background`` voxels where every condition channel is background (outside the head) are set to
-    background in the output, as in the input. The initial noise of slice z, sample k is drawn from a generator seeded with (seed, k, z), so results do not
+    background in the output, as in the input. The initial noise of slice z, sample k is drawn from a generator
+    seeded with (seed, k, z), so results do not
     depend on the batch size or on which other slices are synthesised.
     """
 
-    def __init__(self, diffusion_inferer, target_channels: int = 2, mask_channel: int | None = 1,
-                 spatial_size: Sequence[int] = (256, 256), inplane_mode: str = "pad", slice_batch_size: int = 16,
-                 num_samples: int = 1, num_inference_steps: int | None = None, seed: int = 0,
-                 skip_empty_slices: bool = True, mask_background: bool = True, background: float = -1.0,
-                 progress: bool = True):
+    def __init__(
+        self,
+        diffusion_inferer,
+        target_channels: int = 2,
+        mask_channel: int | None = 1,
+        spatial_size: Sequence[int] = (256, 256),
+        inplane_mode: str = "pad",
+        slice_batch_size: int = 16,
+        num_samples: int = 1,
+        num_inference_steps: int | None = None,
+        seed: int = 0,
+        skip_empty_slices: bool = True,
+        mask_background: bool = True,
+        background: float = -1.0,
+        progress: bool = True,
+    ):
         super().__init__()
         if inplane_mode not in INPLANE_MODES:
             raise ValueError(f"inplane_mode must be one of {INPLANE_MODES}, got {inplane_mode!r}")
@@ -278,7 +319,7 @@ class SliceSynthesisInferer(Inferer):
         if not todo:
             return result
         to_net = inplane_transform(self.spatial_size, self.inplane_mode, pad_value=self.background)
-        batches = [todo[i:i + self.slice_batch_size] for i in range(0, len(todo), self.slice_batch_size)]
+        batches = [todo[i : i + self.slice_batch_size] for i in range(0, len(todo), self.slice_batch_size)]
         progress = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -291,8 +332,12 @@ class SliceSynthesisInferer(Inferer):
             images, masks = [], []
             for k in range(self.num_samples):
                 sample = self.diffusion_inferer.sample(
-                    self._noise(zs, k, device), network, conditioning=stack, verbose=False,
-                    **({"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}))
+                    self._noise(zs, k, device),
+                    network,
+                    conditioning=stack,
+                    verbose=False,
+                    **({"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}),
+                )
                 back = _resize_back(sample.permute(1, 2, 3, 0), (h, w), self.inplane_mode, self.background)
                 images.append(back[0])
                 if self.mask_channel is not None and self.mask_channel < back.shape[0]:
@@ -341,11 +386,21 @@ class SaveSynthesisd(MapTransform):
     error unless ``overwrite``.
     """
 
-    def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, reference_key: str = "t1w",
-                 image_name: str = "t1ce_synthetic", mask_name: str = "enhancing_mask_predicted",
-                 save_mask: bool = True, save_uncertainty: bool = False, mask_threshold: float = 0.5,
-                 overwrite: bool = False, allow_missing_keys: bool = False,
-                 condition_keys: Sequence[str] = ("t1w", "t2w", "flair"), provenance: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        reference_key: str = "t1w",
+        image_name: str = "t1ce_synthetic",
+        mask_name: str = "enhancing_mask_predicted",
+        save_mask: bool = True,
+        save_uncertainty: bool = False,
+        mask_threshold: float = 0.5,
+        overwrite: bool = False,
+        allow_missing_keys: bool = False,
+        condition_keys: Sequence[str] = ("t1w", "t2w", "flair"),
+        provenance: Mapping[str, Any] | None = None,
+    ):
         """``provenance``: the run's settings for the synthetic mark (``brainsynth.data.provenance.RunProvenance``);
         every written volume is marked, with the hashes of the ``condition_keys`` inputs as its conditions."""
         from brainsynth.data.provenance import RunProvenance
@@ -373,8 +428,10 @@ class SaveSynthesisd(MapTransform):
 
         d = dict(data)
         subject = str(d.get("subject") or "subject")
-        conditions = {"input_modalities": self.condition_keys,
-                      **input_hashes({k: _reference_file(d, k) or _input_path(d.get(k)) for k in self.condition_keys})}
+        conditions = {
+            "input_modalities": self.condition_keys,
+            **input_hashes({k: _reference_file(d, k) or _input_path(d.get(k)) for k in self.condition_keys}),
+        }
         paths = self.paths(subject)
         if not self.overwrite:
             existing = [str(p) for p in paths.values() if p.exists()]
@@ -387,22 +444,32 @@ class SaveSynthesisd(MapTransform):
             if array.ndim != 4 or array.shape[0] != len(OUTPUT_CHANNELS):
                 raise ValueError(f"{key}: expected a ({len(OUTPUT_CHANNELS)}, H, W, D) synthesis, got {array.shape}")
             if not np.isfinite(array).all():
-                raise FloatingPointError(f"{subject}: the synthesis is not finite (NaN / Inf); nothing was written. "
-                                         f"Likely damaged weights ({self.provenance.weights}) or an unstable setting")
+                raise FloatingPointError(
+                    f"{subject}: the synthesis is not finite (NaN / Inf); nothing was written. "
+                    f"Likely damaged weights ({self.provenance.weights}) or an unstable setting"
+                )
             reference = _reference_file(d, self.reference_key)
             geometry = {"reference": reference} if reference else {"affine": affine}
 
             def mark(output):
                 return self.provenance.record(conditions, output=output)
 
-            save_nifti((array[0] + 1) / 2, paths["image"], overwrite=self.overwrite, provenance=mark("image"),
-                       **geometry)
+            save_nifti(
+                (array[0] + 1) / 2, paths["image"], overwrite=self.overwrite, provenance=mark("image"), **geometry
+            )
             if self.save_mask:
-                save_nifti(array[1] >= self.mask_threshold, paths["mask"], overwrite=self.overwrite, dtype=np.uint8,
-                           provenance=mark("predicted mask"), **geometry)
+                save_nifti(
+                    array[1] >= self.mask_threshold,
+                    paths["mask"],
+                    overwrite=self.overwrite,
+                    dtype=np.uint8,
+                    provenance=mark("predicted mask"),
+                    **geometry,
+                )
             if self.save_uncertainty:
-                save_nifti(array[2] / 2, paths["sd"], overwrite=self.overwrite, provenance=mark("uncertainty"),
-                           **geometry)
+                save_nifti(
+                    array[2] / 2, paths["sd"], overwrite=self.overwrite, provenance=mark("uncertainty"), **geometry
+                )
             d[f"{key}_files"] = {k: str(v) for k, v in paths.items()}
         return d
 
@@ -416,8 +483,14 @@ class PairedSliceMetrics:
     and ``<method>_per_volume.csv``.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, method: str, region_key: str = "region",
-                 indices_key: str = "slice_indices", overwrite: bool = False):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        method: str,
+        region_key: str = "region",
+        indices_key: str = "slice_indices",
+        overwrite: bool = False,
+    ):
         self.output_dir, self.method = Path(output_dir), str(method)
         self.region_key, self.indices_key, self.overwrite = region_key, indices_key, bool(overwrite)
         self.slice_rows: list[dict] = []
@@ -451,22 +524,29 @@ class PairedSliceMetrics:
             p = ((pred[b, 0] + 1) / 2).clamp(0, 1).permute(2, 0, 1)
             t = ((label[b, 0] + 1) / 2).clamp(0, 1).permute(2, 0, 1)
             r = region[b, 0].permute(2, 0, 1)
-            zs = [int(torch.as_tensor(i).reshape(-1)[b]) for i in indices] if indices is not None else \
-                list(range(p.shape[0]))
+            zs = (
+                [int(torch.as_tensor(i).reshape(-1)[b]) for i in indices]
+                if indices is not None
+                else list(range(p.shape[0]))
+            )
             subject = str(subjects[b])
             m = slice_metrics(p, t, r)
             self.slice_rows += slice_rows(m, subject, zs, self.method)
-            self.volume_rows.append({"method": self.method, "subject": subject, "slices": len(zs),
-                                     **volume_metrics(m)})
+            self.volume_rows.append({"method": self.method, "subject": subject, "slices": len(zs), **volume_metrics(m)})
 
     def _write(self, engine) -> None:
-        from brainsynth.metrics.paired import write_csv
         from brainsynth.engine.training import is_main_process
+        from brainsynth.metrics.paired import write_csv
 
         if not is_main_process():
             return
         write_csv(self.slice_rows, self.output_dir / f"{self.method}_per_slice.csv", overwrite=self.overwrite)
         write_csv(self.volume_rows, self.output_dir / f"{self.method}_per_volume.csv", overwrite=self.overwrite)
         finite = [r["psnr_region"] for r in self.slice_rows if math.isfinite(r["psnr_region"])]
-        logger.info("%s: %d slices of %d subjects evaluated; mean tumour PSNR %.2f dB", self.method,
-                    len(self.slice_rows), len(self.volume_rows), float(np.mean(finite)) if finite else float("nan"))
+        logger.info(
+            "%s: %d slices of %d subjects evaluated; mean tumour PSNR %.2f dB",
+            self.method,
+            len(self.slice_rows),
+            len(self.volume_rows),
+            float(np.mean(finite)) if finite else float("nan"),
+        )

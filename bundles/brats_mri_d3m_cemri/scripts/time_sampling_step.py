@@ -40,8 +40,10 @@ def main() -> None:
         sampler.sample(noise, network, conditioning=cond, num_inference_steps=args.steps, verbose=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     params = sum(p.numel() for p in network.parameters())
-    print(f"parameters: {params / 1e6:.2f} M; {args.slices} slice(s) of {size[0]} x {size[1]}; threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"parameters: {params / 1e6:.2f} M; {args.slices} slice(s) of {size[0]} x {size[1]}; threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"per DDIM+MSSDM step: {wall / args.steps:.2f} s wall, {cpu / args.steps:.2f} s CPU")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

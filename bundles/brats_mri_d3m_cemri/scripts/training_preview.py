@@ -20,9 +20,18 @@ class SlicePreviewWriter:
     mask when the network has a mask stream), as the training preprocessing leaves them before slice sampling.
     """
 
-    def __init__(self, network: torch.nn.Module, inferer: Any, dataset: Any, condition_modalities: Sequence[str],
-                 target_modality: str, out_dir: str, seed: int = 0, num_inference_steps: int = 10,
-                 max_slices: int = 8):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: Any,
+        dataset: Any,
+        condition_modalities: Sequence[str],
+        target_modality: str,
+        out_dir: str,
+        seed: int = 0,
+        num_inference_steps: int = 10,
+        max_slices: int = 8,
+    ):
         self.network, self.inferer, self.dataset = network, inferer, dataset
         self.condition_modalities, self.target_modality = list(condition_modalities), target_modality
         self.out_dir, self.seed = Path(out_dir), int(seed)
@@ -42,8 +51,13 @@ class SlicePreviewWriter:
         generator = torch.Generator().manual_seed(self.seed)  # same noise at every preview
         noise = torch.randn((slices.shape[0], target.shape[0], *slices.shape[2:]), generator=generator)
         with eval_mode(self.network):
-            sample = self.inferer.sample(noise.to(device), self.network, conditioning=slices.to(device),
-                                         num_inference_steps=self.num_inference_steps, verbose=False)
+            sample = self.inferer.sample(
+                noise.to(device),
+                self.network,
+                conditioning=slices.to(device),
+                num_inference_steps=self.num_inference_steps,
+                verbose=False,
+            )
         sample = sample.float().cpu().permute(1, 2, 3, 0)  # back to (C, H, W, n)
         volumes = {f"{m} (input)": condition[c, ..., picked] for c, m in enumerate(self.condition_modalities)}
         volumes[f"{self.target_modality} real"] = target[0, ..., picked]

@@ -35,8 +35,16 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-8)
 
 
-def feature_extractor(path: str | None, train_rows: Sequence[dict], val_rows: Sequence[dict], out_path: str,
-                      input_shape: Sequence[int], epochs: int, seed: int, device: str | torch.device = "cpu"):
+def feature_extractor(
+    path: str | None,
+    train_rows: Sequence[dict],
+    val_rows: Sequence[dict],
+    out_path: str,
+    input_shape: Sequence[int],
+    epochs: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+):
     """The user's network when ``path`` is given, else the in-house one (trained once into ``out_path``)."""
     from brainsynth.data import expand_scans
     from brainsynth.metrics.feature_network import load_feature_network, train_feature_network
@@ -45,8 +53,15 @@ def feature_extractor(path: str | None, train_rows: Sequence[dict], val_rows: Se
         return load_feature_network(path, device=device)
     if not Path(out_path).is_file():
         logger.info("training the in-house feature network on %d real training subjects", len(train_rows))
-        train_feature_network(expand_scans(train_rows), out_path, expand_scans(val_rows) if val_rows else None,
-                              input_shape=input_shape, epochs=epochs, seed=seed, device=str(device))
+        train_feature_network(
+            expand_scans(train_rows),
+            out_path,
+            expand_scans(val_rows) if val_rows else None,
+            input_shape=input_shape,
+            epochs=epochs,
+            seed=seed,
+            device=str(device),
+        )
     return load_feature_network(out_path, device=device)
 
 
@@ -55,9 +70,15 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
-def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalities: Sequence[str], out_dir: str,
-                        extractor: Any, reference_rows: Sequence[dict] | None = None,
-                        overwrite: bool = False) -> dict[str, Any]:
+def evaluate_generation(
+    real_rows: Sequence[dict],
+    generated_dir: str,
+    modalities: Sequence[str],
+    out_dir: str,
+    extractor: Any,
+    reference_rows: Sequence[dict] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Metrics of generated vs real volumes; writes ``metrics.json`` and ``metrics.md`` into ``out_dir``."""
     from brainsynth.data import LoadSubjectd
     from brainsynth.metrics.distribution import frechet_distance, maximum_mean_discrepancy, ms_ssim
@@ -78,12 +99,17 @@ def evaluate_generation(real_rows: Sequence[dict], generated_dir: str, modalitie
         g = load_gen({"subject": row["subject"], **{m: str(paths[m]) for m in modalities}})
         for m in modalities:
             if r[m].shape != g[m].shape:
-                raise ValueError(f"{paths[m]}: shape {tuple(g[m].shape)} differs from the real {row[m]} "
-                                 f"{tuple(r[m].shape)}")
+                raise ValueError(
+                    f"{paths[m]}: shape {tuple(g[m].shape)} differs from the real {row[m]} {tuple(r[m].shape)}"
+                )
             real[m].append(_unit(r[m].as_tensor()[0].float()))
             gen[m].append(g[m].as_tensor()[0].float().clamp(0, 1))
-    result: dict[str, Any] = {"feature_network": extractor.name, "n_subjects": len(real_rows), "modalities": {},
-                              "n_reference_subjects": len(reference_rows or [])}
+    result: dict[str, Any] = {
+        "feature_network": extractor.name,
+        "n_subjects": len(real_rows),
+        "modalities": {},
+        "n_reference_subjects": len(reference_rows or []),
+    }
     references = {m: [] for m in modalities}
     for row in reference_rows or []:
         r = load_real(row)
@@ -115,15 +141,20 @@ def metrics_table(result: dict[str, Any]) -> str:
     def num(value):
         return "n/a" if value is None else f"{value:.4g}"
 
-    lines = [f"Generated vs real, {result['n_subjects']} subjects (same masks). MSE and MS-SSIM paired per subject "
-             f"(mean +- sd), intensities in [0, 1]; MMD and Frechet distance on features of the {name}; in "
-             f"brackets the same between {result.get('n_reference_subjects', 0)} other real subjects and the real "
-             f"test scans (the floor for a perfect generator).", "",
-             f"| modality | MSE | MS-SSIM | MMD ({name}) [real vs real] | Frechet distance ({name}) [real vs real] |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Generated vs real, {result['n_subjects']} subjects (same masks). MSE and MS-SSIM paired per subject "
+        f"(mean +- sd), intensities in [0, 1]; MMD and Frechet distance on features of the {name}; in "
+        f"brackets the same between {result.get('n_reference_subjects', 0)} other real subjects and the real "
+        f"test scans (the floor for a perfect generator).",
+        "",
+        f"| modality | MSE | MS-SSIM | MMD ({name}) [real vs real] | Frechet distance ({name}) [real vs real] |",
+        "|---|---|---|---|---|",
+    ]
     for m, e in result["modalities"].items():
-        lines.append(f"| {m} | {e['mse']['mean']:.4f} +- {e['mse']['sd']:.4f} | {e['ms_ssim']['mean']:.4f} +- "
-                     f"{e['ms_ssim']['sd']:.4f} | {num(e.get('feature_mmd'))} [{num(e.get('reference_feature_mmd'))}] "
-                     f"| {num(e.get('feature_frechet_distance'))} "
-                     f"[{num(e.get('reference_feature_frechet_distance'))}] |")
+        lines.append(
+            f"| {m} | {e['mse']['mean']:.4f} +- {e['mse']['sd']:.4f} | {e['ms_ssim']['mean']:.4f} +- "
+            f"{e['ms_ssim']['sd']:.4f} | {num(e.get('feature_mmd'))} [{num(e.get('reference_feature_mmd'))}] "
+            f"| {num(e.get('feature_frechet_distance'))} "
+            f"[{num(e.get('reference_feature_frechet_distance'))}] |"
+        )
     return "\n".join(lines) + "\n"

@@ -25,23 +25,50 @@ from .outputs import SaveGeneratedd
 logger = logging.getLogger("med_ddpm.generation")
 
 
-def generate(rows: Sequence[dict], output_dir: str | Path, network: torch.nn.Module, inferer: Any,
-             preprocessing: Compose, conditioning: SemanticMaskConditioning, modalities: Sequence[str],
-             spatial_size: Sequence[int], region_keys: dict | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 1, preview: bool = False, overwrite: bool = False,
-             provenance: dict | None = None) -> Path:
+def generate(
+    rows: Sequence[dict],
+    output_dir: str | Path,
+    network: torch.nn.Module,
+    inferer: Any,
+    preprocessing: Compose,
+    conditioning: SemanticMaskConditioning,
+    modalities: Sequence[str],
+    spatial_size: Sequence[int],
+    region_keys: dict | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    preview: bool = False,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     """Sample one volume per row (``{"subject", "mask"}`` or dataset rows) into ``output_dir``; returns it."""
-    rows = check_inputs(rows, conditioning, spatial_size, region_keys, list(modalities), str(output_dir),
-                        list(modalities), overwrite)
-    post = Compose([
-        InvertWithBackgroundd(keys=["pred", "mask"], background=[-1.0, None], transform=preprocessing,
-                              orig_keys="mask", nearest_interp=[False, True], to_tensor=True),
-        SaveGeneratedd(str(output_dir), modalities, conditioning, preview=preview, overwrite=overwrite,
-                       provenance=provenance),
-    ])
+    rows = check_inputs(
+        rows, conditioning, spatial_size, region_keys, list(modalities), str(output_dir), list(modalities), overwrite
+    )
+    post = Compose(
+        [
+            InvertWithBackgroundd(
+                keys=["pred", "mask"],
+                background=[-1.0, None],
+                transform=preprocessing,
+                orig_keys="mask",
+                nearest_interp=[False, True],
+                to_tensor=True,
+            ),
+            SaveGeneratedd(
+                str(output_dir), modalities, conditioning, preview=preview, overwrite=overwrite, provenance=provenance
+            ),
+        ]
+    )
     loader = DataLoader(Dataset(list(rows), preprocessing), batch_size=batch_size, shuffle=False, num_workers=0)
-    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network, inferer=inferer,
-                                    prepare_batch=ConditionInputPrepareBatch("condition"), postprocessing=post)
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        inferer=inferer,
+        prepare_batch=ConditionInputPrepareBatch("condition"),
+        postprocessing=post,
+    )
     logger.info("generating %d volumes into %s", len(rows), output_dir)
     evaluator.run()
     return Path(output_dir)

@@ -22,9 +22,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from brainsynth.conditioning.semantic_mask import MaskError, RegionFromImagesd, SemanticMaskConditioning
 from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, split_items
 from brainsynth.data.discover import strip_nifti_extension
-from brainsynth.conditioning.semantic_mask import MaskError, RegionFromImagesd, SemanticMaskConditioning
 
 MASK_LIST_KEYS = ("masks", "augmented")
 
@@ -58,12 +58,14 @@ def _read_mask_list(path: Path) -> list[dict[str, Any]] | None:
     return rows
 
 
-def mask_rows(dataset_dir: str, cache_dir: str | None = None, demo_cohort: Mapping[str, Any] | None = None,
-              split: str = "all") -> list[dict[str, Any]]:
+def mask_rows(
+    dataset_dir: str, cache_dir: str | None = None, demo_cohort: Mapping[str, Any] | None = None, split: str = "all"
+) -> list[dict[str, Any]]:
     """Input rows for generation: ``{"subject", "mask"}`` rows or dataset rows with ``seg`` (see module doc).
 
     ``split`` ("all", "training", "validation", "test") selects dataset rows; it does not apply to mask files.
     """
+
     def pick(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
         rows = [r for r in rows if r.get("seg") or r.get("mask")]
         if not rows:
@@ -75,8 +77,10 @@ def mask_rows(dataset_dir: str, cache_dir: str | None = None, demo_cohort: Mappi
         return pick(discover(root), str(root))
     path = Path(str(dataset_dir)).expanduser()
     if not path.exists():
-        raise DatasetError(f"{path}: dataset_dir does not exist (a mask file, a folder of masks, a DICOM series, a "
-                           "dataset or datalist, or 'demo' for the simulated cohort)")
+        raise DatasetError(
+            f"{path}: dataset_dir does not exist (a mask file, a folder of masks, a DICOM series, a "
+            "dataset or datalist, or 'demo' for the simulated cohort)"
+        )
     if path.is_file():
         if strip_nifti_extension(path.name) is not None:
             return [_mask_row(path)]
@@ -109,8 +113,12 @@ class LoadConditionMaskd(MapTransform):
     region mask is derived from the non-zero voxels of the row's images (``image_keys``), as for BraTS.
     """
 
-    def __init__(self, conditioning: SemanticMaskConditioning, region_keys: Mapping[str, str] | None = None,
-                 image_keys: Sequence[str] = ()):
+    def __init__(
+        self,
+        conditioning: SemanticMaskConditioning,
+        region_keys: Mapping[str, str] | None = None,
+        image_keys: Sequence[str] = (),
+    ):
         super().__init__(["mask"], allow_missing_keys=True)
         from brainsynth.data import LoadSubjectd
 
@@ -119,10 +127,12 @@ class LoadConditionMaskd(MapTransform):
         self.image_keys = list(image_keys)
         self._load_mask = LoadSubjectd(keys=["mask"], seg_key=None)
         self._load_seg = LoadSubjectd(keys=["seg"], seg_key="seg")
-        self._load_regions = LoadSubjectd(keys=sorted(set(self.region_keys.values())) or ["brain_mask"], seg_key=None,
-                                          allow_missing_keys=True)
-        self._load_images = LoadSubjectd(keys=self.image_keys, seg_key=None, allow_missing_keys=True) \
-            if self.image_keys else None
+        self._load_regions = LoadSubjectd(
+            keys=sorted(set(self.region_keys.values())) or ["brain_mask"], seg_key=None, allow_missing_keys=True
+        )
+        self._load_images = (
+            LoadSubjectd(keys=self.image_keys, seg_key=None, allow_missing_keys=True) if self.image_keys else None
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         row = dict(data)
@@ -136,11 +146,15 @@ class LoadConditionMaskd(MapTransform):
             for name, key in self.region_keys.items():
                 if isinstance(d.get(key), torch.Tensor):
                     continue
-                present = [k for k in self.image_keys if row.get(k) or (row.get("image4d") and k in row.get(
-                    "image4d_channels", []))]
+                present = [
+                    k
+                    for k in self.image_keys
+                    if row.get(k) or (row.get("image4d") and k in row.get("image4d_channels", []))
+                ]
                 if self._load_images is None or not present:
-                    raise MaskError(f"{source}: subject {subject} has no {key} and no images to derive the {name} "
-                                    f"region from")
+                    raise MaskError(
+                        f"{source}: subject {subject} has no {key} and no images to derive the {name} region from"
+                    )
                 d = RegionFromImagesd(present, output_keys=key)(self._load_images(d))
             lm = self.conditioning.label_map(d["seg"], {name: d[key] for name, key in self.region_keys.items()})
         else:
@@ -157,14 +171,25 @@ def output_paths(output_dir: str | Path, subject: str, modalities: Sequence[str]
     folder = Path(output_dir) / subject
     suffixes = LAYOUT_SUFFIXES["brats2023"]
     paths = {m: folder / f"{subject}-{suffixes[m]}.nii.gz" for m in modalities}
-    paths.update(seg=folder / f"{subject}-seg.nii.gz", brain_mask=folder / f"{subject}-brain_mask.nii.gz",
-                 condition=folder / f"{subject}-condition.nii.gz", preview=folder / f"{subject}-preview.png")
+    paths.update(
+        seg=folder / f"{subject}-seg.nii.gz",
+        brain_mask=folder / f"{subject}-brain_mask.nii.gz",
+        condition=folder / f"{subject}-condition.nii.gz",
+        preview=folder / f"{subject}-preview.png",
+    )
     return paths
 
 
-def check_inputs(rows: Sequence[dict], conditioning: SemanticMaskConditioning, spatial_size: Sequence[int],
-                 region_keys: Mapping[str, str] | None = None, image_keys: Sequence[str] = (),
-                 output_dir: str | None = None, modalities: Sequence[str] = (), overwrite: bool = False) -> list[dict]:
+def check_inputs(
+    rows: Sequence[dict],
+    conditioning: SemanticMaskConditioning,
+    spatial_size: Sequence[int],
+    region_keys: Mapping[str, str] | None = None,
+    image_keys: Sequence[str] = (),
+    output_dir: str | None = None,
+    modalities: Sequence[str] = (),
+    overwrite: bool = False,
+) -> list[dict]:
     """Load and validate every condition mask, and check no output would be replaced, before any sampling.
 
     Raises ``MaskError`` listing every problem (one line each, naming the file). Returns ``rows``.
@@ -190,8 +215,10 @@ def check_inputs(rows: Sequence[dict], conditioning: SemanticMaskConditioning, s
         if output_dir is not None and not overwrite:
             existing = [str(p) for p in output_paths(output_dir, subject, modalities).values() if p.exists()]
             if existing:
-                problems.append(f"{existing[0]}: already exists (an earlier output); set overwrite=true or choose "
-                                f"another output_dir")
+                problems.append(
+                    f"{existing[0]}: already exists (an earlier output); set overwrite=true or choose "
+                    f"another output_dir"
+                )
     if problems:
         raise MaskError("condition mask problems (nothing was generated):\n  " + "\n  ".join(problems))
     return rows

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -33,8 +33,9 @@ def tumour_mask(seg: np.ndarray, labels: Sequence[int] = TUMOUR_LABELS) -> np.nd
     return np.isin(seg, list(labels))
 
 
-def scale_tumour(seg: np.ndarray, factor: float, labels: Sequence[int] = TUMOUR_LABELS,
-                 centre: Sequence[float] | None = None) -> np.ndarray:
+def scale_tumour(
+    seg: np.ndarray, factor: float, labels: Sequence[int] = TUMOUR_LABELS, centre: Sequence[float] | None = None
+) -> np.ndarray:
     """``seg`` with its tumour scaled by ``factor`` about ``centre`` (default: the tumour's centroid).
 
     Non-tumour labels are kept where the scaled tumour does not cover them; the tumour's old position becomes
@@ -85,9 +86,15 @@ class AugmentedMask:
     shift: tuple[int, ...]
 
 
-def augment_tumour(seg: np.ndarray, region: np.ndarray, factors: Sequence[float] = PAPER_SCALE_FACTORS,
-                   rng: np.random.Generator | int | None = 0, max_tries: int = 100, keep_position_first: bool = False,
-                   labels: Sequence[int] = TUMOUR_LABELS) -> Iterator[AugmentedMask]:
+def augment_tumour(
+    seg: np.ndarray,
+    region: np.ndarray,
+    factors: Sequence[float] = PAPER_SCALE_FACTORS,
+    rng: np.random.Generator | int | None = 0,
+    max_tries: int = 100,
+    keep_position_first: bool = False,
+    labels: Sequence[int] = TUMOUR_LABELS,
+) -> Iterator[AugmentedMask]:
     """For each factor, scale the tumour and place it at a random position inside ``region``.
 
     Positions are drawn by picking a random region voxel as the new tumour centroid; the first of ``max_tries``
@@ -126,9 +133,17 @@ def augment_tumour(seg: np.ndarray, region: np.ndarray, factors: Sequence[float]
         yield placed
 
 
-def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: Sequence[float] = PAPER_SCALE_FACTORS,
-                          per_subject: int | None = None, seed: int = 0, region_key: str = "brain_mask",
-                          seg_key: str = "seg", image_keys: Sequence[str] = (), overwrite: bool = False) -> Path:
+def write_augmented_masks(
+    items: Sequence[dict],
+    out_dir: str | Path,
+    factors: Sequence[float] = PAPER_SCALE_FACTORS,
+    per_subject: int | None = None,
+    seed: int = 0,
+    region_key: str = "brain_mask",
+    seg_key: str = "seg",
+    image_keys: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
     """Write augmented segmentations for dataset rows and a datalist of them; returns the datalist path.
 
     ``items`` are rows with ``seg`` (canonical labels after loading: pass rows from ``brainsynth.data`` whose
@@ -156,8 +171,9 @@ def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: S
         seg_path = Path(item[seg_key])
         seg_img = nib.load(str(seg_path))
         subject = str(item.get("subject", seg_path.name.split(".")[0]))
-        seg = remap_labels(np.asarray(seg_img.dataobj), item.get("label_convention") or "canonical",
-                           str(seg_path)).astype(np.int16)
+        seg = remap_labels(
+            np.asarray(seg_img.dataobj), item.get("label_convention") or "canonical", str(seg_path)
+        ).astype(np.int16)
         if item.get(region_key):
             region_path = Path(item[region_key])
             region = np.asarray(nib.load(str(region_path)).dataobj) > 0
@@ -179,9 +195,19 @@ def write_augmented_masks(items: Sequence[dict], out_dir: str | Path, factors: S
         for k, aug in enumerate(augment_tumour(seg, region, chosen, rng)):
             path = out_dir / f"{subject}_aug{k:02d}_seg.nii.gz"
             save_nifti(aug.seg, path, reference=seg_img, overwrite=overwrite, dtype=np.int16)
-            rows.append({"subject": f"{subject}_aug{k:02d}", "seg": path.name, region_key: str(region_path.resolve()),
-                         "source_subject": subject, "scale": aug.factor, "shift": list(aug.shift),
-                         "pathology": item.get("pathology", "glioblastoma"), "label_convention": "canonical"})
-    atomic_write_text(datalist, json.dumps({"label_convention": "canonical", "augmented": rows}, indent=1),
-                      overwrite=overwrite)
+            rows.append(
+                {
+                    "subject": f"{subject}_aug{k:02d}",
+                    "seg": path.name,
+                    region_key: str(region_path.resolve()),
+                    "source_subject": subject,
+                    "scale": aug.factor,
+                    "shift": list(aug.shift),
+                    "pathology": item.get("pathology", "glioblastoma"),
+                    "label_convention": "canonical",
+                }
+            )
+    atomic_write_text(
+        datalist, json.dumps({"label_convention": "canonical", "augmented": rows}, indent=1), overwrite=overwrite
+    )
     return datalist

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
 from brainsynth.conventions import LABEL_VALUES
 from brainsynth.data.discover import strip_nifti_extension
 from brainsynth.data.provenance import RunProvenance, input_hashes
 from brainsynth.engine.io import save_nifti
-from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
 
 from .inputs import output_paths
 
@@ -51,9 +51,17 @@ def canonical_seg(label_map: torch.Tensor, conditioning: SemanticMaskConditionin
 class SaveGeneratedd(MapTransform):
     """Postprocessing transform: write ``pred`` (C modalities, mask geometry) and the masks of one subject."""
 
-    def __init__(self, output_dir: str, modalities: Sequence[str], conditioning: SemanticMaskConditioning,
-                 pred_key: str = "pred", mask_key: str = "mask", preview: bool = True, overwrite: bool = False,
-                 provenance: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        output_dir: str,
+        modalities: Sequence[str],
+        conditioning: SemanticMaskConditioning,
+        pred_key: str = "pred",
+        mask_key: str = "mask",
+        preview: bool = True,
+        overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
+    ):
         """``provenance``: the run's settings for the synthetic mark (weights, sampler, num_inference_steps, seed,
         settings; see ``brainsynth.data.provenance.RunProvenance``); outputs are marked in any case."""
         super().__init__([pred_key])
@@ -64,11 +72,25 @@ class SaveGeneratedd(MapTransform):
         self.pred_key, self.mask_key = pred_key, mask_key
         self.preview, self.overwrite = preview, overwrite
 
-    def _save(self, array: Any, path: Path, source: str | None, affine: np.ndarray, dtype=np.float32,
-              provenance: dict | None = None) -> None:
+    def _save(
+        self,
+        array: Any,
+        path: Path,
+        source: str | None,
+        affine: np.ndarray,
+        dtype=np.float32,
+        provenance: dict | None = None,
+    ) -> None:
         reference = source if source and strip_nifti_extension(Path(source).name) is not None else None
-        save_nifti(array, path, reference=reference, affine=None if reference else affine, overwrite=self.overwrite,
-                   dtype=dtype, provenance=provenance)
+        save_nifti(
+            array,
+            path,
+            reference=reference,
+            affine=None if reference else affine,
+            overwrite=self.overwrite,
+            dtype=dtype,
+            provenance=provenance,
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -78,15 +100,20 @@ class SaveGeneratedd(MapTransform):
             raise ValueError(f"{subject}: generated {pred.shape[0]} channels for modalities {self.modalities}")
         affine = np.asarray(torch.as_tensor(getattr(pred, "affine", torch.eye(4))).cpu(), dtype=np.float64)
         paths = output_paths(self.output_dir, subject, self.modalities)
-        conditions = {**input_hashes({"mask": source}), "label_convention": d.get("label_convention"),
-                      "classes": list(self.conditioning.classes)}
+        conditions = {
+            **input_hashes({"mask": source}),
+            "label_convention": d.get("label_convention"),
+            "classes": list(self.conditioning.classes),
+        }
         volumes = {}
         for channel, modality in enumerate(self.modalities):
             volumes[modality] = to_unit_range(torch.as_tensor(pred[channel]).float().cpu()).numpy()
             if not np.isfinite(volumes[modality]).all():
-                raise FloatingPointError(f"{subject}: the generated {modality} volume is not finite (NaN / Inf); "
-                                         f"nothing was written. Likely damaged weights ({self.provenance.weights}) "
-                                         f"or an unstable sampler setting")
+                raise FloatingPointError(
+                    f"{subject}: the generated {modality} volume is not finite (NaN / Inf); "
+                    f"nothing was written. Likely damaged weights ({self.provenance.weights}) "
+                    f"or an unstable sampler setting"
+                )
             record = self.provenance.record(conditions, modality=modality)
             self._save(volumes[modality], paths[modality], source, affine, provenance=record)
         lm = np.asarray(torch.as_tensor(lm).cpu())[0].round().astype(np.int16)
@@ -109,8 +136,16 @@ class TrainingPreviewWriter:
     """``fn`` of ``brainsynth.engine.training.TrainingPreview``: sample one fixed condition with the EMA network and the
     fast sampler (same noise every time, so successive previews show training progress) and write a PNG."""
 
-    def __init__(self, network: torch.nn.Module, sampler: Any, dataset: Any, conditioning: SemanticMaskConditioning,
-                 modalities: Sequence[str], out_dir: str, seed: int = 0):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        sampler: Any,
+        dataset: Any,
+        conditioning: SemanticMaskConditioning,
+        modalities: Sequence[str],
+        out_dir: str,
+        seed: int = 0,
+    ):
         self.network, self.sampler, self.dataset = network, sampler, dataset
         self.conditioning, self.modalities = conditioning, list(modalities)
         self.out_dir, self.seed = Path(out_dir), seed

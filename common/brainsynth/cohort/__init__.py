@@ -12,5 +12,13 @@ from brainsynth.cohort.anatomy import Grid, make_grid
 from brainsynth.cohort.layout import CohortError, generate_cohort, subject_files, subject_id
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
 
-__all__ = ["CohortError", "Grid", "SimulatedSubject", "generate_cohort", "make_grid", "simulate_subject",
-           "subject_files", "subject_id"]
+__all__ = [
+    "CohortError",
+    "Grid",
+    "SimulatedSubject",
+    "generate_cohort",
+    "make_grid",
+    "simulate_subject",
+    "subject_files",
+    "subject_id",
+]

@@ -15,16 +15,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m brainsynth.cohort",
         description="Simulate a BraTS-like cohort (T1w, T1ce, T2w, FLAIR, PD, segmentation, brain mask) with a "
-                    "datalist.json. Deterministic for a seed; an existing identical cohort is reused.")
+        "datalist.json. Deterministic for a seed; an existing identical cohort is reused.",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--subjects", type=int, required=True, help="number of subjects")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--spacing", type=float, nargs="+", default=None,
-                        help="voxel size in mm, one value or three (default: 1 mm BraTS grid)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        default=None,
+        help="voxel size in mm, one value or three (default: 1 mm BraTS grid)",
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="grid shape (default 240 240 155)")
     parser.add_argument("--layout", choices=LAYOUTS, default="brats2023", help="file layout (default brats2023)")
-    parser.add_argument("--pathologies", nargs="+", default=None,
-                        help=f"assigned to subjects in turn (default: {' '.join(PATHOLOGIES)})")
+    parser.add_argument(
+        "--pathologies",
+        nargs="+",
+        default=None,
+        help=f"assigned to subjects in turn (default: {' '.join(PATHOLOGIES)})",
+    )
     parser.add_argument("--preview", action="store_true", help="also write preview.png (a montage) in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a different cohort in --out")
     parser.add_argument("--quiet", action="store_true", help="no per-subject timing lines")
@@ -38,9 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         spacing = None if args.spacing is None else (args.spacing[0] if len(args.spacing) == 1 else args.spacing)
-        datalist = generate_cohort(args.out, args.subjects, seed=args.seed, spacing=spacing, shape=args.shape,
-                                   layout=args.layout, pathologies=args.pathologies, overwrite=args.overwrite,
-                                   verbose=not args.quiet)
+        datalist = generate_cohort(
+            args.out,
+            args.subjects,
+            seed=args.seed,
+            spacing=spacing,
+            shape=args.shape,
+            layout=args.layout,
+            pathologies=args.pathologies,
+            overwrite=args.overwrite,
+            verbose=not args.quiet,
+        )
         print(f"{datalist} ({time.perf_counter() - start:.1f} s)")
         if args.preview:
             from brainsynth.engine.preview import preview_cohort

@@ -46,9 +46,13 @@ class Grid:
         return [np.float64(o) + np.float64(s) * np.arange(n) for o, s, n in zip(self.origin, self.spacing, self.shape)]
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "spacing": [float(s) for s in self.spacing],
-                "affine": [[float(v) for v in row] for row in self.affine], "orientation": "RAS",
-                "space": "MNI-aligned world millimetres (each subject randomly transformed)"}
+        return {
+            "shape": list(self.shape),
+            "spacing": [float(s) for s in self.spacing],
+            "affine": [[float(v) for v in row] for row in self.affine],
+            "orientation": "RAS",
+            "space": "MNI-aligned world millimetres (each subject randomly transformed)",
+        }
 
 
 def _triple(value: float | Sequence[float], name: str, kind: type) -> tuple:
@@ -135,21 +139,22 @@ def template_for_spacing(spacing: tuple[float, float, float]) -> Template:
     sigma = [0.42 * np.sqrt(max(s * s - 1.0, 0.0)) for s in spacing]
     if max(sigma) < 0.2:
         return template
-    return Template({k: ndi.gaussian_filter(v, sigma, output=np.float32) for k, v in template.maps.items()},
-                    template.affine)
+    return Template(
+        {k: ndi.gaussian_filter(v, sigma, output=np.float32) for k, v in template.maps.items()}, template.affine
+    )
 
 
 @dataclass(frozen=True)
 class Landmarks:
     """Template places the pathologies start from (MNI mm)."""
 
-    ventricle_centres: np.ndarray       # (2, 3) left and right lateral ventricle centroids
-    ventricle_extent: np.ndarray        # (3,) half-extent (std) of one lateral ventricle, mm
+    ventricle_centres: np.ndarray  # (2, 3) left and right lateral ventricle centroids
+    ventricle_extent: np.ndarray  # (3,) half-extent (std) of one lateral ventricle, mm
     ventricle_inflation: "TemplateField"  # unit pull towards the lateral ventricles (see Inflation)
-    tumour_sites: np.ndarray            # (N, 3) deep hemispheric white matter
-    periventricular_sites: np.ndarray   # (N, 3) white matter touching the lateral ventricles
-    juxtacortical_sites: np.ndarray     # (N, 3) white matter at the grey-white junction
-    deep_wm_sites: np.ndarray           # (N, 3) core white matter
+    tumour_sites: np.ndarray  # (N, 3) deep hemispheric white matter
+    periventricular_sites: np.ndarray  # (N, 3) white matter touching the lateral ventricles
+    juxtacortical_sites: np.ndarray  # (N, 3) white matter at the grey-white junction
+    deep_wm_sites: np.ndarray  # (N, 3) core white matter
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,8 +173,9 @@ def template_landmarks() -> Landmarks:
     depth = ndi.distance_transform_edt((wm + gm + csf) > 0.5) * 2.0  # mm from the brain surface
     cerebrum = (z > -25) & ~((y < -40) & (z < 0))
     # lateral ventricles: deep CSF away from the midline, above the temporal horns
-    ventricles = (csf > 0.6) & (depth > 12) & (np.abs(x) > 1) & (np.abs(x) < 36) & (y > -60) & (y < 32) & \
-                 (z > -5) & (z < 30)
+    ventricles = (
+        (csf > 0.6) & (depth > 12) & (np.abs(x) > 1) & (np.abs(x) < 36) & (y > -60) & (y < 32) & (z > -5) & (z < 30)
+    )
     centres = np.stack([mm[ventricles & (x < 0)].mean(0), mm[ventricles & (x > 0)].mean(0)])
     extent = mm[ventricles & (x > 0)].std(0)
     to_ventricle = ndi.distance_transform_edt(~ventricles) * 2.0
@@ -181,11 +187,14 @@ def template_landmarks() -> Landmarks:
     inflation = TemplateField(gradient.astype(np.float32), origin=mm[0, 0, 0], spacing=2.0)
     to_cortex = ndi.distance_transform_edt(gm < 0.5) * 2.0
     return Landmarks(
-        ventricle_centres=centres, ventricle_extent=extent, ventricle_inflation=inflation,
+        ventricle_centres=centres,
+        ventricle_extent=extent,
+        ventricle_inflation=inflation,
         tumour_sites=mm[(wm > 0.6) & (depth > 18) & cerebrum & (np.abs(x) > 8)],
         periventricular_sites=mm[(wm > 0.5) & (to_ventricle > 1) & (to_ventricle <= 6) & cerebrum],
-        juxtacortical_sites=mm[(wm > 0.4) & (to_cortex > 0) & (to_cortex <= 3) & (depth > 5) & (depth < 22) &
-                               cerebrum & (z > -10)],
+        juxtacortical_sites=mm[
+            (wm > 0.4) & (to_cortex > 0) & (to_cortex <= 3) & (depth > 5) & (depth < 22) & cerebrum & (z > -10)
+        ],
         deep_wm_sites=mm[(wm > 0.85) & cerebrum & (z > -10)],
     )
 
@@ -211,8 +220,9 @@ class TemplateField:
     def at(self, coords_mm: np.ndarray) -> np.ndarray:
         """(3, ...) values at (3, ...) template-mm coordinates (trilinear)."""
         index = [(coords_mm[i] - np.float32(self.origin[i])) / np.float32(self.spacing) for i in range(3)]
-        return np.stack([ndi.map_coordinates(v, index, order=1, mode="constant", cval=0.0, output=np.float32)
-                         for v in self.values])
+        return np.stack(
+            [ndi.map_coordinates(v, index, order=1, mode="constant", cval=0.0, output=np.float32) for v in self.values]
+        )
 
 
 @dataclass(frozen=True)
@@ -242,7 +252,7 @@ class Inflation:
 # --- smooth random displacement fields --------------------------------------------------------------------------
 def _cubic_bspline(t: np.ndarray) -> np.ndarray:
     t = np.abs(t)
-    return np.where(t < 1, (4 - 6 * t ** 2 + 3 * t ** 3) / 6, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+    return np.where(t < 1, (4 - 6 * t**2 + 3 * t**3) / 6, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
 
 
 #: standard deviation of a cubic B-spline field with unit-variance coefficients, per dimension: sqrt(151/315)
@@ -261,13 +271,20 @@ class SplineField:
     lattice_spacing: float
 
     @classmethod
-    def random(cls, rng: np.random.Generator, lo: Sequence[float], hi: Sequence[float], lattice_spacing: float,
-               std: float, channels: int = 3) -> "SplineField":
+    def random(
+        cls,
+        rng: np.random.Generator,
+        lo: Sequence[float],
+        hi: Sequence[float],
+        lattice_spacing: float,
+        std: float,
+        channels: int = 3,
+    ) -> "SplineField":
         """A field over the box [lo, hi] (mm) whose values have standard deviation ``std``."""
         lo, hi = np.asarray(lo, float), np.asarray(hi, float)
         origin = lo - 1.5 * lattice_spacing
         counts = np.ceil((hi - origin) / lattice_spacing).astype(int) + 2
-        coefficients = rng.standard_normal((channels, *counts)) * (std / _BSPLINE_STD_1D ** 3)
+        coefficients = rng.standard_normal((channels, *counts)) * (std / _BSPLINE_STD_1D**3)
         return cls(coefficients, origin, float(lattice_spacing))
 
     def _basis(self, coords: np.ndarray, axis: int) -> np.ndarray:
@@ -308,8 +325,14 @@ class Swelling:
                 return None
             box.append(slice(int(sel[0]), int(sel[-1]) + 1))
         rel = [(a[s] - c).astype(np.float32) for a, s, c in zip(axes, box, self.centre)]
-        g = np.exp(-0.5 * ((rel[0][:, None, None] / self.widths[0]) ** 2 + (rel[1][None, :, None] / self.widths[1]) ** 2
-                           + (rel[2][None, None, :] / self.widths[2]) ** 2)).astype(np.float32)
+        g = np.exp(
+            -0.5
+            * (
+                (rel[0][:, None, None] / self.widths[0]) ** 2
+                + (rel[1][None, :, None] / self.widths[1]) ** 2
+                + (rel[2][None, None, :] / self.widths[2]) ** 2
+            )
+        ).astype(np.float32)
         g *= -self.amplitude
         return tuple(box), np.stack([g * rel[0][:, None, None], g * rel[1][None, :, None], g * rel[2][None, None, :]])
 
@@ -329,8 +352,7 @@ class SubjectTransform:
     def at_points(self, points: np.ndarray) -> np.ndarray:
         """Template mm of (N, 3) output mm points (without swellings: they are pathology-specific)."""
         points = np.atleast_2d(np.asarray(points, float))
-        return (self.centre + (points - self.centre) @ self.linear.T + self.shift +
-                self.elastic.at_points(points))
+        return self.centre + (points - self.centre) @ self.linear.T + self.shift + self.elastic.at_points(points)
 
     def inverse_points(self, targets: np.ndarray, iterations: int = 8) -> np.ndarray:
         """Output mm of (N, 3) template mm points (fixed-point iteration; the transform is near-affine)."""
@@ -346,8 +368,12 @@ class SubjectTransform:
         coords = self.elastic.on_axes(axes)
         rel = [(a - c).astype(np.float32) for a, c in zip(axes, self.centre)]
         for i in range(3):
-            coords[i] += (self.linear[i, 0] * rel[0][:, None, None] + self.linear[i, 1] * rel[1][None, :, None]
-                          + self.linear[i, 2] * rel[2][None, None, :] + np.float32(self.centre[i] + self.shift[i]))
+            coords[i] += (
+                self.linear[i, 0] * rel[0][:, None, None]
+                + self.linear[i, 1] * rel[1][None, :, None]
+                + self.linear[i, 2] * rel[2][None, None, :]
+                + np.float32(self.centre[i] + self.shift[i])
+            )
         for swelling in self.swellings:
             found = swelling.displacement(axes)
             if found is None:
@@ -356,21 +382,26 @@ class SubjectTransform:
             # the swelling acts in subject space; carry its displacement through the linear part (the elastic
             # part is too smooth to matter over a swelling's extent)
             for i in range(3):
-                coords[(i, *box)] += (self.linear[i, 0] * disp[0] + self.linear[i, 1] * disp[1]
-                                      + self.linear[i, 2] * disp[2])
+                coords[(i, *box)] += (
+                    self.linear[i, 0] * disp[0] + self.linear[i, 1] * disp[1] + self.linear[i, 2] * disp[2]
+                )
         for inflation in self.inflations:
             inflation.apply(coords)
         return coords
 
 
-def random_transform(rng: np.random.Generator, grid: Grid, elastic_std: float, rotation_deg: float,
-                     scale_std: float, shift_std: float) -> SubjectTransform:
+def random_transform(
+    rng: np.random.Generator, grid: Grid, elastic_std: float, rotation_deg: float, scale_std: float, shift_std: float
+) -> SubjectTransform:
     """A subject's random small affine (rotation, anisotropic scale, shift) plus smooth elastic deformation."""
     angles = np.deg2rad(rng.normal(0.0, rotation_deg, 3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
-    rot = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-           @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+    rot = (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
     # one global size factor and a smaller per-axis part: brains differ more in size than in shape
     scale = np.exp(rng.normal(0.0, scale_std) + rng.normal(0.0, scale_std / 2, 3))
     linear = rot @ np.diag(1.0 / scale)  # pull-back: a larger subject samples the template more densely
@@ -394,8 +425,9 @@ def brain_box(grid: Grid, transform: SubjectTransform, margin_mm: float = 14.0) 
     """Index box of the output grid that holds the subject's brain: the template brain's bounding box pulled
     back through the transform's affine part, widened by ``margin_mm`` for the elastic part and swellings."""
     lo_mm, hi_mm = _template_brain_bounds()
-    corners = np.array([[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1])
-                        for c in (lo_mm[2], hi_mm[2])])
+    corners = np.array(
+        [[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1]) for c in (lo_mm[2], hi_mm[2])]
+    )
     inv = np.linalg.inv(transform.linear)
     out = transform.centre + (corners - transform.centre - transform.shift) @ inv.T
     lo = (out.min(0) - margin_mm - np.array(grid.origin)) / np.array(grid.spacing)

@@ -30,8 +30,16 @@ import numpy as np
 
 from brainsynth.cohort.anatomy import TEMPLATE_NAME, Grid, make_grid
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
-from brainsynth.conventions import (LAYOUT_LABELS, LAYOUT_SUFFIXES, LAYOUTS, MODALITIES, MSD_CHANNELS, PATHOLOGIES,
-                                    canonical_pathology, label_convention)
+from brainsynth.conventions import (
+    LAYOUT_LABELS,
+    LAYOUT_SUFFIXES,
+    LAYOUTS,
+    MODALITIES,
+    MSD_CHANNELS,
+    PATHOLOGIES,
+    canonical_pathology,
+    label_convention,
+)
 from brainsynth.engine.io import atomic_write_text, save_nifti
 
 #: bump when a seed's output changes, so an old cohort on disk is not mistaken for a current one
@@ -65,8 +73,12 @@ def subject_id(layout: str, index: int) -> str:
 def subject_files(layout: str, sid: str) -> dict[str, str]:
     """Relative path of every file of one subject, by role (canonical modality, image4d, seg, brain_mask)."""
     if layout == "msd":
-        return {"image4d": f"imagesTr/{sid}.nii.gz", "pd": f"pdTr/{sid}.nii.gz", "seg": f"labelsTr/{sid}.nii.gz",
-                "brain_mask": f"masksTr/{sid}.nii.gz"}
+        return {
+            "image4d": f"imagesTr/{sid}.nii.gz",
+            "pd": f"pdTr/{sid}.nii.gz",
+            "seg": f"labelsTr/{sid}.nii.gz",
+            "brain_mask": f"masksTr/{sid}.nii.gz",
+        }
     sep = "-" if layout == "brats2023" else "_"
     roles = {**LAYOUT_SUFFIXES[layout], "brain_mask": BRAIN_MASK_SUFFIX}
     return {role: f"{sid}/{sid}{sep}{suffix}.nii.gz" for role, suffix in roles.items()}
@@ -107,8 +119,11 @@ def assign_splits(pathologies: Sequence[str], seed: int) -> dict[str, list[int]]
     n_test = max(1, int(round(SPLIT_FRACTIONS["test"] * n))) if n >= 3 else 0
     n_val = max(1, int(round(SPLIT_FRACTIONS["validation"] * n))) if n >= 2 else 0
     n_train = n - n_val - n_test
-    return {"training": sorted(order[:n_train]), "validation": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:])}
+    return {
+        "training": sorted(order[:n_train]),
+        "validation": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
 
 
 def _check_parameters(n_subjects, seed, layout, pathologies) -> tuple[int, int, str, list[str]]:
@@ -131,8 +146,7 @@ def _check_parameters(n_subjects, seed, layout, pathologies) -> tuple[int, int, 
     return int(n_subjects), int(seed), layout, pathologies
 
 
-def _write_subject(out: Path, layout: str, subject: SimulatedSubject, files: dict[str, str],
-                   overwrite: bool) -> None:
+def _write_subject(out: Path, layout: str, subject: SimulatedSubject, files: dict[str, str], overwrite: bool) -> None:
     """Write one subject's files (images float32, segmentation and brain mask uint8)."""
     affine = subject.affine
     seg = encode_labels(subject.labels, row_label_convention(layout, subject.pathology))
@@ -162,10 +176,17 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} asked" for k in keys if old.get(k) != new.get(k))
 
 
-def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int = 0,
-                    spacing: float | Sequence[float] | None = None, shape: Sequence[int] | None = None,
-                    layout: str = "brats2023", pathologies: Sequence[str] | str | None = None,
-                    overwrite: bool = False, verbose: bool = False) -> Path:
+def generate_cohort(
+    out_dir: str | os.PathLike,
+    n_subjects: int,
+    seed: int = 0,
+    spacing: float | Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    layout: str = "brats2023",
+    pathologies: Sequence[str] | str | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Path:
     """Simulate ``n_subjects`` subjects into ``out_dir`` in ``layout`` and return ``<out_dir>/datalist.json``.
 
     ``pathologies`` (default: healthy, glioblastoma, sclerosis, dementia) are assigned in turn, subject i getting
@@ -181,9 +202,16 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int = 0,
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CohortError(f"{out}: exists and is not a folder")
-    parameters = {"generator": "brainsynth.cohort", "format_version": COHORT_FORMAT_VERSION,
-                  "n_subjects": n_subjects, "seed": seed, "layout": layout, "pathologies": pathologies,
-                  "shape": list(grid.shape), "spacing": [float(s) for s in grid.spacing]}
+    parameters = {
+        "generator": "brainsynth.cohort",
+        "format_version": COHORT_FORMAT_VERSION,
+        "n_subjects": n_subjects,
+        "seed": seed,
+        "layout": layout,
+        "pathologies": pathologies,
+        "shape": list(grid.shape),
+        "spacing": [float(s) for s in grid.spacing],
+    }
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):  # two processes asking for the same demo cohort: the second waits, then reuses it
         return _generate(out, parameters, grid, overwrite, verbose)
@@ -212,11 +240,15 @@ def _generate(out: Path, parameters: dict[str, Any], grid: Grid, overwrite: bool
     existing = _read_json(datalist_path)
     previous = (existing or {}).get("parameters") if existing is not None else (_read_json(marker_path) or None)
     if existing is not None and previous is None and not overwrite:
-        raise CohortError(f"{datalist_path}: a datalist not written by brainsynth.cohort; choose another folder "
-                          "or pass overwrite=True")
+        raise CohortError(
+            f"{datalist_path}: a datalist not written by brainsynth.cohort; choose another folder "
+            "or pass overwrite=True"
+        )
     if previous is not None and previous != parameters and not overwrite:
-        raise CohortError(f"{out}: holds a different cohort ({_differences(previous, parameters)}); choose "
-                          "another folder or pass overwrite=True")
+        raise CohortError(
+            f"{out}: holds a different cohort ({_differences(previous, parameters)}); choose "
+            "another folder or pass overwrite=True"
+        )
     ids = [subject_id(layout, i) for i in range(n_subjects)]
     files = {sid: subject_files(layout, sid) for sid in ids}
     if existing is not None and previous == parameters:
@@ -224,8 +256,10 @@ def _generate(out: Path, parameters: dict[str, Any], grid: Grid, overwrite: bool
         if not missing:
             return datalist_path
         if not overwrite:
-            raise CohortError(f"{out}: the cohort's datalist is there but {len(missing)} of its files are not "
-                              f"(first: {missing[0]}); pass overwrite=True to rebuild it")
+            raise CohortError(
+                f"{out}: the cohort's datalist is there but {len(missing)} of its files are not "
+                f"(first: {missing[0]}); pass overwrite=True to rebuild it"
+            )
     resume = previous == parameters
     replace = overwrite or resume  # rewriting a file of the same deterministic cohort changes nothing
     atomic_write_text(marker_path, json.dumps(parameters, indent=1), overwrite=replace)
@@ -251,11 +285,16 @@ def _generate(out: Path, parameters: dict[str, Any], grid: Grid, overwrite: bool
     splits = assign_splits([r["pathology"] for r in rows], seed)
     datalist: dict[str, Any] = {
         "description": "Simulated BraTS-like cohort from brainsynth.cohort: MNI ICBM152 anatomy with random "
-                       "deformation, pathology models, spin-echo / inversion-recovery contrasts, Rician noise "
-                       "and bias field. No patient data. Each row's label_convention says how its seg is "
-                       "numbered (lesion subjects use 'canonical': 4 = lesion).",
-        "layout": layout, "label_convention": LAYOUT_LABELS[layout], "seed": seed, "grid": grid.to_json(),
-        "template": TEMPLATE_NAME, "modalities": list(MODALITIES), "parameters": parameters,
+        "deformation, pathology models, spin-echo / inversion-recovery contrasts, Rician noise "
+        "and bias field. No patient data. Each row's label_convention says how its seg is "
+        "numbered (lesion subjects use 'canonical': 4 = lesion).",
+        "layout": layout,
+        "label_convention": LAYOUT_LABELS[layout],
+        "seed": seed,
+        "grid": grid.to_json(),
+        "template": TEMPLATE_NAME,
+        "modalities": list(MODALITIES),
+        "parameters": parameters,
     }
     if layout == "msd":
         datalist["image4d_channels"] = list(MSD_CHANNELS)
@@ -270,13 +309,15 @@ def _write_msd_dataset_json(out: Path, rows: list[dict], overwrite: bool) -> Non
     content = {
         "name": "BRATS (simulated by brainsynth.cohort)",
         "description": "Simulated subjects in the MSD Task01_BrainTumour layout. Extras not in MSD: pdTr/ "
-                       "(proton density) and masksTr/ (brain masks). Sclerosis subjects' labels use value 4 for "
-                       "lesions (see datalist.json).",
-        "reference": "brainsynth simulated cohort", "licence": "generated data, no patient information",
+        "(proton density) and masksTr/ (brain masks). Sclerosis subjects' labels use value 4 for "
+        "lesions (see datalist.json).",
+        "reference": "brainsynth simulated cohort",
+        "licence": "generated data, no patient information",
         "tensorImageSize": "4D",
         "modality": {str(i): _MSD_CHANNEL_NAMES[m] for i, m in enumerate(MSD_CHANNELS)},
         "labels": dict(_MSD_LABEL_NAMES),
-        "numTraining": len(rows), "numTest": 0,
+        "numTraining": len(rows),
+        "numTest": 0,
         "training": [{"image": f"./{r['image4d']}", "label": f"./{r['seg']}"} for r in rows],
         "test": [],
     }

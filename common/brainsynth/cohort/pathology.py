@@ -16,8 +16,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from brainsynth.cohort.anatomy import (Grid, Inflation, SubjectTransform, Swelling, sample_template,
-                                       template_for_spacing, template_landmarks)
+from brainsynth.cohort.anatomy import (
+    Grid,
+    Inflation,
+    SubjectTransform,
+    Swelling,
+    sample_template,
+    template_for_spacing,
+    template_landmarks,
+)
 
 #: the fine lattice on which tumour shape and edema growth are computed, whatever the output spacing (mm), so
 #: a seed gives the same tumour at every resolution
@@ -69,8 +76,15 @@ def _smooth3(field: np.ndarray) -> np.ndarray:
     return field
 
 
-def _spread_steps(source: np.ndarray, wm: np.ndarray, gm: np.ndarray, length: float, h: float, steps: int,
-                  start: np.ndarray | None = None) -> np.ndarray:
+def _spread_steps(
+    source: np.ndarray,
+    wm: np.ndarray,
+    gm: np.ndarray,
+    length: float,
+    h: float,
+    steps: int,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
     """Iterate ``e = max(source, damping * smooth(e))``; the damping gives a steady state that falls off like
     exp(-distance / l) with l = ``length`` in white matter, 0.3 l in grey matter and nearly 0 in CSF."""
     local = np.float32(length) * np.clip(wm + 0.3 * gm, 0.05, 1.0)
@@ -91,9 +105,15 @@ def _edema_spread(core: np.ndarray, wm: np.ndarray, gm: np.ndarray, length: floa
         return reduce(a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, a.shape[2] // 2, 2), axis=(1, 3, 5))
 
     source = core.astype(np.float32)
-    coarse = _spread_steps(halve(source, np.max), halve(wm, np.mean), halve(gm, np.mean), length, 2 * h,
-                           steps=int(4 * (length / (2 * h)) ** 2) + 10)
-    start = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:core.shape[0], :core.shape[1], :core.shape[2]]
+    coarse = _spread_steps(
+        halve(source, np.max),
+        halve(wm, np.mean),
+        halve(gm, np.mean),
+        length,
+        2 * h,
+        steps=int(4 * (length / (2 * h)) ** 2) + 10,
+    )
+    start = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: core.shape[0], : core.shape[1], : core.shape[2]]
     fine = _spread_steps(source, wm, gm, length, h, steps=20, start=ndi.uniform_filter(start, 2))
     return fine > EDEMA_THRESHOLD
 
@@ -106,8 +126,9 @@ class Healthy:
     def __init__(self, rng: np.random.Generator, transform: SubjectTransform, grid: Grid):
         self.parameters: dict = {}
 
-    def apply(self, fractions: dict[str, np.ndarray], axes: list[np.ndarray], grid: Grid,
-              transform: SubjectTransform) -> dict[str, np.ndarray | float]:
+    def apply(
+        self, fractions: dict[str, np.ndarray], axes: list[np.ndarray], grid: Grid, transform: SubjectTransform
+    ) -> dict[str, np.ndarray | float]:
         """Edit ``fractions`` in place; return gadolinium concentration (mM) per tissue where it is non-zero."""
         return {}
 
@@ -122,8 +143,10 @@ class Dementia(Healthy):
         growth = float(rng.uniform(2.0, 4.0))  # mm the ventricle walls move out
         transform.inflations.append(Inflation(template_landmarks().ventricle_inflation, growth))
         self.cortical_loss = float(rng.uniform(0.3, 0.55))
-        self.parameters = {"ventricle_growth_mm": round(growth, 3),
-                           "cortical_grey_matter_loss": round(self.cortical_loss, 3)}
+        self.parameters = {
+            "ventricle_growth_mm": round(growth, 3),
+            "cortical_grey_matter_loss": round(self.cortical_loss, 3),
+        }
 
     def apply(self, fractions, axes, grid, transform):
         gm, csf = fractions["gm"], fractions["csf"]
@@ -145,8 +168,11 @@ class Sclerosis(Healthy):
 
     def __init__(self, rng, transform, grid):
         landmarks = template_landmarks()
-        sites = {"periventricular": landmarks.periventricular_sites, "juxtacortical": landmarks.juxtacortical_sites,
-                 "deep": landmarks.deep_wm_sites}
+        sites = {
+            "periventricular": landmarks.periventricular_sites,
+            "juxtacortical": landmarks.juxtacortical_sites,
+            "deep": landmarks.deep_wm_sites,
+        }
         count = int(rng.integers(8, 26))
         kinds = rng.choice(list(self.SITE_PROBABILITIES), size=count, p=list(self.SITE_PROBABILITIES.values()))
         self.lesions = []
@@ -155,8 +181,9 @@ class Sclerosis(Healthy):
             centre = transform.inverse_points(where)[0]
             radius = float(np.exp(rng.uniform(np.log(2.0), np.log(7.0))))
             if kind == "periventricular":
-                nearest = landmarks.ventricle_centres[np.argmin(np.linalg.norm(landmarks.ventricle_centres - where,
-                                                                               axis=1))]
+                nearest = landmarks.ventricle_centres[
+                    np.argmin(np.linalg.norm(landmarks.ventricle_centres - where, axis=1))
+                ]
                 direction = where - nearest
                 first = direction / max(np.linalg.norm(direction), 1e-6)
                 basis = np.linalg.qr(np.column_stack([first, rng.standard_normal((3, 2))]))[0]
@@ -165,11 +192,20 @@ class Sclerosis(Healthy):
                 basis, elongation = random_rotation(rng), rng.uniform(1.0, 1.5)
             semi_axes = radius * np.array([elongation, 1.0, 1.0]) / elongation ** (1 / 3)  # same volume
             gd = float(rng.uniform(0.1, 0.3)) if rng.random() < 0.2 else 0.0
-            self.lesions.append({"kind": str(kind), "centre": centre, "basis": basis, "semi_axes": semi_axes,
-                                 "gd_mm": gd})
-        self.parameters = {"lesions": [{"kind": l["kind"], "centre_mm": [round(float(v), 2) for v in l["centre"]],
-                                        "semi_axes_mm": [round(float(v), 2) for v in l["semi_axes"]],
-                                        "gd_mm": round(l["gd_mm"], 3)} for l in self.lesions]}
+            self.lesions.append(
+                {"kind": str(kind), "centre": centre, "basis": basis, "semi_axes": semi_axes, "gd_mm": gd}
+            )
+        self.parameters = {
+            "lesions": [
+                {
+                    "kind": l["kind"],
+                    "centre_mm": [round(float(v), 2) for v in l["centre"]],
+                    "semi_axes_mm": [round(float(v), 2) for v in l["semi_axes"]],
+                    "gd_mm": round(l["gd_mm"], 3),
+                }
+                for l in self.lesions
+            ]
+        }
 
     def apply(self, fractions, axes, grid, transform):
         voxel = float(np.mean(grid.spacing))
@@ -183,8 +219,9 @@ class Sclerosis(Healthy):
                 box.append(slice(int(sel[0]), int(sel[-1]) + 1) if sel.size else slice(0, 0))
             if any(s.stop <= s.start for s in box):
                 continue
-            rel = np.stack(np.meshgrid(*[a[s] - c for a, s, c in zip(axes, box, lesion["centre"])], indexing="ij"),
-                           axis=-1)
+            rel = np.stack(
+                np.meshgrid(*[a[s] - c for a, s, c in zip(axes, box, lesion["centre"])], indexing="ij"), axis=-1
+            )
             local = rel @ lesion["basis"]  # coordinates along the lesion's own axes
             rho = np.sqrt(((local / lesion["semi_axes"]) ** 2).sum(-1))
             ind = soft_indicator(lesion["semi_axes"].mean() * (rho - 1.0), voxel)
@@ -222,13 +259,17 @@ class Glioblastoma(Healthy):
         self.gd_mm = float(rng.uniform(0.2, 0.5))
         self.edema_length = float(rng.uniform(6.0, 15.0))  # decay length of edema spread in white matter, mm
         self.mass_effect = float(rng.uniform(0.3, 0.6))
-        self.noise_seed = int(rng.integers(2 ** 62))
+        self.noise_seed = int(rng.integers(2**62))
         transform.swellings.append(Swelling(self.centre, np.full(3, self.radius), self.mass_effect))
-        self.parameters = {"centre_mm": [round(float(v), 2) for v in self.centre],
-                           "semi_axes_mm": [round(float(v), 2) for v in self.semi_axes],
-                           "necrotic_fraction_of_radius": round(self.necrosis, 3), "gd_mm": round(self.gd_mm, 3),
-                           "lobes": len(self.lobes), "edema_length_mm": round(self.edema_length, 2),
-                           "mass_effect": round(self.mass_effect, 3)}
+        self.parameters = {
+            "centre_mm": [round(float(v), 2) for v in self.centre],
+            "semi_axes_mm": [round(float(v), 2) for v in self.semi_axes],
+            "necrotic_fraction_of_radius": round(self.necrosis, 3),
+            "gd_mm": round(self.gd_mm, 3),
+            "lobes": len(self.lobes),
+            "edema_length_mm": round(self.edema_length, 2),
+            "mass_effect": round(self.mass_effect, 3),
+        }
 
     def _lattice_fields(self, transform: SubjectTransform) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """Signed distances (mm, negative inside) of core, necrosis and edema, and the gadolinium map, on a
@@ -240,8 +281,9 @@ class Glioblastoma(Healthy):
         shape = tuple(len(a) for a in axes)
         anatomy = sample_template(template_for_spacing((h, h, h)), transform.on_axes(axes))
         rng = np.random.default_rng(self.noise_seed)
-        n_shape, n_detail, n_necrosis, n_uptake = (smooth_noise(rng, shape, s * self.radius / h)
-                                                   for s in (0.4, 0.15, 0.25, 0.2))
+        n_shape, n_detail, n_necrosis, n_uptake = (
+            smooth_noise(rng, shape, s * self.radius / h) for s in (0.4, 0.15, 0.25, 0.2)
+        )
         rel = np.stack(np.meshgrid(*[a - c for a, c in zip(axes, self.centre)], indexing="ij"), axis=-1)
         # normalised radius: 1 on the smooth outline of the main ellipsoid or of a lobe, whichever is nearer
         rho = np.sqrt((((rel @ self.basis) / self.semi_axes) ** 2).sum(-1))
@@ -281,8 +323,13 @@ class Glioblastoma(Healthy):
         start = [float(p[0]) for p in positions]
 
         def resample(field, fill):
-            return ndi.affine_transform(field, step, offset=start, output_shape=shape, order=1, mode="nearest",
-                                        output=np.float32) if field is not None else fill
+            return (
+                ndi.affine_transform(
+                    field, step, offset=start, output_shape=shape, order=1, mode="nearest", output=np.float32
+                )
+                if field is not None
+                else fill
+            )
 
         voxel = float(np.mean(grid.spacing))
         core_share = soft_indicator(resample(fields["core"], None), voxel)

@@ -35,8 +35,9 @@ class Acquisition:
     ti: float | None = None
     contrast: bool = False
 
-    def signal(self, t1: np.ndarray | float, t2: np.ndarray | float, pd: np.ndarray | float,
-               gd_mm: np.ndarray | float = 0.0) -> np.ndarray:
+    def signal(
+        self, t1: np.ndarray | float, t2: np.ndarray | float, pd: np.ndarray | float, gd_mm: np.ndarray | float = 0.0
+    ) -> np.ndarray:
         """Magnitude signal; gadolinium (mM) shortens T1 (1/T1' = 1/T1 + r1 C) on post-contrast sequences."""
         r1 = 1.0 / np.asarray(t1, dtype=np.float64)
         if self.contrast:
@@ -64,8 +65,11 @@ def intensity_scale(modality: str) -> float:
     gets its own scanner gain)."""
     acquisition = ACQUISITIONS[modality]
     twins = [a for a in ACQUISITIONS.values() if (a.tr, a.te, a.ti) == (acquisition.tr, acquisition.te, acquisition.ti)]
-    peak = max(float(a.signal(t1, t2, pd, GD_REFERENCE_MM if name == "enhancing" else 0.0))
-               for a in twins for name, (t1, t2, pd) in TISSUE_PROPERTIES.items())
+    peak = max(
+        float(a.signal(t1, t2, pd, GD_REFERENCE_MM if name == "enhancing" else 0.0))
+        for a in twins
+        for name, (t1, t2, pd) in TISSUE_PROPERTIES.items()
+    )
     return 1000.0 / peak
 
 

@@ -7,8 +7,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from brainsynth.cohort.anatomy import Grid, brain_box, make_grid, random_transform, sample_template, \
-    template_for_spacing, SplineField
+from brainsynth.cohort.anatomy import (
+    Grid,
+    SplineField,
+    brain_box,
+    make_grid,
+    random_transform,
+    sample_template,
+    template_for_spacing,
+)
 from brainsynth.cohort.pathology import PATHOLOGY_MODELS, smooth_noise
 from brainsynth.cohort.physics import TISSUE_PROPERTIES, intensity_scale, rician, tissue_signal
 from brainsynth.conventions import LABEL_VALUES, LABELS, MODALITIES, canonical_modality, canonical_pathology
@@ -16,8 +23,12 @@ from brainsynth.conventions import LABEL_VALUES, LABELS, MODALITIES, canonical_m
 #: tissue classes a subject's fractions may hold (healthy ones always; the rest when the pathology makes them)
 TISSUE_CLASSES: tuple[str, ...] = tuple(TISSUE_PROPERTIES)
 #: pathological tissue -> canonical label; "enhancing lesion" voxels are lesion tissue with gadolinium
-TISSUE_LABELS: dict[str, int] = {"necrosis": LABEL_VALUES["necrotic_core"], "edema": LABEL_VALUES["edema"],
-                                 "enhancing": LABEL_VALUES["enhancing"], "lesion": LABEL_VALUES["lesion"]}
+TISSUE_LABELS: dict[str, int] = {
+    "necrosis": LABEL_VALUES["necrotic_core"],
+    "edema": LABEL_VALUES["edema"],
+    "enhancing": LABEL_VALUES["enhancing"],
+    "lesion": LABEL_VALUES["lesion"],
+}
 #: standard deviation of the multiplicative tissue texture
 TEXTURE_AMPLITUDE = 0.04
 #: share of a voxel one healthy tissue must fill for the voxel to count in that tissue's ground-truth region
@@ -55,8 +66,11 @@ class SimulatedSubject:
 
     def region_means(self, purity: float = PURE_TISSUE_FRACTION) -> dict[str, dict[str, float]]:
         """Mean intensity of every contrast in every non-empty region: {region: {modality: mean}}."""
-        return {name: {m: float(image[mask].mean()) for m, image in self.images.items()}
-                for name, mask in self.regions(purity).items() if mask.any()}
+        return {
+            name: {m: float(image[mask].mean()) for m, image in self.images.items()}
+            for name, mask in self.regions(purity).items()
+            if mask.any()
+        }
 
     def tissue_map(self) -> np.ndarray:
         """Dominant healthy tissue per voxel: 0 background, 1 CSF, 2 grey matter, 3 white matter (uint8)."""
@@ -92,9 +106,14 @@ def _labels(fractions: dict[str, np.ndarray], total: np.ndarray) -> np.ndarray:
     return labels
 
 
-def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, grid: Grid | None = None,
-                     spacing: float | Sequence[float] | None = None, shape: Sequence[int] | None = None,
-                     modalities: Iterable[str] = MODALITIES) -> SimulatedSubject:
+def simulate_subject(
+    pathology: str = "healthy",
+    seed: int | Sequence[int] = 0,
+    grid: Grid | None = None,
+    spacing: float | Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    modalities: Iterable[str] = MODALITIES,
+) -> SimulatedSubject:
     """Simulate one subject of ``pathology`` (healthy, glioblastoma, sclerosis, dementia or a synonym).
 
     The seed fixes everything. Anatomy, acquisition and pathology draw from separate streams, so the same seed
@@ -104,17 +123,24 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
     pathology = canonical_pathology(pathology)
     modalities = [canonical_modality(m) for m in modalities]
     grid = grid or make_grid(spacing, shape)
-    anatomy_rng, pathology_rng, scanner_rng, noise_rng = (np.random.default_rng(s)
-                                                          for s in _seed_sequence(seed).spawn(4))
+    anatomy_rng, pathology_rng, scanner_rng, noise_rng = (
+        np.random.default_rng(s) for s in _seed_sequence(seed).spawn(4)
+    )
 
     # --- anatomy: a random near-affine transform of the template ---------------------------------------------
     elastic_std = float(anatomy_rng.uniform(1.5, 3.5))
-    transform = random_transform(anatomy_rng, grid, elastic_std=elastic_std, rotation_deg=3.0, scale_std=0.05,
-                                 shift_std=2.0)
-    properties = {name: (t1 * np.exp(anatomy_rng.normal(0, 0.05)), t2 * np.exp(anatomy_rng.normal(0, 0.05)),
-                         pd * np.exp(anatomy_rng.normal(0, 0.03)))
-                  for name, (t1, t2, pd) in TISSUE_PROPERTIES.items()}
-    texture_rng = np.random.default_rng(anatomy_rng.integers(2 ** 62))
+    transform = random_transform(
+        anatomy_rng, grid, elastic_std=elastic_std, rotation_deg=3.0, scale_std=0.05, shift_std=2.0
+    )
+    properties = {
+        name: (
+            t1 * np.exp(anatomy_rng.normal(0, 0.05)),
+            t2 * np.exp(anatomy_rng.normal(0, 0.05)),
+            pd * np.exp(anatomy_rng.normal(0, 0.03)),
+        )
+        for name, (t1, t2, pd) in TISSUE_PROPERTIES.items()
+    }
+    texture_rng = np.random.default_rng(anatomy_rng.integers(2**62))
     model = PATHOLOGY_MODELS[pathology](pathology_rng, transform, grid)
 
     box = brain_box(grid, transform)
@@ -134,8 +160,9 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
     gains = {m: float(scanner_rng.uniform(0.9, 1.1)) for m in MODALITIES}
     # noise and texture are drawn for a 1 mm acquisition; a coarser grid averages them like voxels do
     averaging = np.float32(1.0 / np.sqrt(max(float(np.prod(grid.spacing)), 1.0)))
-    noise_sd = {m: noise_level * float(scanner_rng.uniform(0.8, 1.25)) * 1000.0 * gains[m] * averaging
-                for m in MODALITIES}
+    noise_sd = {
+        m: noise_level * float(scanner_rng.uniform(0.8, 1.25)) * 1000.0 * gains[m] * averaging for m in MODALITIES
+    }
 
     # the signal is only needed inside the brain: work on those voxels as 1-D arrays
     where = np.flatnonzero(inside)
@@ -164,12 +191,23 @@ def simulate_subject(pathology: str = "healthy", seed: int | Sequence[int] = 0, 
         out[box] = array
         return out
 
-    parameters = {"pathology": pathology, "elastic_sd_mm": round(elastic_std, 3),
-                  "noise_sd": {m: round(v, 3) for m, v in noise_sd.items()},
-                  "linear": [[round(float(v), 4) for v in row] for row in transform.linear],
-                  "shift_mm": [round(float(v), 3) for v in transform.shift], "noise_sd_of_full_scale": noise_level,
-                  "log_bias_sd": bias_std, "gains": gains, **model.parameters}
-    return SimulatedSubject(pathology=pathology, grid=grid, images=images, labels=full(labels, np.uint8),
-                            brain_mask=full(inside, np.uint8),
-                            fractions={k: full(v, np.float32) for k, v in fractions.items()},
-                            parameters=parameters)
+    parameters = {
+        "pathology": pathology,
+        "elastic_sd_mm": round(elastic_std, 3),
+        "noise_sd": {m: round(v, 3) for m, v in noise_sd.items()},
+        "linear": [[round(float(v), 4) for v in row] for row in transform.linear],
+        "shift_mm": [round(float(v), 3) for v in transform.shift],
+        "noise_sd_of_full_scale": noise_level,
+        "log_bias_sd": bias_std,
+        "gains": gains,
+        **model.parameters,
+    }
+    return SimulatedSubject(
+        pathology=pathology,
+        grid=grid,
+        images=images,
+        labels=full(labels, np.uint8),
+        brain_mask=full(inside, np.uint8),
+        fractions={k: full(v, np.float32) for k, v in fractions.items()},
+        parameters=parameters,
+    )

@@ -49,8 +49,13 @@ class CategoricalConditioning(nn.Module):
             12.0 % all-null and 11.5 % for each single-condition branch.
     """
 
-    def __init__(self, vocabularies: Mapping[str, Sequence[str]], embedding_dim: int,
-                 dropout_prob: float | Mapping[str, float] = 0.15, joint_dropout_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocabularies: Mapping[str, Sequence[str]],
+        embedding_dim: int,
+        dropout_prob: float | Mapping[str, float] = 0.15,
+        joint_dropout_prob: float = 0.0,
+    ) -> None:
         super().__init__()
         if not vocabularies:
             raise ValueError("at least one categorical condition is needed")
@@ -65,8 +70,9 @@ class CategoricalConditioning(nn.Module):
         probs = dropout_prob if isinstance(dropout_prob, Mapping) else {n: dropout_prob for n in self.names}
         unknown = set(probs) - set(self.names)
         if unknown or set(self.names) - set(probs):
-            raise ValueError(f"dropout_prob must give one probability per condition {list(self.names)}, got "
-                             f"{dict(probs)}")
+            raise ValueError(
+                f"dropout_prob must give one probability per condition {list(self.names)}, got {dict(probs)}"
+            )
         self.dropout_prob = {n: float(probs[n]) for n in self.names}
         for n, p in self.dropout_prob.items():
             if not 0.0 <= p <= 1.0:
@@ -75,8 +81,9 @@ class CategoricalConditioning(nn.Module):
             raise ValueError(f"joint_dropout_prob must be in [0, 1], got {joint_dropout_prob}")
         self.joint_dropout_prob = float(joint_dropout_prob)
         # row len(vocabulary) of each table is that condition's null token
-        self.embeddings = nn.ModuleDict({n: nn.Embedding(len(v) + 1, self.embedding_dim)
-                                         for n, v in self.vocabularies.items()})
+        self.embeddings = nn.ModuleDict(
+            {n: nn.Embedding(len(v) + 1, self.embedding_dim) for n, v in self.vocabularies.items()}
+        )
         self.register_buffer("vocabulary_fingerprint", self._fingerprint(self.vocabularies))
 
     # --- names <-> indices ---------------------------------------------------------------------------------
@@ -111,8 +118,10 @@ class CategoricalConditioning(nn.Module):
 
     def decode(self, indices: torch.Tensor) -> dict[str, str | None]:
         """Index tensor (n_conditions,) -> names (None for null)."""
-        return {n: (self.vocabularies[n][int(i)] if int(i) >= 0 else None)
-                for n, i in zip(self.names, indices.reshape(-1).tolist())}
+        return {
+            n: (self.vocabularies[n][int(i)] if int(i) >= 0 else None)
+            for n, i in zip(self.names, indices.reshape(-1).tolist())
+        }
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]], what: str = "datalist") -> None:
         """Every row must name a known value for every condition; one error line per bad row, naming its file."""
@@ -151,8 +160,10 @@ class CategoricalConditioning(nn.Module):
         In training mode conditions are first dropped to null at their configured rates.
         """
         if indices.ndim != 2 or indices.shape[1] != len(self.names):
-            raise ValueError(f"condition indices must have shape (B, {len(self.names)}) for {list(self.names)}, "
-                             f"got {tuple(indices.shape)}")
+            raise ValueError(
+                f"condition indices must have shape (B, {len(self.names)}) for {list(self.names)}, "
+                f"got {tuple(indices.shape)}"
+            )
         indices = indices.long()
         if self.training:
             indices = self.drop(indices)
@@ -175,14 +186,18 @@ class CategoricalConditioning(nn.Module):
         digest = hashlib.sha256(json.dumps([[n, list(v)] for n, v in vocabularies.items()]).encode()).digest()
         return torch.tensor(int.from_bytes(digest[:8], "little", signed=True), dtype=torch.long)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         saved = state_dict.get(prefix + "vocabulary_fingerprint")
         if saved is not None and int(saved) != int(self.vocabulary_fingerprint):
-            raise ValueError(f"checkpoint was trained with other condition vocabularies than this model's "
-                             f"{self.vocabularies}; use the training vocabularies, in the same order")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            raise ValueError(
+                f"checkpoint was trained with other condition vocabularies than this model's "
+                f"{self.vocabularies}; use the training vocabularies, in the same order"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class ConditionalDenoiser(nn.Module):
@@ -205,8 +220,9 @@ class ConditionalDenoiser(nn.Module):
         return self.unet(x, timesteps=timesteps, context=self.conditioning(context))
 
 
-def guidance_combination(unconditional: torch.Tensor, conditionals: Sequence[torch.Tensor],
-                         scales: Sequence[float]) -> torch.Tensor:
+def guidance_combination(
+    unconditional: torch.Tensor, conditionals: Sequence[torch.Tensor], scales: Sequence[float]
+) -> torch.Tensor:
     """eps(0) + sum_i g_i (eps_i - eps(0)): the classifier-free guidance combination (one term for ``joint``)."""
     out = unconditional.clone()
     for eps, g in zip(conditionals, scales, strict=True):
@@ -226,8 +242,12 @@ class GuidedDenoiser(nn.Module):
     All branches of one step run as one batch. Conditions that are null in the request contribute no term.
     """
 
-    def __init__(self, denoiser: ConditionalDenoiser, guidance_scale: float | Mapping[str, float] = 3.0,
-                 mode: str = "per_condition") -> None:
+    def __init__(
+        self,
+        denoiser: ConditionalDenoiser,
+        guidance_scale: float | Mapping[str, float] = 3.0,
+        mode: str = "per_condition",
+    ) -> None:
         super().__init__()
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance mode {mode!r}; valid: {', '.join(GUIDANCE_MODES)}")
@@ -237,8 +257,9 @@ class GuidedDenoiser(nn.Module):
                 raise ValueError("joint guidance takes one guidance_scale, not one per condition")
             unknown = set(guidance_scale) - set(names)
             if unknown:
-                raise ValueError(f"guidance_scale for unknown condition(s) {sorted(unknown)}; valid: "
-                                 f"{', '.join(names)}")
+                raise ValueError(
+                    f"guidance_scale for unknown condition(s) {sorted(unknown)}; valid: {', '.join(names)}"
+                )
             scales = {n: float(guidance_scale.get(n, 1.0)) for n in names}
         else:
             scales = {n: float(guidance_scale) for n in names}
@@ -276,12 +297,15 @@ class GuidedDenoiser(nn.Module):
         return guidance_combination(parts[0], parts[1:], scales)
 
 
-def filter_combinations(rows: Sequence[Mapping[str, Any]], exclude: Sequence[Sequence[str]] | None,
-                        conditioning: CategoricalConditioning) -> list[dict]:
+def filter_combinations(
+    rows: Sequence[Mapping[str, Any]], exclude: Sequence[Sequence[str]] | None, conditioning: CategoricalConditioning
+) -> list[dict]:
     """Rows whose (condition values) combination is not in ``exclude``: the held-out set of the extrapolation
     protocol, e.g. ``[["sclerosis", "t1ce"], ["dementia", "flair"]]`` (one value per condition, in order)."""
-    held_out = {tuple(int(i) for i in conditioning.encode(dict(zip(conditioning.names, combo))))
-                for combo in _check_combos(exclude or [], conditioning)}
+    held_out = {
+        tuple(int(i) for i in conditioning.encode(dict(zip(conditioning.names, combo))))
+        for combo in _check_combos(exclude or [], conditioning)
+    }
     keep = []
     for row in rows:
         key = tuple(int(conditioning.index(n, row.get(n))) for n in conditioning.names)
@@ -293,8 +317,9 @@ def filter_combinations(rows: Sequence[Mapping[str, Any]], exclude: Sequence[Seq
 def _check_combos(combos: Sequence[Sequence[str]], conditioning: CategoricalConditioning) -> list[Sequence[str]]:
     for combo in combos:
         if isinstance(combo, str) or len(combo) != len(conditioning.names):
-            raise ValueError(f"held-out combination {combo!r} must give one value per condition "
-                             f"{list(conditioning.names)}")
+            raise ValueError(
+                f"held-out combination {combo!r} must give one value per condition {list(conditioning.names)}"
+            )
     return list(combos)
 
 

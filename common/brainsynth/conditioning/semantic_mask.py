@@ -30,8 +30,8 @@ from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import MapTransform, ResizeWithPadOrCrop
 
-from brainsynth.engine.acceleration import autocast
 from brainsynth.conventions import LABEL_VALUES
+from brainsynth.engine.acceleration import autocast
 
 #: tumour labels summarised by the class name "tumour"
 TUMOUR_LABELS: tuple[int, ...] = (LABEL_VALUES["necrotic_core"], LABEL_VALUES["edema"], LABEL_VALUES["enhancing"])
@@ -78,13 +78,19 @@ class SemanticMaskConditioning:
             segmentation was passed where a condition mask was expected).
     """
 
-    def __init__(self, classes: Sequence[str] = BRATS_CLASSES, value_range: Sequence[float] = (0.0, 1.0),
-                 required: Sequence[str] | None = None):
+    def __init__(
+        self,
+        classes: Sequence[str] = BRATS_CLASSES,
+        value_range: Sequence[float] = (0.0, 1.0),
+        required: Sequence[str] | None = None,
+    ):
         classes = tuple(str(c) for c in classes)
         unknown = [c for c in classes if c not in LABEL_CLASSES and c not in REGION_CLASSES]
         if unknown or not classes:
-            raise ValueError(f"unknown conditioning class(es) {unknown or classes}; valid: "
-                             f"{', '.join(list(LABEL_CLASSES) + list(REGION_CLASSES))}")
+            raise ValueError(
+                f"unknown conditioning class(es) {unknown or classes}; valid: "
+                f"{', '.join(list(LABEL_CLASSES) + list(REGION_CLASSES))}"
+            )
         if len(set(classes)) != len(classes):
             raise ValueError(f"conditioning classes repeat: {classes}")
         labels = [v for c in classes if c in LABEL_CLASSES for v in LABEL_CLASSES[c]]
@@ -132,8 +138,10 @@ class SemanticMaskConditioning:
             raise MaskError(f"{source}: segmentation has non-integer values {fractional}")
         stray = sorted(set(int(v) for v in values.tolist()) - self.covered_labels)
         if stray:
-            raise MaskError(f"{source}: label(s) {stray} in the segmentation are not represented by the "
-                            f"conditioning classes {list(self.classes)} (canonical labels: {LABEL_VALUES})")
+            raise MaskError(
+                f"{source}: label(s) {stray} in the segmentation are not represented by the "
+                f"conditioning classes {list(self.classes)} (canonical labels: {LABEL_VALUES})"
+            )
         out = torch.zeros(seg_t.shape, dtype=torch.int64, device=seg_t.device)
         for index, name in enumerate(self.classes, start=1):
             if name in REGION_CLASSES:
@@ -141,8 +149,10 @@ class SemanticMaskConditioning:
                     raise MaskError(f"{source}: class {name!r} needs a {name} mask, none was given")
                 region = _as_tensor(regions[name]).to(seg_t.device)
                 if tuple(region.shape) != tuple(seg_t.shape):
-                    raise MaskError(f"{source_name(regions[name], name + ' mask')}: shape {tuple(region.shape)} "
-                                    f"differs from the segmentation's {tuple(seg_t.shape)}")
+                    raise MaskError(
+                        f"{source_name(regions[name], name + ' mask')}: shape {tuple(region.shape)} "
+                        f"differs from the segmentation's {tuple(seg_t.shape)}"
+                    )
                 out[region > 0.5] = index
         for index, name in enumerate(self.classes, start=1):
             if name in LABEL_CLASSES:
@@ -151,8 +161,14 @@ class SemanticMaskConditioning:
             out = MetaTensor(out, meta=dict(seg.meta), applied_operations=list(getattr(seg, "applied_operations", [])))
         return out
 
-    def validate(self, label_map: Any, source: str | None = None, spatial_dims: int = 3,
-                 spatial_size: Sequence[int] | None = None, channel_first: bool | None = None) -> None:
+    def validate(
+        self,
+        label_map: Any,
+        source: str | None = None,
+        spatial_dims: int = 3,
+        spatial_size: Sequence[int] | None = None,
+        channel_first: bool | None = None,
+    ) -> None:
         """Raise :class:`MaskError` naming ``source`` when ``label_map`` is not a usable condition mask.
 
         Checks: ``spatial_dims`` spatial axes (plus a leading channel of 1: required with ``channel_first=True``, as
@@ -167,8 +183,10 @@ class SemanticMaskConditioning:
         if lm.ndim == spatial_dims + 1 and shape[0] == 1 and channel_first is not False:
             lm = lm[0]
         elif lm.ndim != spatial_dims or channel_first:
-            raise MaskError(f"{source}: a condition mask must be a {spatial_dims}-D label map (one label channel), "
-                            f"got {'spatial ' if channel_first else ''}shape {spatial_shape}")
+            raise MaskError(
+                f"{source}: a condition mask must be a {spatial_dims}-D label map (one label channel), "
+                f"got {'spatial ' if channel_first else ''}shape {spatial_shape}"
+            )
         if lm.numel() == 0:
             raise MaskError(f"{source}: empty mask")
         if torch.is_floating_point(lm):
@@ -176,22 +194,28 @@ class SemanticMaskConditioning:
                 raise MaskError(f"{source}: mask contains NaN or infinite values")
             fractional = lm[lm != lm.round()]
             if fractional.numel():
-                raise MaskError(f"{source}: mask has non-integer values such as {fractional[:3].tolist()}; a label "
-                                f"map with values 0..{self.num_channels} is expected")
+                raise MaskError(
+                    f"{source}: mask has non-integer values such as {fractional[:3].tolist()}; a label "
+                    f"map with values 0..{self.num_channels} is expected"
+                )
         values = sorted(int(v) for v in torch.unique(lm).tolist())
         valid = set(range(self.num_channels + 1))
         bad = [v for v in values if v not in valid]
         if bad:
             legend = ", ".join(f"{i} {c}" for i, c in enumerate(self.classes, start=1))
-            raise MaskError(f"{source}: label value(s) {bad} are outside this model's set {{0..{self.num_channels}}} "
-                            f"(0 background, {legend})")
+            raise MaskError(
+                f"{source}: label value(s) {bad} are outside this model's set {{0..{self.num_channels}}} "
+                f"(0 background, {legend})"
+            )
         absent = [c for c in self.required if self.classes.index(c) + 1 not in values]
         if absent:
-            raise MaskError(f"{source}: no {', '.join(absent)} voxels; a condition mask labels the "
-                            f"{' and '.join(absent)} too (0 background, "
-                            + ", ".join(f"{i} {c}" for i, c in enumerate(self.classes, start=1))
-                            + "); a bare tumour segmentation needs its brain mask (datalist rows with seg and "
-                              "brain_mask)")
+            raise MaskError(
+                f"{source}: no {', '.join(absent)} voxels; a condition mask labels the "
+                f"{' and '.join(absent)} too (0 background, "
+                + ", ".join(f"{i} {c}" for i, c in enumerate(self.classes, start=1))
+                + "); a bare tumour segmentation needs its brain mask (datalist rows with seg and "
+                "brain_mask)"
+            )
         self._check_region_encloses_labels(lm, values, source)
         if spatial_size is not None:
             size = tuple(int(s) for s in spatial_size)
@@ -200,9 +224,11 @@ class SemanticMaskConditioning:
             foreground = (lm > 0).to(torch.uint8)[None]
             kept = ResizeWithPadOrCrop(size)(foreground)
             if int(kept.sum()) != int(foreground.sum()):
-                raise MaskError(f"{source}: shape {tuple(lm.shape)} does not match the model's grid {size} and "
-                                f"centre cropping would cut off labelled voxels; resample or crop the mask so its "
-                                f"content fits {size} (at the model's voxel spacing)")
+                raise MaskError(
+                    f"{source}: shape {tuple(lm.shape)} does not match the model's grid {size} and "
+                    f"centre cropping would cut off labelled voxels; resample or crop the mask so its "
+                    f"content fits {size} (at the model's voxel spacing)"
+                )
 
     def _check_region_encloses_labels(self, lm: torch.Tensor, values: list[int], source: str) -> None:
         """A condition mask's region (brain / head) surrounds its tumour and is larger than it. A raw segmentation
@@ -222,11 +248,13 @@ class SemanticMaskConditioning:
             names = " / ".join(self.region_classes)
             raise MaskError(
                 f"{source}: this does not look like a condition mask: the {names} region ({n_region} voxels) should "
-                f"surround the tumour labels ({n_labelled} voxels), but it is {'smaller' if n_region <= n_labelled else 'open'}"
+                f"surround the tumour labels ({n_labelled} voxels), but it is "
+                f"{'smaller' if n_region <= n_labelled else 'open'}"
                 f" and {100 * open_fraction:.0f} % of the tumour's border is background. A raw segmentation (e.g. "
                 f"BraTS 2021 labels 1, 2, 4) is not a condition mask: convert it with its brain mask, "
                 f"SemanticMaskConditioning({list(self.classes)}).label_map(canonical_seg, {{'brain': brain_mask}}), "
-                f"or give a datalist row with seg and brain_mask and let the bundle build the mask")
+                f"or give a datalist row with seg and brain_mask and let the bundle build the mask"
+            )
 
     # --- one-hot --------------------------------------------------------------------------------------------
     def one_hot(self, label_map: Any, channel_dim: int = 0) -> torch.Tensor:
@@ -237,8 +265,10 @@ class SemanticMaskConditioning:
         """
         lm = _as_tensor(label_map)
         if lm.shape[channel_dim] != 1:
-            raise ValueError(f"{source_name(label_map)}: expected one label channel at dim {channel_dim}, got shape "
-                             f"{tuple(lm.shape)}")
+            raise ValueError(
+                f"{source_name(label_map)}: expected one label channel at dim {channel_dim}, got shape "
+                f"{tuple(lm.shape)}"
+            )
         codes = torch.arange(1, self.num_channels + 1, device=lm.device)
         view = [1] * lm.ndim
         view[channel_dim] = self.num_channels
@@ -246,8 +276,9 @@ class SemanticMaskConditioning:
         off, on = self.value_range
         out = hot * (on - off) + off
         if isinstance(label_map, MetaTensor):
-            out = MetaTensor(out, meta=dict(label_map.meta),
-                             applied_operations=list(getattr(label_map, "applied_operations", [])))
+            out = MetaTensor(
+                out, meta=dict(label_map.meta), applied_operations=list(getattr(label_map, "applied_operations", []))
+            )
         return out
 
     def from_one_hot(self, condition: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
@@ -272,17 +303,23 @@ class ConditionLabelsd(MapTransform):
     ``region_keys`` maps each region class to the data key holding its binary mask, e.g. ``{"brain": "brain_mask"}``.
     """
 
-    def __init__(self, conditioning: SemanticMaskConditioning, seg_key: str = "seg",
-                 region_keys: Mapping[str, str] | None = None, output_key: str = "mask",
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        conditioning: SemanticMaskConditioning,
+        seg_key: str = "seg",
+        region_keys: Mapping[str, str] | None = None,
+        output_key: str = "mask",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__([seg_key], allow_missing_keys)
         self.conditioning = conditioning
         self.seg_key = seg_key
         self.region_keys = dict(region_keys or {})
         missing = [c for c in conditioning.region_classes if c not in self.region_keys]
         if missing:
-            raise ValueError(f"region_keys must name the data key of the {missing} mask(s), e.g. "
-                             f"{{'{missing[0]}': 'brain_mask'}}")
+            raise ValueError(
+                f"region_keys must name the data key of the {missing} mask(s), e.g. {{'{missing[0]}': 'brain_mask'}}"
+            )
         self.output_key = output_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
@@ -331,24 +368,36 @@ class RegionFromImagesd(MapTransform):
 class ValidateConditionMaskd(MapTransform):
     """Raise :class:`MaskError` (naming the file) when a condition label map is unusable; see ``validate``."""
 
-    def __init__(self, keys: KeysCollection, conditioning: SemanticMaskConditioning,
-                 spatial_size: Sequence[int] | None = None, spatial_dims: int = 3, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        conditioning: SemanticMaskConditioning,
+        spatial_size: Sequence[int] | None = None,
+        spatial_dims: int = 3,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.conditioning, self.spatial_size, self.spatial_dims = conditioning, spatial_size, spatial_dims
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            self.conditioning.validate(d[key], spatial_dims=self.spatial_dims, spatial_size=self.spatial_size,
-                                       channel_first=True)
+            self.conditioning.validate(
+                d[key], spatial_dims=self.spatial_dims, spatial_size=self.spatial_size, channel_first=True
+            )
         return d
 
 
 class MaskOneHotd(MapTransform):
     """Condition label map(s) at ``keys`` -> one-hot condition channels (written to ``output_keys`` or in place)."""
 
-    def __init__(self, keys: KeysCollection, conditioning: SemanticMaskConditioning,
-                 output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        conditioning: SemanticMaskConditioning,
+        output_keys: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.conditioning = conditioning
         if output_keys is None:
@@ -411,14 +460,23 @@ class MaskConditionedSampler(Inferer):
         amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
     """
 
-    def __init__(self, scheduler: Scheduler, out_channels: int, num_inference_steps: int | None = None,
-                 progress: bool = True, seed: int | None = None, amp: bool = False):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        out_channels: int,
+        num_inference_steps: int | None = None,
+        progress: bool = True,
+        seed: int | None = None,
+        amp: bool = False,
+    ):
         super().__init__()
         steps = scheduler.num_train_timesteps if num_inference_steps is None else int(num_inference_steps)
         if isinstance(scheduler, DDPMScheduler) and steps != scheduler.num_train_timesteps:
-            raise ValueError(f"the ancestral DDPM sampler runs all {scheduler.num_train_timesteps} steps (MONAI's "
-                             f"DDPMScheduler is not a respaced sampler); got num_inference_steps={steps}. Use the "
-                             f"fast deterministic sampler for fewer steps.")
+            raise ValueError(
+                f"the ancestral DDPM sampler runs all {scheduler.num_train_timesteps} steps (MONAI's "
+                f"DDPMScheduler is not a respaced sampler); got num_inference_steps={steps}. Use the "
+                f"fast deterministic sampler for fewer steps."
+            )
         scheduler.set_timesteps(steps)
         self.scheduler = scheduler
         self.inferer = DiffusionInferer(scheduler)
@@ -428,8 +486,9 @@ class MaskConditionedSampler(Inferer):
         self.amp = bool(amp)
         self.calls = 0
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, noise_seed: int | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, noise_seed: int | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Sample images for the one-hot ``inputs`` (B, classes, *spatial); ``noise_seed`` fixes this call's noise."""
         condition = torch.as_tensor(inputs)
         shape = (condition.shape[0], self.out_channels, *condition.shape[2:])
@@ -443,8 +502,14 @@ class MaskConditionedSampler(Inferer):
         network.eval()
         try:
             with autocast(condition, self.amp):
-                image = self.inferer.sample(input_noise=noise, diffusion_model=network, scheduler=self.scheduler,
-                                            conditioning=condition, mode="concat", verbose=self.progress)
+                image = self.inferer.sample(
+                    input_noise=noise,
+                    diffusion_model=network,
+                    scheduler=self.scheduler,
+                    conditioning=condition,
+                    mode="concat",
+                    verbose=self.progress,
+                )
             image = image.float()
         finally:
             network.train(was_training)

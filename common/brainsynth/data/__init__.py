@@ -14,6 +14,7 @@ from brainsynth.data.discover import SPLITS, discover, read_datalist, resolve_da
 from brainsynth.data.errors import DatasetError
 from brainsynth.data.items import available_modalities, expand_scans, image_source, split_items, split_of
 
+
 def __getattr__(name):
     # the MONAI transform stack is imported only when a pipeline needs it, keeping the CLI quick to start
     if name in ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels"):
@@ -28,8 +29,26 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DatasetError", "InvertWithBackgroundd", "LoadSubjectd", "SPLITS", "SubjectReport", "available_modalities", "check_items", "check_row",
-    "discover", "expand_scans", "image_source", "is_dicom_series", "load_volume", "read_datalist", "read_dicom_series",
-    "remap_labels", "resolve_dataset_dir", "split_items", "split_of", "subject_from_path", "validate_items",
+    "DatasetError",
+    "InvertWithBackgroundd",
+    "LoadSubjectd",
+    "SPLITS",
+    "SubjectReport",
+    "available_modalities",
+    "check_items",
+    "check_row",
+    "discover",
+    "expand_scans",
+    "image_source",
+    "is_dicom_series",
+    "load_volume",
+    "read_datalist",
+    "read_dicom_series",
+    "remap_labels",
+    "resolve_dataset_dir",
+    "split_items",
+    "split_of",
+    "subject_from_path",
+    "validate_items",
     "write_dicom_series",
 ]

@@ -128,8 +128,11 @@ def _check_image(f: _File, data: np.ndarray) -> list[str]:
     problems = []
     if f.channel is not None:
         data = data[..., f.channel]
-    volumes = [(None, data)] if data.ndim == 3 else \
-        [((f.channels or [])[c] if f.channels else c, data[..., c]) for c in range(data.shape[3])]
+    volumes = (
+        [(None, data)]
+        if data.ndim == 3
+        else [((f.channels or [])[c] if f.channels else c, data[..., c]) for c in range(data.shape[3])]
+    )
     if np.issubdtype(data.dtype, np.floating):
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
@@ -173,8 +176,9 @@ def _check_labels(f: _File, data: np.ndarray, convention_name: str) -> list[str]
     convention = label_convention(convention_name)
     outside = sorted(set(values.tolist()) - convention.valid_values)
     if outside:
-        return [f"{f.path}: label values {outside} are outside the {convention.name} convention "
-                f"({convention.description})"]
+        return [
+            f"{f.path}: label values {outside} are outside the {convention.name} convention ({convention.description})"
+        ]
     return []
 
 
@@ -190,8 +194,11 @@ def _subject_id_problems(row: dict[str, Any], files: list[_File]) -> list[str]:
     else:  # names do not use the row's id; they must at least agree with each other
         values = list(ids.values())
         expected = max(set(values), key=values.count)
-    return [f"{p}: file name says subject {i!r}, but its folder / other files say {expected!r}"
-            for p, i in ids.items() if i != expected]
+    return [
+        f"{p}: file name says subject {i!r}, but its folder / other files say {expected!r}"
+        for p, i in ids.items()
+        if i != expected
+    ]
 
 
 def _subject_folder(row: dict[str, Any], files: list[_File]) -> str:
@@ -200,8 +207,9 @@ def _subject_folder(row: dict[str, Any], files: list[_File]) -> str:
     return os.path.commonpath([str(Path(f.path).parent) for f in files])
 
 
-def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), require_seg: bool = False,
-              read_data: bool = True) -> SubjectReport:
+def check_row(
+    row: dict[str, Any], required_modalities: Sequence[str] = (), require_seg: bool = False, read_data: bool = True
+) -> SubjectReport:
     """Check one canonical row (or a per-scan row); see the module docstring for what is checked."""
     report = SubjectReport(str(row.get("subject")))
     files = _files_of(row)
@@ -210,16 +218,20 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
     per_scan = "image" in row and "modality" in row  # one scan by definition: nothing else can be missing
     missing = [] if per_scan else [m for m in required_modalities if m not in report.modalities]
     if missing:
-        report.problems.append(f"{folder}: subject {report.subject} has no {', '.join(missing)} image "
-                               f"(has {', '.join(report.modalities) or 'none'})")
+        report.problems.append(
+            f"{folder}: subject {report.subject} has no {', '.join(missing)} image "
+            f"(has {', '.join(report.modalities) or 'none'})"
+        )
     if require_seg and not row.get("seg"):
         report.problems.append(f"{folder}: subject {report.subject} has no segmentation")
     if not row.get("pathology"):
         report.notes.append("no pathology label")
     if row.get("layout") == "brats-peds" and row.get("label_convention") == "peds2024":
         # the 2023 PEDs release numbered labels like GLI; nothing in the files tells the releases apart
-        report.notes.append("labels read as BraTS-PEDs 2024 (1 ET, 2 NET, 3 cyst, 4 ED); "
-                            "pass --label-convention brats2023 for the 2023 release")
+        report.notes.append(
+            "labels read as BraTS-PEDs 2024 (1 ET, 2 NET, 3 cyst, 4 ED); "
+            "pass --label-convention brats2023 for the 2023 release"
+        )
     report.problems += _subject_id_problems(row, files)
 
     # 1) headers: readable, dimensionality, one grid for all files of the subject
@@ -237,14 +249,19 @@ def check_row(row: dict[str, Any], required_modalities: Sequence[str] = (), requ
             if f is ref:
                 continue
             if f.shape[:3] != ref.shape[:3]:
-                report.problems.append(f"{f.path}: shape {f.shape[:3]} differs from {Path(ref.path).name} "
-                                       f"{ref.shape[:3]}")
+                report.problems.append(
+                    f"{f.path}: shape {f.shape[:3]} differs from {Path(ref.path).name} {ref.shape[:3]}"
+                )
             elif not np.allclose(f.spacing, ref.spacing, atol=SPACING_ATOL):
-                report.problems.append(f"{f.path}: voxel spacing {_fmt(f.spacing)} mm differs from "
-                                       f"{Path(ref.path).name} {_fmt(ref.spacing)} mm")
+                report.problems.append(
+                    f"{f.path}: voxel spacing {_fmt(f.spacing)} mm differs from "
+                    f"{Path(ref.path).name} {_fmt(ref.spacing)} mm"
+                )
             elif not np.allclose(f.affine, ref.affine, atol=AFFINE_ATOL):
-                report.problems.append(f"{f.path}: affine (position / orientation) differs from "
-                                       f"{Path(ref.path).name}; the files are not co-registered")
+                report.problems.append(
+                    f"{f.path}: affine (position / orientation) differs from "
+                    f"{Path(ref.path).name}; the files are not co-registered"
+                )
     if not read_data:
         return report
 
@@ -268,6 +285,7 @@ def _one_line(e: BaseException) -> str:
 
 def _reference(files: list[_File]) -> _File:
     """The file whose grid most of the subject's files share, so only the odd one out is reported."""
+
     def grid(f: _File):
         return f.shape[:3], tuple(np.round(f.affine, 2).ravel())
 
@@ -279,8 +297,13 @@ def _fmt(values: Iterable[float]) -> str:
     return " x ".join(f"{v:.3g}" for v in values)
 
 
-def check_items(items: Iterable[dict[str, Any]], required_modalities: Sequence[str] | None = None,
-                require_seg: bool = False, read_data: bool = True, num_workers: int = 1) -> list[SubjectReport]:
+def check_items(
+    items: Iterable[dict[str, Any]],
+    required_modalities: Sequence[str] | None = None,
+    require_seg: bool = False,
+    read_data: bool = True,
+    num_workers: int = 1,
+) -> list[SubjectReport]:
     """A report per row. ``required_modalities`` None means every modality any row of the dataset has."""
     items = list(items)
     if required_modalities is None:
@@ -302,21 +325,28 @@ def check_items(items: Iterable[dict[str, Any]], required_modalities: Sequence[s
     counts = Counter(ids)
     for row, report, key in zip(items, reports, ids):
         if counts[key] > 1:
-            report.problems.append(f"{_subject_folder(row, _files_of(row))}: subject id {report.subject!r} is "
-                                   f"used by {counts[key]} rows; ids must be unique")
+            report.problems.append(
+                f"{_subject_folder(row, _files_of(row))}: subject id {report.subject!r} is "
+                f"used by {counts[key]} rows; ids must be unique"
+            )
     return reports
 
 
-def validate_items(items: Iterable[dict[str, Any]], required_modalities: Sequence[str] | None = None,
-                   require_seg: bool = False, read_data: bool = True,
-                   num_workers: int = 1) -> list[dict[str, Any]]:
+def validate_items(
+    items: Iterable[dict[str, Any]],
+    required_modalities: Sequence[str] | None = None,
+    require_seg: bool = False,
+    read_data: bool = True,
+    num_workers: int = 1,
+) -> list[dict[str, Any]]:
     """Raise DatasetError (one line per problem, each naming the file) unless every row is usable; return the
     rows so a bundle config can write ``"$brainsynth.data.validate_items(@items, ['t1w'], True)"``."""
     items = list(items)
     if not items:
         raise DatasetError("the dataset has no subjects to validate")
-    problems = [p for r in check_items(items, required_modalities, require_seg, read_data, num_workers)
-                for p in r.problems]
+    problems = [
+        p for r in check_items(items, required_modalities, require_seg, read_data, num_workers) for p in r.problems
+    ]
     if problems:
         raise DatasetError(problems)
     return items

@@ -54,8 +54,10 @@ def _series_files(folder: Path, series_id: str | None) -> list[str]:
         raise DatasetError(f"{folder}: no DICOM series found in this folder")
     if series_id is None:
         if len(ids) > 1:
-            raise DatasetError(f"{folder}: holds {len(ids)} DICOM series ({', '.join(ids)}); "
-                               "put each series in its own folder or pass series_id")
+            raise DatasetError(
+                f"{folder}: holds {len(ids)} DICOM series ({', '.join(ids)}); "
+                "put each series in its own folder or pass series_id"
+            )
         series_id = ids[0]
     elif series_id not in ids:
         raise DatasetError(f"{folder}: no DICOM series {series_id!r} (found {', '.join(ids)})")
@@ -71,8 +73,9 @@ def _check_slice_positions(folder: Path, files: list[str]) -> None:
     positions, orientations = [], []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True,
-                                 specific_tags=["ImagePositionPatient", "ImageOrientationPatient"])
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+            )
             positions.append([float(v) for v in ds.ImagePositionPatient])
             orientations.append([float(v) for v in ds.ImageOrientationPatient])
         except Exception as e:  # missing tag or unreadable header
@@ -86,8 +89,10 @@ def _check_slice_positions(folder: Path, files: list[str]) -> None:
     if gaps.min() <= 0:
         raise DatasetError(f"{folder}: two slices share the same position; duplicated or mixed series")
     if np.abs(gaps - gaps.mean()).max() > _SLICE_GAP_RTOL * gaps.mean():
-        raise DatasetError(f"{folder}: uneven slice spacing (gaps {gaps.min():.3g} to {gaps.max():.3g} mm); "
-                           "a slice is missing or the series is not one volume")
+        raise DatasetError(
+            f"{folder}: uneven slice spacing (gaps {gaps.min():.3g} to {gaps.max():.3g} mm); "
+            "a slice is missing or the series is not one volume"
+        )
 
 
 def read_dicom_series(folder: str | os.PathLike, series_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -139,8 +144,14 @@ def _pixel_encoding(array: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
     return stored, slope, intercept, False
 
 
-def write_dicom_series(array, affine: np.ndarray, folder: str | os.PathLike, overwrite: bool = False,
-                       series_description: str = "brainsynth", modality: str = "MR") -> Path:
+def write_dicom_series(
+    array,
+    affine: np.ndarray,
+    folder: str | os.PathLike,
+    overwrite: bool = False,
+    series_description: str = "brainsynth",
+    modality: str = "MR",
+) -> Path:
     """Write a 3-D ``array[i, j, k]`` with RAS ``affine`` as one DICOM file per ``k`` slice in ``folder``.
 
     No patient-module attribute (group 0x0010: name, ID, birth date, sex, ...) and no date, institution or

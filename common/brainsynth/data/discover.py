@@ -25,8 +25,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from brainsynth.conventions import (MODALITIES, MSD_CHANNELS, canonical_modality, canonical_pathology,
-                                    label_convention as get_label_convention)
+from brainsynth.conventions import (
+    MODALITIES,
+    MSD_CHANNELS,
+    canonical_modality,
+    canonical_pathology,
+)
+from brainsynth.conventions import (
+    label_convention as get_label_convention,
+)
 from brainsynth.data.dicom import is_dicom_series
 from brainsynth.data.errors import DatasetError
 
@@ -43,8 +50,15 @@ _FILE_ROLE_SUFFIXES = {"seg": "seg", "brain_mask": "brain_mask", "brainmask": "b
 _BRATS2023_SUFFIXES = {"t1n", "t1c", "t2f"}
 _BRATS2021_SUFFIXES = {"t1", "t1ce", "t2", "flair"}
 # MSD dataset.json label names -> canonical label value; the result must match the "msd" convention
-_MSD_LABEL_WORDS = (("non-enhancing", 1), ("non enhancing", 1), ("necro", 1), ("edema", 2), ("oedema", 2),
-                    ("enhancing", 3), ("background", 0))
+_MSD_LABEL_WORDS = (
+    ("non-enhancing", 1),
+    ("non enhancing", 1),
+    ("necro", 1),
+    ("edema", 2),
+    ("oedema", 2),
+    ("enhancing", 3),
+    ("background", 0),
+)
 
 
 # --- file names ---------------------------------------------------------------------------------------------
@@ -136,8 +150,10 @@ def _scan_folder(root: Path) -> list[dict[str, Any]]:
         for subject, members in groups.items():
             rows.append(_row_from_scans(subject, members))
     if not rows:
-        raise DatasetError(f"{root}: no dataset found (no datalist.json / dataset.json, and no "
-                           "'<subject>_<modality>.nii.gz' files such as BraTS's *-t1n.nii.gz or *_t1.nii.gz)")
+        raise DatasetError(
+            f"{root}: no dataset found (no datalist.json / dataset.json, and no "
+            "'<subject>_<modality>.nii.gz' files such as BraTS's *-t1n.nii.gz or *_t1.nii.gz)"
+        )
     rows.sort(key=lambda r: r["subject"])
     return rows
 
@@ -146,8 +162,9 @@ def _row_from_scans(subject: str, members: list[tuple[str, str, str, Path]]) -> 
     row: dict[str, Any] = {"subject": subject}
     for prefix, role, suffix, path in sorted(members, key=lambda m: str(m[3])):
         if role in row:
-            raise DatasetError(f"{path}: second file for {role} of subject {subject} "
-                               f"(already {Path(row[role]).name}); keep one")
+            raise DatasetError(
+                f"{path}: second file for {role} of subject {subject} (already {Path(row[role]).name}); keep one"
+            )
         row[role] = str(path.resolve())
     layout, convention, pathology = _brats_layout(subject, {m[2] for m in members})
     row["label_convention"] = convention
@@ -163,8 +180,9 @@ def _resolve(value: Any, base: Path) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
-def _canonical_row(raw: dict[str, Any], base: Path, where: str, image4d_channels: list[str] | None,
-                   defaults: dict[str, Any]) -> dict[str, Any]:
+def _canonical_row(
+    raw: dict[str, Any], base: Path, where: str, image4d_channels: list[str] | None, defaults: dict[str, Any]
+) -> dict[str, Any]:
     """One datalist row -> canonical keys. ``where`` names the datalist file and row for error messages."""
     row: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -214,8 +232,10 @@ def _canonical_row(raw: dict[str, Any], base: Path, where: str, image4d_channels
     if image is not None:
         if modality in (None, "4d"):
             if not image4d_channels:
-                raise DatasetError(f"{where}: 'image' without a 'modality' field; add one (t1w, t1ce, t2w, "
-                                   "flair, pd or a synonym), or image4d_channels for a 4-D file")
+                raise DatasetError(
+                    f"{where}: 'image' without a 'modality' field; add one (t1w, t1ce, t2w, "
+                    "flair, pd or a synonym), or image4d_channels for a 4-D file"
+                )
             row["image4d"] = _resolve(image, base)
             try:
                 row["image4d_channels"] = [canonical_modality(c) for c in image4d_channels]
@@ -232,8 +252,9 @@ def _canonical_row(raw: dict[str, Any], base: Path, where: str, image4d_channels
     elif modality is not None:
         raise DatasetError(f"{where}: 'modality' given without an 'image' path")
     if not any(m in row for m in MODALITIES) and "image4d" not in row:
-        raise DatasetError(f"{where}: no image path (expected modality columns such as t1w / t1n / flair, "
-                           "or 'image' with 'modality')")
+        raise DatasetError(
+            f"{where}: no image path (expected modality columns such as t1w / t1n / flair, or 'image' with 'modality')"
+        )
     if "subject" not in row:
         first = row.get("image4d") or next(row[m] for m in MODALITIES if m in row)
         name = Path(first).name
@@ -255,8 +276,9 @@ def _merge_scan_rows(rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str, A
         target = merged[subject]
         for key, value in row.items():
             if key in target and target[key] != value:
-                raise DatasetError(f"{where}: subject {subject} already has {key} = {target[key]!r}, "
-                                   f"this row says {value!r}")
+                raise DatasetError(
+                    f"{where}: subject {subject} already has {key} = {target[key]!r}, this row says {value!r}"
+                )
             target[key] = value
     return list(merged.values())
 
@@ -268,8 +290,10 @@ def _msd_convention(labels: dict[str, str], where: str) -> str:
         low = str(name).lower()
         canonical = next((c for word, c in _MSD_LABEL_WORDS if word in low), None)
         if canonical is None or expected.get(int(value)) != canonical:
-            raise DatasetError(f"{where}: label {value} = {name!r} does not follow the MSD Task01 convention "
-                               "(1 edema, 2 non-enhancing tumour, 3 enhancing tumour); pass label_convention")
+            raise DatasetError(
+                f"{where}: label {value} = {name!r} does not follow the MSD Task01 convention "
+                "(1 edema, 2 non-enhancing tumour, 3 enhancing tumour); pass label_convention"
+            )
     return "msd"
 
 
@@ -297,8 +321,11 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
                 channels = [canonical_modality(content["modality"][k]) for k in order]
             except ValueError as e:
                 raise DatasetError(f"{path}: modality table: {e}") from None
-            defaults.update(layout="msd", pathology="glioblastoma",
-                            label_convention=_msd_convention(content.get("labels", {}), str(path)))
+            defaults.update(
+                layout="msd",
+                pathology="glioblastoma",
+                label_convention=_msd_convention(content.get("labels", {}), str(path)),
+            )
         else:
             if content.get("layout") == "msd":
                 channels = list(content.get("image4d_channels", MSD_CHANNELS))
@@ -327,8 +354,9 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
                     raw.setdefault("split", split)
                 raw_rows.append((f"{path}: {split}[{i}]", raw))
     elif isinstance(content, list):
-        raw_rows = [(f"{path}: row {i + (2 if path.suffix.lower() == '.csv' else 0)}", r)
-                    for i, r in enumerate(content)]
+        raw_rows = [
+            (f"{path}: row {i + (2 if path.suffix.lower() == '.csv' else 0)}", r) for i, r in enumerate(content)
+        ]
         for where, raw in raw_rows:
             if not isinstance(raw, dict):
                 raise DatasetError(f"{where}: is not an object")
@@ -342,8 +370,9 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # --- entry point -----------------------------------------------------------------------------------------------
-def discover(path: str | os.PathLike, label_convention: str | None = None,
-             pathology: str | None = None) -> list[dict[str, Any]]:
+def discover(
+    path: str | os.PathLike, label_convention: str | None = None, pathology: str | None = None
+) -> list[dict[str, Any]]:
     """Canonical rows for the dataset at ``path`` (a folder in any supported layout, or a datalist file).
 
     ``label_convention`` overrides the inferred one for every row (e.g. ``"brats2023"`` for a PEDs release
@@ -376,8 +405,18 @@ def discover(path: str | os.PathLike, label_convention: str | None = None,
     return [_ordered(row) for row in rows]
 
 
-_KEY_ORDER = ("subject", *MODALITIES, "image4d", "image4d_channels", "seg", "brain_mask", "pathology",
-              "label_convention", "layout", "split")
+_KEY_ORDER = (
+    "subject",
+    *MODALITIES,
+    "image4d",
+    "image4d_channels",
+    "seg",
+    "brain_mask",
+    "pathology",
+    "label_convention",
+    "layout",
+    "split",
+)
 
 
 def _ordered(row: dict[str, Any]) -> dict[str, Any]:
@@ -385,8 +424,9 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
     return {**{k: row[k] for k in _KEY_ORDER if k in row}, **{k: v for k, v in row.items() if k not in _KEY_ORDER}}
 
 
-def resolve_dataset_dir(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                        **cohort_kwargs: Any) -> Path:
+def resolve_dataset_dir(
+    dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, **cohort_kwargs: Any
+) -> Path:
     """The dataset location a bundle should read: ``"demo"`` -> the simulated cohort (built in ``cache_dir`` on
     first use, reused afterwards), anything else -> that existing path. A missing path is an error, never a
     silent switch to simulated data.
@@ -397,8 +437,10 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike, cache_dir: str | os.Path
     if str(dataset_dir) != "demo":
         path = Path(dataset_dir).expanduser()
         if not path.exists():
-            raise DatasetError(f"{path}: dataset_dir does not exist (set dataset_dir to your data, or to 'demo' "
-                               "for the simulated cohort)")
+            raise DatasetError(
+                f"{path}: dataset_dir does not exist (set dataset_dir to your data, or to 'demo' "
+                "for the simulated cohort)"
+            )
         return path
     import hashlib
 
@@ -415,4 +457,3 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike, cache_dir: str | os.Path
     # simulator's format version or the parameters changed (it raises instead of serving stale files)
     generate_cohort(out_dir, **cohort_kwargs)
     return out_dir
-

@@ -35,7 +35,7 @@ def available_modalities(row: dict[str, Any]) -> list[str]:
 
 def _hash_split(subject: str, fractions: Sequence[float]) -> str:
     # sha256 of the id, not Python's salted hash(): the same subject lands in the same split on every machine
-    u = int(hashlib.sha256(str(subject).encode()).hexdigest()[:16], 16) / 2.0 ** 64
+    u = int(hashlib.sha256(str(subject).encode()).hexdigest()[:16], 16) / 2.0**64
     edge = 0.0
     for name, fraction in zip(SPLITS, fractions):
         edge += fraction
@@ -50,8 +50,12 @@ def split_of(row: dict[str, Any], fractions: Sequence[float] = DEFAULT_FRACTIONS
     return row["split"] if row.get("split") else _hash_split(row["subject"], fractions)
 
 
-def split_items(items: Iterable[dict[str, Any]], split: str, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                allow_empty: bool = False) -> list[dict[str, Any]]:
+def split_items(
+    items: Iterable[dict[str, Any]],
+    split: str,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    allow_empty: bool = False,
+) -> list[dict[str, Any]]:
     """Rows of ``split`` ("training" / "validation" / "test"), in their original order.
 
     A row's own ``split`` (from a datalist) wins; other rows are split by a hash of the subject id with
@@ -65,13 +69,16 @@ def split_items(items: Iterable[dict[str, Any]], split: str, fractions: Sequence
     items = list(items)
     chosen = [row for row in items if split_of(row, fractions) == split]
     if not chosen and not allow_empty:
-        raise DatasetError(f"no subjects in split {split!r} ({len(items)} rows in all; fractions "
-                           f"{tuple(fractions)}); add subjects, give rows a 'split', or change the fractions")
+        raise DatasetError(
+            f"no subjects in split {split!r} ({len(items)} rows in all; fractions "
+            f"{tuple(fractions)}); add subjects, give rows a 'split', or change the fractions"
+        )
     return chosen
 
 
-def expand_scans(items: Iterable[dict[str, Any]], modalities: Sequence[str] | None = None,
-                 require_pathology: bool = True) -> list[dict[str, Any]]:
+def expand_scans(
+    items: Iterable[dict[str, Any]], modalities: Sequence[str] | None = None, require_pathology: bool = True
+) -> list[dict[str, Any]]:
     """One row per scan: ``{"image", "modality", "pathology", "subject"}`` (+ ``"image_channel"`` for a channel
     of a 4-D file, + ``"split"`` when the subject row has one), for each canonical modality present (limited to
     ``modalities`` if given), in canonical modality order. Load them with ``LoadSubjectd(keys="image")``."""
@@ -85,15 +92,16 @@ def expand_scans(items: Iterable[dict[str, Any]], modalities: Sequence[str] | No
             source = image_source(row, m) if m in wanted else None
             if source is None:
                 continue
-            scan = {"image": source[0], "modality": m, "pathology": row.get("pathology"),
-                    "subject": row["subject"]}
+            scan = {"image": source[0], "modality": m, "pathology": row.get("pathology"), "subject": row["subject"]}
             if source[1] is not None:
                 scan["image_channel"] = source[1]
             if row.get("split"):
                 scan["split"] = row["split"]
             scans.append(scan)
     if unlabelled:
-        raise DatasetError(f"subjects without a pathology: {', '.join(unlabelled[:10])}"
-                           f"{' ...' if len(unlabelled) > 10 else ''}; give the datalist a 'pathology' column "
-                           "or pass discover(..., pathology=...)")
+        raise DatasetError(
+            f"subjects without a pathology: {', '.join(unlabelled[:10])}"
+            f"{' ...' if len(unlabelled) > 10 else ''}; give the datalist a 'pathology' column "
+            "or pass discover(..., pathology=...)"
+        )
     return scans

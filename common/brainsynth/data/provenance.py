@@ -54,8 +54,12 @@ def _software() -> dict:
 
     import brainsynth
 
-    return {"brainsynth": brainsynth.__version__, "monai": monai.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "brainsynth": brainsynth.__version__,
+        "monai": monai.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class RunProvenance:
@@ -69,9 +73,16 @@ class RunProvenance:
         settings: any further settings worth keeping (plain JSON values).
     """
 
-    def __init__(self, bundle_dir: str | os.PathLike, weights: str | os.PathLike | None = None, sampler: str = "",
-                 num_inference_steps: int | None = None, seed: int | None = None, guidance: Any = None,
-                 settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        sampler: str = "",
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
+        guidance: Any = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         meta_file = Path(bundle_dir) / "configs" / "metadata.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         self.bundle = Path(bundle_dir).resolve().name  # the bundle's id (its folder, as in MONAI's model zoo)
@@ -94,12 +105,25 @@ class RunProvenance:
         return f"{MARKER} {self.bundle} {self.version}"[:80]  # the NIfTI field holds 80 bytes
 
     def record(self, conditions: Mapping[str, Any], **extra: Any) -> dict:
-        return {"synthetic": True, "provenance_version": PROVENANCE_VERSION, "generator": "brainsynth",
-                "bundle": self.bundle, "bundle_name": self.bundle_name, "bundle_version": self.version, "weights_sha256": self.weights_sha256,
-                "conditions": _plain(conditions), "sampler": self.sampler,
-                "num_inference_steps": self.num_inference_steps, "guidance": _plain(self.guidance),
-                "seed": self.seed, "settings": _plain(self.settings), **_plain(extra),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "software": _software(), "descrip": self.descrip}
+        return {
+            "synthetic": True,
+            "provenance_version": PROVENANCE_VERSION,
+            "generator": "brainsynth",
+            "bundle": self.bundle,
+            "bundle_name": self.bundle_name,
+            "bundle_version": self.version,
+            "weights_sha256": self.weights_sha256,
+            "conditions": _plain(conditions),
+            "sampler": self.sampler,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance": _plain(self.guidance),
+            "seed": self.seed,
+            "settings": _plain(self.settings),
+            **_plain(extra),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "software": _software(),
+            "descrip": self.descrip,
+        }
 
 
 def _plain(value: Any) -> Any:
@@ -155,9 +179,14 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
         raise DatasetError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
     descrip = bytes(header["descrip"].tobytes()).split(b"\0")[0].decode("ascii", "replace")
     if descrip.startswith(MARKER):
-        parts = descrip[len(MARKER):].split()
-        return {"synthetic": True, "bundle": parts[0] if parts else None,
-                "bundle_version": parts[1] if len(parts) > 1 else None, "descrip": descrip, "source": "header"}
+        parts = descrip[len(MARKER) :].split()
+        return {
+            "synthetic": True,
+            "bundle": parts[0] if parts else None,
+            "bundle_version": parts[1] if len(parts) > 1 else None,
+            "descrip": descrip,
+            "source": "header",
+        }
     return None
 
 
@@ -173,16 +202,19 @@ def synthetic_files(row: Mapping[str, Any], keys: Iterable[str] | None = None) -
     return [str(row[k]) for k in keys if isinstance(row.get(k), (str, os.PathLike)) and is_synthetic(row[k])]
 
 
-def refuse_synthetic(rows: Iterable[Mapping[str, Any]], what: str = "real reference data",
-                     keys: Iterable[str] | None = None) -> list:
+def refuse_synthetic(
+    rows: Iterable[Mapping[str, Any]], what: str = "real reference data", keys: Iterable[str] | None = None
+) -> list:
     """Return ``rows`` unchanged, or raise ``DatasetError`` naming every synthetic file among them: data that must
     be real (a held-out test split, an evaluation's reference) never silently includes generated scans."""
     rows = list(rows)
     found = [f for row in rows for f in synthetic_files(row, keys)]
     if found:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise DatasetError(f"{shown}: synthetic (brainsynth provenance mark) but used as {what}; remove generated "
-                           f"volumes from this data, or point the evaluation at real scans")
+        raise DatasetError(
+            f"{shown}: synthetic (brainsynth provenance mark) but used as {what}; remove generated "
+            f"volumes from this data, or point the evaluation at real scans"
+        )
     return rows
 
 

@@ -36,8 +36,7 @@ def remap_labels(labels: np.ndarray | torch.Tensor, convention: str, source: str
     out = lut[values]
     if (out < 0).any():
         bad = sorted(set(np.unique(values[out < 0]).tolist()))
-        raise DatasetError(f"{source}: label values {bad} are outside the {conv.name} convention "
-                           f"({conv.description})")
+        raise DatasetError(f"{source}: label values {bad} are outside the {conv.name} convention ({conv.description})")
     return out
 
 
@@ -49,10 +48,16 @@ def load_volume(path: str | Path, dtype: Any = np.float32) -> MetaTensor:
         raise DatasetError(f"{p}: file not found")
     if p.is_dir():
         array, affine = read_dicom_series(p)
-        meta = {"filename_or_obj": str(p), "original_affine": affine, "spatial_shape": np.asarray(array.shape),
-                "space": "RAS", "original_channel_dim": "no_channel"}
-        return MetaTensor(torch.as_tensor(array.astype(dtype))[None],
-                          affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+        meta = {
+            "filename_or_obj": str(p),
+            "original_affine": affine,
+            "spatial_shape": np.asarray(array.shape),
+            "space": "RAS",
+            "original_channel_dim": "no_channel",
+        }
+        return MetaTensor(
+            torch.as_tensor(array.astype(dtype))[None], affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta
+        )
     try:
         return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)(str(p))
     except Exception as e:  # nibabel / MONAI raise many types for bad files
@@ -69,8 +74,13 @@ class LoadSubjectd(MapTransform):
     their ``image_channel`` is consumed here so batches collate. DICOM attributes never enter the meta.
     """
 
-    def __init__(self, keys: KeysCollection, seg_key: str | None = "seg", allow_missing_keys: bool = False,
-                 dtype: Any = np.float32):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        seg_key: str | None = "seg",
+        allow_missing_keys: bool = False,
+        dtype: Any = np.float32,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.seg_key = seg_key
         self.dtype = dtype
@@ -88,8 +98,10 @@ class LoadSubjectd(MapTransform):
             if source is None:
                 if self.allow_missing_keys:
                     continue
-                raise DatasetError(f"subject {d.get('subject', '?')}: no {key} image in this row (has "
-                                   f"{', '.join(available_modalities(d)) or 'none'})")
+                raise DatasetError(
+                    f"subject {d.get('subject', '?')}: no {key} image in this row (has "
+                    f"{', '.join(available_modalities(d)) or 'none'})"
+                )
             path, channel = source
             if path not in cache:
                 cache[path] = load_volume(path, self.dtype)
@@ -97,7 +109,7 @@ class LoadSubjectd(MapTransform):
             if channel is not None:
                 if img.shape[0] <= channel:
                     raise DatasetError(f"{path}: has {img.shape[0]} channels, channel {channel} ({key}) requested")
-                img = img[channel:channel + 1]
+                img = img[channel : channel + 1]
             elif img.shape[0] != 1:
                 raise DatasetError(f"{path}: is 4-D ({img.shape[0]} channels) where a 3-D volume is expected")
             if key == self.seg_key:
@@ -117,14 +129,17 @@ class InvertWithBackgroundd(MapTransform):
     per key (None: pad with 0, e.g. a label map); the other arguments are ``Invertd``'s.
     """
 
-    def __init__(self, keys: KeysCollection, background: float | None | list[float | None] = -1.0,
-                 **invertd_kwargs: Any) -> None:
+    def __init__(
+        self, keys: KeysCollection, background: float | None | list[float | None] = -1.0, **invertd_kwargs: Any
+    ) -> None:
         from monai.transforms import Invertd
 
         super().__init__(keys)
         self.background = list(background) if isinstance(background, (list, tuple)) else [background] * len(self.keys)
         if len(self.background) != len(self.keys):
-            raise ValueError(f"InvertWithBackgroundd: {len(self.keys)} keys but {len(self.background)} background values")
+            raise ValueError(
+                f"InvertWithBackgroundd: {len(self.keys)} keys but {len(self.background)} background values"
+            )
         self.invert = Invertd(keys, **invertd_kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -40,18 +40,30 @@ class DeformationUNet(nn.Module):
             also lets inputs as small as 16 pixels through the 4 poolings).
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1,
-                 features: Sequence[int] = (16, 16, 32, 32, 32, 16), init_std: float = 1e-5,
-                 integration_steps: int = 0, norm: str | tuple | None = None,
-                 act: str | tuple = ("LeakyReLU", {"negative_slope": 0.2, "inplace": True})):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        features: Sequence[int] = (16, 16, 32, 32, 32, 16),
+        init_std: float = 1e-5,
+        integration_steps: int = 0,
+        norm: str | tuple | None = None,
+        act: str | tuple = ("LeakyReLU", {"negative_slope": 0.2, "inplace": True}),
+    ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"DeformationUNet supports 2 or 3 spatial dims, got {spatial_dims}")
         if integration_steps < 0:
             raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
         self.spatial_dims = spatial_dims
-        self.unet = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=spatial_dims,
-                              features=tuple(features), norm=norm, act=act)
+        self.unet = BasicUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=spatial_dims,
+            features=tuple(features),
+            norm=norm,
+            act=act,
+        )
         nn.init.normal_(self.unet.final_conv.weight, mean=0.0, std=init_std)
         nn.init.zeros_(self.unet.final_conv.bias)
         self.integrate = None
@@ -61,8 +73,11 @@ class DeformationUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"DeformationUNet({self.spatial_dims}D) expects (B, C, {'H, W' if self.spatial_dims == 2 else 'H, W, D'}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"DeformationUNet({self.spatial_dims}D) expects "
+                f"(B, C, {'H, W' if self.spatial_dims == 2 else 'H, W, D'}), "
+                f"got shape {tuple(x.shape)}"
+            )
         field = self.unet(x)
         return self.integrate(field) if self.integrate is not None else field
 

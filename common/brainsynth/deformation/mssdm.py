@@ -30,8 +30,9 @@ from monai.networks.schedulers import Scheduler
 from monai.networks.schedulers.ddpm import DDPMPredictionType
 from torch import nn
 
-from .estimation import make_warp, smoothness_loss
 from brainsynth.schedulers.ddim import ExactDDIMScheduler
+
+from .estimation import make_warp, smoothness_loss
 
 PRED, FIELD, ALPHA_BAR = "pred", "field", "alpha_bar"
 
@@ -41,8 +42,12 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(-1, *([1] * (ndim - 1)))
 
 
-def predict_x0(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor,
-               prediction_type: str = DDPMPredictionType.V_PREDICTION) -> torch.Tensor:
+def predict_x0(
+    output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prediction_type: str = DDPMPredictionType.V_PREDICTION,
+) -> torch.Tensor:
     """Clean-sample estimate from a network output at per-sample noise levels ``alpha_bar`` (shape (B,)).
 
     v-prediction: x0 = sqrt(ab) x_t - sqrt(1 - ab) v; epsilon: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab).
@@ -71,9 +76,16 @@ class DeformableDenoiser(nn.Module):
         warp_mode, padding_mode: MONAI Warp interpolation and padding.
     """
 
-    def __init__(self, denoiser: nn.Module, deformer: nn.Module | None = None, target_channels: int = 2,
-                 mask_channel: int = 1, prediction_type: str = DDPMPredictionType.V_PREDICTION,
-                 warp_mode: str = "bilinear", padding_mode: str = "border"):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        deformer: nn.Module | None = None,
+        target_channels: int = 2,
+        mask_channel: int = 1,
+        prediction_type: str = DDPMPredictionType.V_PREDICTION,
+        warp_mode: str = "bilinear",
+        padding_mode: str = "border",
+    ):
         super().__init__()
         if deformer is not None and not 0 <= mask_channel < target_channels:
             raise ValueError(f"mask_channel {mask_channel} is not one of the {target_channels} target channels")
@@ -92,20 +104,25 @@ class DeformableDenoiser(nn.Module):
         """Displacement field from the mask channel of a clean-target estimate (B, target_channels, *spatial)."""
         if self.deformer is None:
             raise RuntimeError("this network has no deformer (MSSDM disabled)")
-        return self.deformer(clean_estimate[:, self.mask_channel:self.mask_channel + 1])
+        return self.deformer(clean_estimate[:, self.mask_channel : self.mask_channel + 1])
 
     def deform(self, clean_estimate: torch.Tensor) -> torch.Tensor:
         """The MSSDM sampling hook: warp every channel of the clean estimate with the field of its own mask."""
         return self.warp(clean_estimate, self.estimate_field(clean_estimate))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                alpha_bar: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        alpha_bar: torch.Tensor | None = None,
+    ):
         """``alpha_bar`` None: the raw prediction. Given (B,) noise levels and a deformer: (warped prediction,
         field), where the field comes from the mask estimate implied by the prediction (D3M training)."""
         output = self.denoiser(x, timesteps) if context is None else self.denoiser(x, timesteps, context)
         if alpha_bar is None or self.deformer is None:
             return output
-        noisy_target = x[:, :self.target_channels]
+        noisy_target = x[:, : self.target_channels]
         # clamped to the data range as the authors do (and as sampling does), so the deformer sees the same inputs
         # in training and in sampling
         clean_estimate = predict_x0(output, noisy_target, alpha_bar, self.prediction_type).clamp(-1.0, 1.0)
@@ -131,24 +148,37 @@ class MSSDMInferer(DiffusionInferer):
         amp: autocast the network in float16 on CUDA while sampling.
     """
 
-    def __init__(self, scheduler: Scheduler, sample_scheduler: ExactDDIMScheduler | None = None,
-                 num_inference_steps: int = 250, eta: float = 0.0, use_mssdm: bool = True, amp: bool = False):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        sample_scheduler: ExactDDIMScheduler | None = None,
+        num_inference_steps: int = 250,
+        eta: float = 0.0,
+        use_mssdm: bool = True,
+        amp: bool = False,
+    ):
         super().__init__(scheduler)
         if sample_scheduler is None:
             sample_scheduler = ExactDDIMScheduler(
-                num_train_timesteps=scheduler.num_train_timesteps, prediction_type=scheduler.prediction_type,
-                clip_sample=True)
+                num_train_timesteps=scheduler.num_train_timesteps,
+                prediction_type=scheduler.prediction_type,
+                clip_sample=True,
+            )
             # same noise levels as training, whatever the schedule's name and arguments were
             sample_scheduler.betas, sample_scheduler.alphas = scheduler.betas, scheduler.alphas
             sample_scheduler.alphas_cumprod = scheduler.alphas_cumprod
             sample_scheduler.final_alpha_cumprod = torch.tensor(1.0)
         if not isinstance(sample_scheduler, ExactDDIMScheduler):
-            raise TypeError("sample_scheduler must be a brainsynth.schedulers.ddim.ExactDDIMScheduler (it has the x0 hook)")
+            raise TypeError(
+                "sample_scheduler must be a brainsynth.schedulers.ddim.ExactDDIMScheduler (it has the x0 hook)"
+            )
         if sample_scheduler.num_train_timesteps != scheduler.num_train_timesteps:
             raise ValueError("training and sampling schedulers disagree on num_train_timesteps")
         if sample_scheduler.prediction_type != scheduler.prediction_type:
-            raise ValueError(f"training predicts {scheduler.prediction_type} but the sampler expects "
-                             f"{sample_scheduler.prediction_type}")
+            raise ValueError(
+                f"training predicts {scheduler.prediction_type} but the sampler expects "
+                f"{sample_scheduler.prediction_type}"
+            )
         self.sample_scheduler = sample_scheduler
         self.num_inference_steps = int(num_inference_steps)
         self.eta = float(eta)
@@ -156,9 +186,16 @@ class MSSDMInferer(DiffusionInferer):
         self.amp = bool(amp)
 
     # --- training -------------------------------------------------------------------------------------------
-    def __call__(self, inputs: torch.Tensor, diffusion_model: nn.Module, noise: torch.Tensor,  # type: ignore[override]
-                 timesteps: torch.Tensor, condition: torch.Tensor | None = None, mode: str = "concat",
-                 seg: torch.Tensor | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: nn.Module,
+        noise: torch.Tensor,  # type: ignore[override]
+        timesteps: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        mode: str = "concat",
+        seg: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """Noise ``inputs`` to ``timesteps``, predict, and (with a deformer) warp the prediction.
 
         Returns {"pred": prediction, "field": displacement or None, "alpha_bar": (B,) noise levels} for
@@ -179,13 +216,23 @@ class MSSDMInferer(DiffusionInferer):
 
     # --- sampling -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, input_noise: torch.Tensor, diffusion_model: nn.Module,  # type: ignore[override]
-               scheduler: ExactDDIMScheduler | None = None, save_intermediates: bool | None = False,
-               intermediate_steps: int | None = 100, conditioning: torch.Tensor | None = None,
-               mode: str = "concat", verbose: bool = True, seg: torch.Tensor | None = None,
-               cfg: float | None = None, cfg_fill_value: float = -1.0,
-               num_inference_steps: int | None = None, generator: torch.Generator | None = None,
-               x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def sample(
+        self,
+        input_noise: torch.Tensor,
+        diffusion_model: nn.Module,  # type: ignore[override]
+        scheduler: ExactDDIMScheduler | None = None,
+        save_intermediates: bool | None = False,
+        intermediate_steps: int | None = 100,
+        conditioning: torch.Tensor | None = None,
+        mode: str = "concat",
+        verbose: bool = True,
+        seg: torch.Tensor | None = None,
+        cfg: float | None = None,
+        cfg_fill_value: float = -1.0,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         """Deterministic DDIM from ``input_noise`` given ``conditioning``; MSSDM when the network has a deformer.
 
         ``x0_transform`` overrides the deformation hook (None: the network's own ``deform`` when MSSDM is on).
@@ -211,8 +258,9 @@ class MSSDMInferer(DiffusionInferer):
             t_batch = torch.full((image.shape[0],), int(t), device=image.device, dtype=torch.long)
             with autocast:
                 output = diffusion_model(torch.cat([image, conditioning], dim=1), timesteps=t_batch)
-            image, _ = scheduler.step(output.float(), int(t), image, eta=self.eta, generator=generator,
-                                      x0_transform=x0_transform)
+            image, _ = scheduler.step(
+                output.float(), int(t), image, eta=self.eta, generator=generator, x0_transform=x0_transform
+            )
             if save_intermediates and int(t) % int(intermediate_steps or 1) == 0:
                 intermediates.append(image)
         return (image, intermediates) if save_intermediates else image

@@ -23,8 +23,11 @@ from torch import nn
 
 #: block types whose activations are worth recomputing (MONAI diffusion U-Net, autoencoder and D3M blocks)
 _BLOCK_TYPE_NAMES = {
-    "DiffusionUNetResnetBlock", "SpatialAttentionBlock", "DiffusionUNetTransformerBlock",  # diffusion U-Net
-    "AEKLResBlock", "SpatialAttentionBlock",  # AutoencoderKL
+    "DiffusionUNetResnetBlock",
+    "SpatialAttentionBlock",
+    "DiffusionUNetTransformerBlock",  # diffusion U-Net
+    "AEKLResBlock",
+    "SpatialAttentionBlock",  # AutoencoderKL
 }
 
 
@@ -35,13 +38,20 @@ def _is_block(module: nn.Module) -> bool:
 def apply_activation_checkpointing(network: nn.Module, check_fn=_is_block) -> int:
     """Wrap every block selected by ``check_fn`` for activation checkpointing, in place; returns how many."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl, apply_activation_checkpointing as _apply, checkpoint_wrapper)
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as _apply,
+    )
 
     count = sum(1 for m in network.modules() if check_fn(m))
     if count:
-        _apply(network, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
-                                                                checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-               check_fn=check_fn)
+        _apply(
+            network,
+            checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=check_fn,
+        )
     return count
 
 
@@ -52,7 +62,7 @@ def _strip_compiled_prefix(module, state_dict, prefix, local_metadata):
     """State-dict hook: ``<prefix>_orig_mod.<key>`` -> ``<prefix><key>`` (keys keep their order)."""
     inner = prefix + _COMPILED_PREFIX
     for key in list(state_dict):
-        state_dict[prefix + key[len(inner):] if key.startswith(inner) else key] = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = state_dict.pop(key)
 
 
 def _add_compiled_prefix(module, state_dict, prefix, *args):
@@ -60,7 +70,7 @@ def _add_compiled_prefix(module, state_dict, prefix, *args):
     inner = prefix + _COMPILED_PREFIX
     for key in list(state_dict):
         if key.startswith(prefix) and not key.startswith(inner):
-            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def compile_network(network: nn.Module, **compile_kwargs) -> nn.Module:
@@ -79,8 +89,13 @@ def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: to
     return torch.autocast(device_type, dtype=dtype, enabled=bool(enabled) and device_type in ("cuda", "cpu"))
 
 
-def accelerate(network: nn.Module, activation_checkpointing: bool = False, channels_last: bool = False,
-               compile: bool = False, spatial_dims: int | None = None) -> nn.Module:
+def accelerate(
+    network: nn.Module,
+    activation_checkpointing: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    spatial_dims: int | None = None,
+) -> nn.Module:
     """Apply the chosen switches to ``network`` and return it (compiled networks are wrapped, so use the result)."""
     if activation_checkpointing and apply_activation_checkpointing(network) == 0:
         raise ValueError(f"activation_checkpointing: no checkpointable block found in {type(network).__name__}")

@@ -42,8 +42,10 @@ def format_large_files(entries: Iterable[dict]) -> str:
     Each entry is one YAML flow mapping in JSON syntax, so the file reads the same with PyYAML (MONAI's
     ``download_large_files``) and without it (``read_large_files`` falls back to json per entry).
     """
-    lines = ["# Weight files of this bundle: `python -m monai.bundle download_large_files --bundle_path <bundle>`",
-             "# fetches any that are missing; brainsynth.engine.bundle_archive.verify_large_files refuses a hash mismatch."]
+    lines = [
+        "# Weight files of this bundle: `python -m monai.bundle download_large_files --bundle_path <bundle>`",
+        "# fetches any that are missing; brainsynth.engine.bundle_archive.verify_large_files refuses a hash mismatch.",
+    ]
     entries = [{k: str(e[k]) for k in ("path", "url", "hash_val", "hash_type")} for e in entries]
     if not entries:
         return "\n".join(lines + ["large_files: []", ""])
@@ -112,14 +114,18 @@ def verify_large_files(bundle_root: str | os.PathLike) -> bool:
     for e in read_large_files(root):
         path = _inside(root, e["path"])
         if not path.is_file():
-            problems.append(f"{path}: listed in {listing} but missing; fetch it with "
-                            f"`python -m monai.bundle download_large_files --bundle_path {root}`")
+            problems.append(
+                f"{path}: listed in {listing} but missing; fetch it with "
+                f"`python -m monai.bundle download_large_files --bundle_path {root}`"
+            )
             continue
         hash_type = e.get("hash_type") or "md5"  # MONAI's default when hash_type is omitted
         actual = file_hash(path, hash_type)
         if actual.lower() != str(e["hash_val"]).lower():
-            problems.append(f"{path}: {hash_type} is {actual} but {listing} expects {e['hash_val']}; the file is "
-                            f"corrupt or not the one released with this bundle, refusing to use it")
+            problems.append(
+                f"{path}: {hash_type} is {actual} but {listing} expects {e['hash_val']}; the file is "
+                f"corrupt or not the one released with this bundle, refusing to use it"
+            )
     if problems:
         raise WeightFileError("weight file check failed:\n  " + "\n  ".join(problems))
     return True

@@ -54,8 +54,15 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
-def save_nifti(array: Any, path: str | os.PathLike, affine: np.ndarray | None = None, reference: Any = None,
-               overwrite: bool = False, dtype: Any = np.float32, provenance: dict | None = None) -> Path:
+def save_nifti(
+    array: Any,
+    path: str | os.PathLike,
+    affine: np.ndarray | None = None,
+    reference: Any = None,
+    overwrite: bool = False,
+    dtype: Any = np.float32,
+    provenance: dict | None = None,
+) -> Path:
     """Write ``array`` as NIfTI, atomically, in the geometry of ``reference`` (a path or nibabel image) if given.
 
     With a reference, its affine, qform/sform codes, zooms and orientation are kept so the output overlays the
@@ -73,8 +80,10 @@ def save_nifti(array: Any, path: str | os.PathLike, affine: np.ndarray | None = 
     if reference is not None:
         ref = nib.load(str(reference)) if isinstance(reference, (str, os.PathLike)) else reference
         if tuple(ref.shape[:3]) != tuple(array.shape[:3]):
-            raise ValueError(f"{path}: output shape {array.shape[:3]} differs from the reference "
-                             f"{getattr(ref, 'get_filename', lambda: '')() or 'image'} shape {ref.shape[:3]}")
+            raise ValueError(
+                f"{path}: output shape {array.shape[:3]} differs from the reference "
+                f"{getattr(ref, 'get_filename', lambda: '')() or 'image'} shape {ref.shape[:3]}"
+            )
         affine = ref.affine
         header = ref.header.copy()
         header.set_data_dtype(dtype)

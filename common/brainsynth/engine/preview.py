@@ -19,12 +19,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brainsynth.conventions import LABELS, label_convention as get_label_convention
+from brainsynth.conventions import LABELS
+from brainsynth.conventions import label_convention as get_label_convention
 from brainsynth.engine.io import atomic_path
 
 #: outline colour per canonical label (BraTS habit: necrosis red, edema green, enhancing yellow; lesions cyan)
-LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (235, 50, 50), 2: (40, 215, 70), 3: (255, 215, 0),
-                                                  4: (0, 200, 255)}
+LABEL_COLOURS: dict[int, tuple[int, int, int]] = {
+    1: (235, 50, 50),
+    2: (40, 215, 70),
+    3: (255, 215, 0),
+    4: (0, 200, 255),
+}
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 #: column headings: the view and which patient side is on the viewer's left / right
 _VIEW_HEADINGS = {"axial": "axial  (R | L)", "coronal": "coronal  (R | L)", "sagittal": "sagittal  (A | P)"}
@@ -130,7 +135,7 @@ def _panel(array: np.ndarray, seg: np.ndarray | None, view: str, centre, spacing
 def _paste(canvas: np.ndarray, panel: np.ndarray, top: int, left: int) -> None:
     h = min(panel.shape[0], canvas.shape[0] - top)
     w = min(panel.shape[1], canvas.shape[1] - left)
-    canvas[top:top + h, left:left + w] = panel[:h, :w]
+    canvas[top : top + h, left : left + w] = panel[:h, :w]
 
 
 def _write_png(canvas: np.ndarray, texts: list[tuple[int, int, str]], path, overwrite: bool) -> Path:
@@ -148,13 +153,21 @@ def _write_png(canvas: np.ndarray, texts: list[tuple[int, int, str]], path, over
 
 def _legend(seg_present: set[int]) -> str:
     names = {1: "necrotic core", 2: "edema", 3: "enhancing", 4: "lesion"}
-    return "  ".join(f"{names[v]}={c}" for v, c in zip(LABEL_COLOURS, ("red", "green", "yellow", "cyan"))
-                     if v in seg_present)
+    return "  ".join(
+        f"{names[v]}={c}" for v, c in zip(LABEL_COLOURS, ("red", "green", "yellow", "cyan")) if v in seg_present
+    )
 
 
-def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any = None, overwrite: bool = False,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), title: str | None = None,
-                 label_convention: str | None = None, centre: Sequence[int] | None = None) -> Path:
+def save_preview(
+    volumes: Mapping[str, Any],
+    path: str | os.PathLike,
+    seg: Any = None,
+    overwrite: bool = False,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    label_convention: str | None = None,
+    centre: Sequence[int] | None = None,
+) -> Path:
     """PNG with a row per volume (e.g. ``{"t1w": array, ...}``) and axial / coronal / sagittal columns, the
     segmentation (canonical labels, or ``label_convention``'s) outlined on every panel."""
     if not volumes:
@@ -168,13 +181,16 @@ def save_preview(volumes: Mapping[str, Any], path: str | os.PathLike, seg: Any =
     centre = tuple(centre) if centre is not None else _centre(list(arrays.values()), seg_c)
     fov = np.multiply(shape, spacing)
     scale = PANEL_PIXELS / float(max(fov))
-    panels = {name: [_panel(a, seg_c, view, centre, spacing, _window(a), scale) for view in VIEWS]
-              for name, a in arrays.items()}
+    panels = {
+        name: [_panel(a, seg_c, view, centre, spacing, _window(a), scale) for view in VIEWS]
+        for name, a in arrays.items()
+    }
     col_w = [max(p[c].shape[1] for p in panels.values()) for c in range(len(VIEWS))]
     row_h = [max(p.shape[0] for p in row) for row in panels.values()]
     top0 = _HEADER * (2 if title else 1)
-    canvas = np.zeros((top0 + sum(row_h) + len(row_h) * 2 + _HEADER, _MARGIN + sum(col_w) + 2 * len(col_w), 3),
-                      np.uint8)
+    canvas = np.zeros(
+        (top0 + sum(row_h) + len(row_h) * 2 + _HEADER, _MARGIN + sum(col_w) + 2 * len(col_w), 3), np.uint8
+    )
     texts = [(4, 2, title)] if title else []
     lefts = np.cumsum([_MARGIN] + [w + 2 for w in col_w])[:-1]
     texts += [(int(l) + 2, top0 - _HEADER + 2, _VIEW_HEADINGS[v]) for l, v in zip(lefts, VIEWS)]
@@ -198,9 +214,14 @@ def save_training_preview(engine: Any, out_dir: str | os.PathLike, volumes: Mapp
     return path
 
 
-def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-                 modalities: Sequence[str] | None = None, view: str = "axial", overwrite: bool = False,
-                 title: str | None = None) -> Path:
+def save_montage(
+    subjects: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    modalities: Sequence[str] | None = None,
+    view: str = "axial",
+    overwrite: bool = False,
+    title: str | None = None,
+) -> Path:
     """PNG grid of several subjects: a row per subject, a column per volume, one view through each subject's
     lesion (or brain) centre. Each subject is ``{"volumes": {name: array}, "seg": array or None,
     "title": str, "spacing": (sx, sy, sz), "label_convention": name}`` (only "volumes" required)."""
@@ -220,16 +241,21 @@ def save_montage(subjects: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         seg = _canonical_seg(subject.get("seg"), subject.get("label_convention"), shape)
         centre = _centre(list(arrays.values()), seg)
         scale = PANEL_PIXELS * 0.75 / float(max(np.multiply(shape, spacing)))
-        rows.append((subject.get("title", f"subject {n}"),
-                     [_panel(arrays[m], seg, view, centre, spacing, _window(arrays[m]), scale) for m in names]))
+        rows.append(
+            (
+                subject.get("title", f"subject {n}"),
+                [_panel(arrays[m], seg, view, centre, spacing, _window(arrays[m]), scale) for m in names],
+            )
+        )
     col_w = [max(r[1][c].shape[1] for r in rows) for c in range(len(names))]
     row_h = [max(p.shape[0] for p in r[1]) for r in rows]
     top0 = _HEADER * (2 if title else 1)
     canvas = np.zeros((top0 + sum(row_h) + 2 * len(rows), sum(col_w) + 2 * len(col_w), 3), np.uint8)
     texts = [(4, 2, title)] if title else []
     lefts = np.cumsum([0] + [w + 2 for w in col_w])[:-1]
-    texts += [(int(l) + 2, top0 - _HEADER + 2, f"{m}  {_VIEW_HEADINGS[view].split('  ')[1]}")
-              for l, m in zip(lefts, names)]
+    texts += [
+        (int(l) + 2, top0 - _HEADER + 2, f"{m}  {_VIEW_HEADINGS[view].split('  ')[1]}") for l, m in zip(lefts, names)
+    ]
     top = top0
     for (label, panels), h in zip(rows, row_h):
         for panel, left in zip(panels, lefts):
@@ -253,8 +279,9 @@ def _ras_for_display(image: Any) -> tuple[np.ndarray, tuple[float, float, float]
     return array, spacing
 
 
-def preview_cohort(dataset: str | os.PathLike, path: str | os.PathLike | None = None, max_subjects: int = 8,
-                   overwrite: bool = False) -> Path:
+def preview_cohort(
+    dataset: str | os.PathLike, path: str | os.PathLike | None = None, max_subjects: int = 8, overwrite: bool = False
+) -> Path:
     """Montage of the first ``max_subjects`` subjects (by id) of any dataset ``brainsynth.data.discover`` reads
     (a simulated cohort, a BraTS / MSD folder, a datalist): every modality all of them have, axial view, labels
     outlined. Written to ``path`` (default ``preview.png`` in the dataset folder / beside the datalist)."""
@@ -274,12 +301,23 @@ def preview_cohort(dataset: str | os.PathLike, path: str | os.PathLike | None = 
         for m in names:
             volumes[m], spacing = _ras_for_display(loaded[m])
         seg = _ras_for_display(loaded["seg"])[0] if "seg" in loaded else None
-        subjects.append({"volumes": volumes, "seg": seg, "spacing": spacing,
-                         "title": f"{row['subject']} {row.get('pathology', '')}".strip()})
+        subjects.append(
+            {
+                "volumes": volumes,
+                "seg": seg,
+                "spacing": spacing,
+                "title": f"{row['subject']} {row.get('pathology', '')}".strip(),
+            }
+        )
     folder = dataset if dataset.is_dir() else dataset.parent
     path = Path(path) if path is not None else folder / "preview.png"
-    return save_montage(subjects, path, modalities=names, overwrite=overwrite,
-                        title=f"{folder.name}: first {len(rows)} subjects; outlines {_legend(set(LABELS) - {0})}")
+    return save_montage(
+        subjects,
+        path,
+        modalities=names,
+        overwrite=overwrite,
+        title=f"{folder.name}: first {len(rows)} subjects; outlines {_legend(set(LABELS) - {0})}",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

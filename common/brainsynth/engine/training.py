@@ -36,8 +36,10 @@ def seed_everything(seed: int) -> int:
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -105,9 +107,15 @@ class ResumableCheckpoint:
     ``final_model_path``. One "epoch" is the trainer's ``epoch_length`` iterations, so resuming is exact.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], save_every: int = 1,
-                 final_model_path: str | os.PathLike | None = None, final_from: str = "network",
-                 resume: bool = True):
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        save_every: int = 1,
+        final_model_path: str | os.PathLike | None = None,
+        final_from: str = "network",
+        resume: bool = True,
+    ):
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.save_every = int(save_every)
@@ -140,18 +148,23 @@ class ResumableCheckpoint:
         ckpt = load_checkpoint(self.last_path)
         missing = [k for k in self.save_dict if k not in ckpt]
         if missing:
-            raise RuntimeError(f"{self.last_path}: checkpoint lacks {missing}; it was written by another recipe. "
-                               f"Move it away or point save_dir elsewhere.")
+            raise RuntimeError(
+                f"{self.last_path}: checkpoint lacks {missing}; it was written by another recipe. "
+                f"Move it away or point save_dir elsewhere."
+            )
         max_epochs = engine.state.max_epochs
         for name, obj in self.save_dict.items():
             target = unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
             target.load_state_dict(ckpt[name])
         if max_epochs is not None and engine.state.epoch > max_epochs:
-            raise ValueError(f"{self.last_path}: checkpoint is at epoch {engine.state.epoch}, beyond max_epochs "
-                             f"{max_epochs}; raise max_epochs to train further")
+            raise ValueError(
+                f"{self.last_path}: checkpoint is at epoch {engine.state.epoch}, beyond max_epochs "
+                f"{max_epochs}; raise max_epochs to train further"
+            )
         engine.state.max_epochs = max_epochs
-        logger.info("resumed from %s at iteration %d (epoch %d)", self.last_path, engine.state.iteration,
-                    engine.state.epoch)
+        logger.info(
+            "resumed from %s at iteration %d (epoch %d)", self.last_path, engine.state.iteration, engine.state.epoch
+        )
 
     def save(self, engine) -> None:
         if not is_main_process():
@@ -174,8 +187,9 @@ class TrainingPreview:
         from ignite.engine import Events
 
         if self.every_n > 0:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n),
-                                     lambda e: self.fn(e) if is_main_process() else None)
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED(every=self.every_n), lambda e: self.fn(e) if is_main_process() else None
+            )
 
 
 # --- strict overrides ---------------------------------------------------------------------------------------
@@ -253,9 +267,24 @@ def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
 
         extra = ConfigParser.load_config_file(runner["args_file"])
         runner.update({k: v for k, v in extra.items() if k in ("config_file", "meta_file")})
-        overrides.update({k: v for k, v in extra.items()
-                          if k not in ("config_file", "meta_file", "logging_file", "run_id", "init_id",
-                                       "final_id", "tracking", "workflow_type", "bundle_root")})
+        overrides.update(
+            {
+                k: v
+                for k, v in extra.items()
+                if k
+                not in (
+                    "config_file",
+                    "meta_file",
+                    "logging_file",
+                    "run_id",
+                    "init_id",
+                    "final_id",
+                    "tracking",
+                    "workflow_type",
+                    "bundle_root",
+                )
+            }
+        )
     if not overrides or "config_file" not in runner:
         return True
     import ast

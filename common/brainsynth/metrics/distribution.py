@@ -54,8 +54,9 @@ def maximum_mean_discrepancy(generated_features: Any, real_features: Any) -> flo
     return float(MMDMetric()(real[:n], gen[:n]))  # MONAI's argument order is (y, y_pred)
 
 
-def ms_ssim_settings(spatial_shape: Sequence[int], max_kernel: int = 7, preferred_min_kernel: int = 5,
-                     max_scales: int = 5) -> tuple[int, tuple[float, ...]]:
+def ms_ssim_settings(
+    spatial_shape: Sequence[int], max_kernel: int = 7, preferred_min_kernel: int = 5, max_scales: int = 5
+) -> tuple[int, tuple[float, ...]]:
     """The most scales (<= ``max_scales``) and then the largest odd kernel (<= ``max_kernel``) that fit the volume.
 
     Returns ``(kernel_size, weights)`` for ``MultiScaleSSIMMetric``. Kernels below ``preferred_min_kernel``
@@ -97,8 +98,9 @@ def ms_ssim(x: Any, y: Any, data_range: float = 1.0, max_kernel: int = 7) -> tor
     return metric(x, y).reshape(-1)
 
 
-def diversity_ms_ssim(samples: Any, data_range: float = 1.0, max_pairs: int | None = 200, seed: int = 0,
-                      max_kernel: int = 7) -> float:
+def diversity_ms_ssim(
+    samples: Any, data_range: float = 1.0, max_pairs: int | None = 200, seed: int = 0, max_kernel: int = 7
+) -> float:
     """Mean MS-SSIM over distinct pairs of samples: 1 means identical samples (collapse), lower is more diverse.
 
     With more than ``max_pairs`` pairs a deterministic random subset (``seed``) is used.
@@ -115,8 +117,9 @@ def diversity_ms_ssim(samples: Any, data_range: float = 1.0, max_pairs: int | No
     return float(ms_ssim(a, b, data_range=data_range, max_kernel=max_kernel).mean())
 
 
-def conditioning_accuracy(extractor, volumes: Any, pathology: str | None = None,
-                          modality: str | None = None) -> dict[str, float]:
+def conditioning_accuracy(
+    extractor, volumes: Any, pathology: str | None = None, modality: str | None = None
+) -> dict[str, float]:
     """Fraction of volumes in which the in-house network recognises the requested pathology / modality
     (and both at once)."""
     preds = extractor.classify(volumes)
@@ -133,21 +136,32 @@ def conditioning_accuracy(extractor, volumes: Any, pathology: str | None = None,
     return out
 
 
-def evaluate_generated(extractor, generated: Any, real: Any, pathology: str | None = None,
-                       modality: str | None = None, real_features: torch.Tensor | None = None,
-                       max_pairs: int | None = 200, seed: int = 0) -> dict[str, Any]:
+def evaluate_generated(
+    extractor,
+    generated: Any,
+    real: Any,
+    pathology: str | None = None,
+    modality: str | None = None,
+    real_features: torch.Tensor | None = None,
+    max_pairs: int | None = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
     """All metrics of one group of generated volumes against real volumes of the same kind.
 
     ``generated`` / ``real``: lists or batches of single-channel volumes (any size; the feature network
     resizes them; ``real`` volumes must share one shape). Diversity MS-SSIM is computed among generated and,
-    as the reference, among real volumes, after the same robust [0, 1] rescaling as the features. Keys name what they are; ``feature_network`` names the network.
+    as the reference, among real volumes, after the same robust [0, 1] rescaling as the features. Keys name what they
+    are; ``feature_network`` names the network.
     """
     from brainsynth.metrics.feature_network import prepare_volumes
 
     gen_f = extractor.extract(generated)
     real_f = extractor.extract(real) if real_features is None else real_features
-    result: dict[str, Any] = {"feature_network": extractor.name, "n_generated": int(gen_f.shape[0]),
-                              "n_real": int(real_f.shape[0])}
+    result: dict[str, Any] = {
+        "feature_network": extractor.name,
+        "n_generated": int(gen_f.shape[0]),
+        "n_real": int(real_f.shape[0]),
+    }
     result["feature_frechet_distance"] = frechet_distance(gen_f, real_f)
     result["feature_mmd"] = maximum_mean_discrepancy(gen_f, real_f)
     for key, volumes in (("diversity_ms_ssim", generated), ("real_diversity_ms_ssim", real)):
@@ -155,6 +169,10 @@ def evaluate_generated(extractor, generated: Any, real: Any, pathology: str | No
         if batch.shape[0] >= 2:  # the real value is the reference: generated diversity should come close to it
             result[key] = diversity_ms_ssim(prepare_volumes(batch, batch.shape[2:]), max_pairs=max_pairs, seed=seed)
     if getattr(extractor, "has_heads", False) and (pathology or modality):
-        result.update({f"conditioning_{k}": v for k, v in
-                       conditioning_accuracy(extractor, generated, pathology, modality).items()})
+        result.update(
+            {
+                f"conditioning_{k}": v
+                for k, v in conditioning_accuracy(extractor, generated, pathology, modality).items()
+            }
+        )
     return result

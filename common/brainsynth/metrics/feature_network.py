@@ -77,9 +77,14 @@ class PathologyModalityNet(nn.Module):
     ``prepare_volumes`` first (``extract`` / ``classify`` do it).
     """
 
-    def __init__(self, pathologies: Sequence[str] = PATHOLOGIES, modalities: Sequence[str] = MODALITIES,
-                 block_inplanes: Sequence[int] = (16, 32, 64, 128), input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
-                 name: str = DEFAULT_NAME) -> None:
+    def __init__(
+        self,
+        pathologies: Sequence[str] = PATHOLOGIES,
+        modalities: Sequence[str] = MODALITIES,
+        block_inplanes: Sequence[int] = (16, 32, 64, 128),
+        input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+        name: str = DEFAULT_NAME,
+    ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
 
@@ -88,8 +93,15 @@ class PathologyModalityNet(nn.Module):
         self.block_inplanes = tuple(int(c) for c in block_inplanes)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.name = name
-        self.backbone = ResNet(block="basic", layers=(1, 1, 1, 1), block_inplanes=list(self.block_inplanes),
-                               spatial_dims=3, n_input_channels=1, conv1_t_stride=2, feed_forward=False)
+        self.backbone = ResNet(
+            block="basic",
+            layers=(1, 1, 1, 1),
+            block_inplanes=list(self.block_inplanes),
+            spatial_dims=3,
+            n_input_channels=1,
+            conv1_t_stride=2,
+            feed_forward=False,
+        )
         self.pathology_head = nn.Linear(self.block_inplanes[-1], len(self.pathologies))
         self.modality_head = nn.Linear(self.block_inplanes[-1], len(self.modalities))
 
@@ -105,8 +117,13 @@ class PathologyModalityNet(nn.Module):
         return {"pathology": self.pathology_head(f), "modality": self.modality_head(f)}
 
     def config(self) -> dict[str, Any]:
-        return {"pathologies": list(self.pathologies), "modalities": list(self.modalities),
-                "block_inplanes": list(self.block_inplanes), "input_shape": list(self.input_shape), "name": self.name}
+        return {
+            "pathologies": list(self.pathologies),
+            "modalities": list(self.modalities),
+            "block_inplanes": list(self.block_inplanes),
+            "input_shape": list(self.input_shape),
+            "name": self.name,
+        }
 
 
 class FeatureExtractor:
@@ -116,8 +133,15 @@ class FeatureExtractor:
     Volumes of any size are resized to the network input and robustly rescaled (``prepare_volumes``).
     """
 
-    def __init__(self, network: nn.Module, input_shape: Sequence[int], name: str, has_heads: bool,
-                 device: str | torch.device = "cpu", batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        input_shape: Sequence[int],
+        name: str,
+        has_heads: bool,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+    ) -> None:
         self.network = network.to(device).eval()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.name = name
@@ -131,7 +155,7 @@ class FeatureExtractor:
         if torch.is_tensor(volumes) or isinstance(volumes, np.ndarray):
             volumes = list(volumes) if np.ndim(volumes) >= 4 else [volumes]
         for i in range(0, len(volumes), self.batch_size):
-            chunk = [prepare_volumes(v, self.input_shape) for v in volumes[i:i + self.batch_size]]
+            chunk = [prepare_volumes(v, self.input_shape) for v in volumes[i : i + self.batch_size]]
             yield torch.cat(chunk).to(self.device)
 
     @torch.no_grad()
@@ -147,8 +171,10 @@ class FeatureExtractor:
     def classify(self, volumes: Any) -> dict[str, list[str]]:
         """Predicted pathology and modality names per volume."""
         if not self.has_heads:
-            raise ValueError(f"feature network {self.name!r} has no pathology/modality heads; conditioning accuracy "
-                             "needs the in-house network (brainsynth.metrics.feature_network.train_feature_network)")
+            raise ValueError(
+                f"feature network {self.name!r} has no pathology/modality heads; conditioning accuracy "
+                "needs the in-house network (brainsynth.metrics.feature_network.train_feature_network)"
+            )
         net = self.network
         preds: dict[str, list[str]] = {"pathology": [], "modality": []}
         for batch in self._batches(volumes):
@@ -158,13 +184,16 @@ class FeatureExtractor:
         return preds
 
 
-def load_feature_network(path: str | os.PathLike, device: str | torch.device = "cpu",
-                         batch_size: int = 4) -> FeatureExtractor:
+def load_feature_network(
+    path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 4
+) -> FeatureExtractor:
     """Load the in-house network (checkpoint from ``train_feature_network``) or a user's TorchScript extractor."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature network not found (train one with `python -m "
-                                "brainsynth.metrics.feature_network train ...` or give a TorchScript file)")
+        raise FileNotFoundError(
+            f"{path}: feature network not found (train one with `python -m "
+            "brainsynth.metrics.feature_network train ...` or give a TorchScript file)"
+        )
     try:
         ckpt = load_checkpoint(path)
     except RuntimeError:
@@ -173,8 +202,9 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
         cfg = ckpt["config"]
         net = PathologyModalityNet(**cfg)
         net.load_state_dict(ckpt["state_dict"])
-        extractor = FeatureExtractor(net, net.input_shape, net.name, has_heads=True, device=device,
-                                     batch_size=batch_size)
+        extractor = FeatureExtractor(
+            net, net.input_shape, net.name, has_heads=True, device=device, batch_size=batch_size
+        )
         extractor.validation = dict(ckpt.get("validation", {}))
         return extractor
     try:
@@ -183,11 +213,14 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
         else:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
-        raise ValueError(f"{path}: neither a brainsynth feature-network checkpoint (format {CHECKPOINT_FORMAT}) nor "
-                         f"a TorchScript module / torch.export archive (.pt2) ({e})") from e
+        raise ValueError(
+            f"{path}: neither a brainsynth feature-network checkpoint (format {CHECKPOINT_FORMAT}) nor "
+            f"a TorchScript module / torch.export archive (.pt2) ({e})"
+        ) from e
     input_shape = tuple(getattr(module, "input_shape", DEFAULT_INPUT_SHAPE))
-    return FeatureExtractor(module, input_shape, f"user-supplied {path.name}", has_heads=False, device=device,
-                            batch_size=batch_size)
+    return FeatureExtractor(
+        module, input_shape, f"user-supplied {path.name}", has_heads=False, device=device, batch_size=batch_size
+    )
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -198,15 +231,20 @@ def _scan_transforms(input_shape: Sequence[int], augment: bool, preprocessing: A
 
     # default: LoadSubjectd reads NIfTI, DICOM series and channels of MSD 4-D files alike. A bundle passes its
     # own preprocessing so the network learns on the exact image space its generator produces.
-    steps = [preprocessing if preprocessing is not None else LoadSubjectd("image", seg_key=None),
-             mt.Resized("image", spatial_size=tuple(input_shape), mode="trilinear"),
-             mt.Lambdad("image", lambda x: robust_rescale(torch.as_tensor(x)[None])[0])]
+    steps = [
+        preprocessing if preprocessing is not None else LoadSubjectd("image", seg_key=None),
+        mt.Resized("image", spatial_size=tuple(input_shape), mode="trilinear"),
+        mt.Lambdad("image", lambda x: robust_rescale(torch.as_tensor(x)[None])[0]),
+    ]
     if augment:  # small geometric and intensity jitter: scanners and head positions differ between datasets
-        steps += [mt.RandFlipd("image", prob=0.5, spatial_axis=0),
-                  mt.RandAffined("image", prob=0.5, rotate_range=(0.1, 0.1, 0.1), scale_range=(0.08, 0.08, 0.08),
-                                 padding_mode="zeros"),
-                  mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
-                  mt.RandGaussianNoised("image", prob=0.3, std=0.02)]
+        steps += [
+            mt.RandFlipd("image", prob=0.5, spatial_axis=0),
+            mt.RandAffined(
+                "image", prob=0.5, rotate_range=(0.1, 0.1, 0.1), scale_range=(0.08, 0.08, 0.08), padding_mode="zeros"
+            ),
+            mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            mt.RandGaussianNoised("image", prob=0.3, std=0.02),
+        ]
     steps.append(mt.ToTensord("image", track_meta=False))
     return mt.Compose(steps)
 
@@ -215,12 +253,19 @@ def _targets(rows: Sequence[dict], net: PathologyModalityNet) -> list[dict]:
     out, bad = [], []
     for r in rows:
         if r.get("pathology") not in net.pathologies or r.get("modality") not in net.modalities:
-            bad.append(f"{r.get('image')}: pathology {r.get('pathology')!r} / modality {r.get('modality')!r} "
-                       f"not in {list(net.pathologies)} / {list(net.modalities)}")
+            bad.append(
+                f"{r.get('image')}: pathology {r.get('pathology')!r} / modality {r.get('modality')!r} "
+                f"not in {list(net.pathologies)} / {list(net.modalities)}"
+            )
             continue
-        out.append({"image": r["image"], **({"image_channel": r["image_channel"]} if "image_channel" in r else {}),
-                    "pathology": net.pathologies.index(r["pathology"]),
-                    "modality": net.modalities.index(r["modality"])})
+        out.append(
+            {
+                "image": r["image"],
+                **({"image_channel": r["image_channel"]} if "image_channel" in r else {}),
+                "pathology": net.pathologies.index(r["pathology"]),
+                "modality": net.modalities.index(r["modality"]),
+            }
+        )
     if bad:
         raise ValueError("feature-network training rows with unknown labels:\n" + "\n".join(bad))
     return out
@@ -239,12 +284,24 @@ def _accuracy(net: PathologyModalityNet, loader, device) -> dict[str, float]:
     return {f"{k}_accuracy": v / max(n, 1) for k, v in hits.items()} | {"n_scans": n}
 
 
-def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLike,
-                          val_rows: Sequence[dict] | None = None, input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
-                          pathologies: Sequence[str] = PATHOLOGIES, modalities: Sequence[str] = MODALITIES,
-                          block_inplanes: Sequence[int] = (16, 32, 64, 128), epochs: int = 30, batch_size: int = 8,
-                          lr: float = 1e-3, seed: int = 0, augment: bool = True, device: str = "cpu",
-                          num_workers: int = 0, overwrite: bool = False, preprocessing: Any = None) -> Path:
+def train_feature_network(
+    train_rows: Sequence[dict],
+    out_path: str | os.PathLike,
+    val_rows: Sequence[dict] | None = None,
+    input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+    pathologies: Sequence[str] = PATHOLOGIES,
+    modalities: Sequence[str] = MODALITIES,
+    block_inplanes: Sequence[int] = (16, 32, 64, 128),
+    epochs: int = 30,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    augment: bool = True,
+    device: str = "cpu",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    preprocessing: Any = None,
+) -> Path:
     """Train the in-house network on real per-scan rows ``{"image", "pathology", "modality"}`` (e.g. from
     ``brainsynth.data.expand_scans``) and write a weights-only checkpoint to ``out_path``.
 
@@ -266,15 +323,21 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
     if not train_items:
         raise ValueError("no training scans given to the feature network")
     counts = np.bincount([i["pathology"] for i in train_items], minlength=len(net.pathologies))
-    logger.info("feature network: %d training scans, pathology counts %s", len(train_items),
-                dict(zip(net.pathologies, counts.tolist())))
+    logger.info(
+        "feature network: %d training scans, pathology counts %s",
+        len(train_items),
+        dict(zip(net.pathologies, counts.tolist())),
+    )
     # classes are unbalanced in pooled datasets: weight each pathology by its inverse frequency
     weight = torch.tensor([1.0 / c if c else 0.0 for c in counts], dtype=torch.float32)
     weight = (weight * (counts > 0).sum() / weight.sum()).to(device)
-    loader = DataLoader(Dataset(train_items, _scan_transforms(input_shape, augment, preprocessing)),
-                        batch_size=batch_size,
-                        shuffle=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        Dataset(train_items, _scan_transforms(input_shape, augment, preprocessing)),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * math.ceil(len(train_items) / batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -283,8 +346,9 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
         total = 0.0
         for batch in loader:
             logits = net(batch["image"].to(device))
-            loss = (F.cross_entropy(logits["pathology"], batch["pathology"].to(device), weight=weight)
-                    + F.cross_entropy(logits["modality"], batch["modality"].to(device)))
+            loss = F.cross_entropy(logits["pathology"], batch["pathology"].to(device), weight=weight) + F.cross_entropy(
+                logits["modality"], batch["modality"].to(device)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -293,20 +357,35 @@ def train_feature_network(train_rows: Sequence[dict], out_path: str | os.PathLik
         logger.info("feature network epoch %d/%d loss %.4f", epoch + 1, epochs, total / len(train_items))
     validation = {}
     if val_rows:
-        val_loader = DataLoader(Dataset(_targets(val_rows, net), _scan_transforms(input_shape, False, preprocessing)),
-                                batch_size=batch_size, num_workers=num_workers)
+        val_loader = DataLoader(
+            Dataset(_targets(val_rows, net), _scan_transforms(input_shape, False, preprocessing)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
         validation = _accuracy(net, val_loader, device)
         logger.info("feature network validation: %s", validation)
-    save_checkpoint({"format": CHECKPOINT_FORMAT, "config": net.config(),
-                     "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-                     "validation": validation, "seed": seed, "epochs": epochs,
-                     "n_training_scans": len(train_items)}, out_path)
+    save_checkpoint(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": net.config(),
+            "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+            "validation": validation,
+            "seed": seed,
+            "epochs": epochs,
+            "n_training_scans": len(train_items),
+        },
+        out_path,
+    )
     return out_path
 
 
-def ensure_feature_network(path: str | os.PathLike, train_rows: Sequence[dict] | None = None,
-                           val_rows: Sequence[dict] | None = None, device: str | torch.device = "cpu",
-                           **train_kwargs: Any) -> FeatureExtractor:
+def ensure_feature_network(
+    path: str | os.PathLike,
+    train_rows: Sequence[dict] | None = None,
+    val_rows: Sequence[dict] | None = None,
+    device: str | torch.device = "cpu",
+    **train_kwargs: Any,
+) -> FeatureExtractor:
     """Load the feature network at ``path``; if there is none yet and real training rows are given, train the
     in-house one on them first (``train_feature_network``). A user's own network is used by giving its path."""
     path = Path(path)
@@ -327,16 +406,34 @@ def feature_network_validation(path: str | os.PathLike) -> dict[str, float]:
     return dict(ckpt.get("validation", {})) if isinstance(ckpt, dict) else {}
 
 
-def _cli_train(dataset_dir: str, out: str, input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE, epochs: int = 30,
-               batch_size: int = 8, seed: int = 0, cache_dir: str | None = None, overwrite: bool = False) -> str:
+def _cli_train(
+    dataset_dir: str,
+    out: str,
+    input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+    epochs: int = 30,
+    batch_size: int = 8,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    overwrite: bool = False,
+) -> str:
     from brainsynth.data import discover, expand_scans, resolve_dataset_dir, split_items
 
     root = resolve_dataset_dir(dataset_dir, cache_dir=cache_dir)
     items = discover(root)
     train_rows = expand_scans(split_items(items, "training"))
     val_rows = expand_scans(split_items(items, "validation"))
-    return str(train_feature_network(train_rows, out, val_rows, input_shape=input_shape, epochs=epochs,
-                                     batch_size=batch_size, seed=seed, overwrite=overwrite))
+    return str(
+        train_feature_network(
+            train_rows,
+            out,
+            val_rows,
+            input_shape=input_shape,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            overwrite=overwrite,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,16 @@ from monai.metrics.regression import compute_ssim_and_cs
 #: metric columns, in table order
 METRICS: tuple[str, ...] = ("psnr_whole", "ssim_whole", "psnr_region", "ssim_region")
 #: per-slice accumulators that make per-volume pooling exact
-_SUMS: tuple[str, ...] = ("sse_whole", "n_whole", "ssim_sum_whole", "n_ssim_whole",
-                          "sse_region", "n_region", "ssim_sum_region", "n_ssim_region")
+_SUMS: tuple[str, ...] = (
+    "sse_whole",
+    "n_whole",
+    "ssim_sum_whole",
+    "n_ssim_whole",
+    "sse_region",
+    "n_region",
+    "ssim_sum_region",
+    "n_ssim_region",
+)
 
 
 def _as_slices(x: Any, name: str) -> torch.Tensor:
@@ -49,12 +57,18 @@ def _as_slices(x: Any, name: str) -> torch.Tensor:
 
 def _psnr(sse: torch.Tensor, n: torch.Tensor, data_range: float) -> torch.Tensor:
     mse = sse / n.clamp(min=1)
-    psnr = 10 * torch.log10(data_range ** 2 / mse)
+    psnr = 10 * torch.log10(data_range**2 / mse)
     return torch.where(n > 0, psnr, torch.full_like(psnr, float("nan")))
 
 
-def slice_metrics(pred: Any, target: Any, region: Any | None = None, data_range: float = 1.0,
-                  kernel_size: int = 11, kernel_sigma: float = 1.5) -> dict[str, torch.Tensor]:
+def slice_metrics(
+    pred: Any,
+    target: Any,
+    region: Any | None = None,
+    data_range: float = 1.0,
+    kernel_size: int = 11,
+    kernel_sigma: float = 1.5,
+) -> dict[str, torch.Tensor]:
     """Metrics of N paired 2-D slices (each (N,) tensors): ``METRICS`` plus the sums used to pool volumes.
 
     ``region`` is a boolean (N, H, W) mask (e.g. the tumour); without one, or where a slice's region is empty,
@@ -69,17 +83,27 @@ def slice_metrics(pred: Any, target: Any, region: Any | None = None, data_range:
     if r.shape != p.shape:
         raise ValueError(f"region shape {tuple(r.shape)} differs from image shape {tuple(p.shape)}")
     sq = (p - t).pow(2)
-    ssim_map, _ = compute_ssim_and_cs(p[:, None], t[:, None], spatial_dims=2, kernel_size=[kernel_size] * 2,
-                                      kernel_sigma=[kernel_sigma] * 2, data_range=data_range)
+    ssim_map, _ = compute_ssim_and_cs(
+        p[:, None],
+        t[:, None],
+        spatial_dims=2,
+        kernel_size=[kernel_size] * 2,
+        kernel_sigma=[kernel_sigma] * 2,
+        data_range=data_range,
+    )
     ssim_map = ssim_map[:, 0]
     half = kernel_size // 2
-    r_centres = r[:, half:half + ssim_map.shape[1], half:half + ssim_map.shape[2]]
+    r_centres = r[:, half : half + ssim_map.shape[1], half : half + ssim_map.shape[2]]
     n_pix = torch.full((p.shape[0],), float(p[0].numel()))
     out = {
-        "sse_whole": sq.flatten(1).sum(1), "n_whole": n_pix,
-        "ssim_sum_whole": ssim_map.flatten(1).sum(1), "n_ssim_whole": torch.full_like(n_pix, ssim_map[0].numel()),
-        "sse_region": (sq * r).flatten(1).sum(1), "n_region": r.flatten(1).sum(1).float(),
-        "ssim_sum_region": (ssim_map * r_centres).flatten(1).sum(1), "n_ssim_region": r_centres.flatten(1).sum(1).float(),
+        "sse_whole": sq.flatten(1).sum(1),
+        "n_whole": n_pix,
+        "ssim_sum_whole": ssim_map.flatten(1).sum(1),
+        "n_ssim_whole": torch.full_like(n_pix, ssim_map[0].numel()),
+        "sse_region": (sq * r).flatten(1).sum(1),
+        "n_region": r.flatten(1).sum(1).float(),
+        "ssim_sum_region": (ssim_map * r_centres).flatten(1).sum(1),
+        "n_ssim_region": r_centres.flatten(1).sum(1).float(),
     }
     return {**finish(out, data_range), **out}
 
@@ -87,8 +111,9 @@ def slice_metrics(pred: Any, target: Any, region: Any | None = None, data_range:
 def finish(sums: Mapping[str, torch.Tensor], data_range: float = 1.0) -> dict[str, torch.Tensor]:
     """``METRICS`` from (possibly pooled) accumulators."""
     nan = torch.tensor(float("nan"))
-    ssim_region = torch.where(sums["n_ssim_region"] > 0, sums["ssim_sum_region"] / sums["n_ssim_region"].clamp(min=1),
-                              nan)
+    ssim_region = torch.where(
+        sums["n_ssim_region"] > 0, sums["ssim_sum_region"] / sums["n_ssim_region"].clamp(min=1), nan
+    )
     return {
         "psnr_whole": _psnr(sums["sse_whole"], sums["n_whole"], data_range),
         "ssim_whole": sums["ssim_sum_whole"] / sums["n_ssim_whole"],
@@ -103,13 +128,15 @@ def volume_metrics(per_slice: Mapping[str, torch.Tensor], data_range: float = 1.
     return {k: float(v) for k, v in finish(pooled, data_range).items()}
 
 
-def slice_rows(metrics: Mapping[str, torch.Tensor], subject: str, slice_indices: Sequence[int],
-               method: str) -> list[dict[str, Any]]:
+def slice_rows(
+    metrics: Mapping[str, torch.Tensor], subject: str, slice_indices: Sequence[int], method: str
+) -> list[dict[str, Any]]:
     """Per-slice CSV rows (``METRICS`` only) for one subject."""
     rows = []
     for i, s in enumerate(slice_indices):
-        rows.append({"method": method, "subject": subject, "slice": int(s),
-                     **{k: float(metrics[k][i]) for k in METRICS}})
+        rows.append(
+            {"method": method, "subject": subject, "slice": int(s), **{k: float(metrics[k][i]) for k in METRICS}}
+        )
     return rows
 
 
@@ -128,8 +155,12 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> dict[str, fl
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     d = x - y
-    out = {"n": int(d.size), "median_difference": float(np.median(d)) if d.size else float("nan"),
-           "statistic": float("nan"), "p_value": float("nan")}
+    out = {
+        "n": int(d.size),
+        "median_difference": float(np.median(d)) if d.size else float("nan"),
+        "statistic": float("nan"),
+        "p_value": float("nan"),
+    }
     if d.size == 0:
         return out
     if not np.any(d != 0):
@@ -147,8 +178,12 @@ def _mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def compare_methods(rows: Sequence[Mapping[str, Any]], reference: str, key: Sequence[str] = ("subject", "slice"),
-                    metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+def compare_methods(
+    rows: Sequence[Mapping[str, Any]],
+    reference: str,
+    key: Sequence[str] = ("subject", "slice"),
+    metrics: Sequence[str] = METRICS,
+) -> list[dict[str, Any]]:
     """Summarise per-unit rows of several methods, pairing every method with ``reference`` on ``key``.
 
     Every method must have exactly the reference's units (same subjects / slices), otherwise the test would not
@@ -172,8 +207,10 @@ def compare_methods(rows: Sequence[Mapping[str, Any]], reference: str, key: Sequ
         table = by_method[method]
         if set(table) != ref_units:
             missing = sorted(ref_units ^ set(table))[:3]
-            raise ValueError(f"method {method} and reference {reference} were evaluated on different units "
-                             f"(e.g. {missing}); evaluate both on the same held-out subjects and slices")
+            raise ValueError(
+                f"method {method} and reference {reference} were evaluated on different units "
+                f"(e.g. {missing}); evaluate both on the same held-out subjects and slices"
+            )
         units = sorted(ref_units)
         out: dict[str, Any] = {"method": method, "units": len(units)}
         for m in metrics:
@@ -188,8 +225,12 @@ def compare_methods(rows: Sequence[Mapping[str, Any]], reference: str, key: Sequ
 
 
 # --- output -------------------------------------------------------------------------------------------------
-_LABELS = {"psnr_whole": "Whole PSNR (dB)", "ssim_whole": "Whole SSIM (%)", "psnr_region": "Tumour PSNR (dB)",
-           "ssim_region": "Tumour SSIM (%)"}
+_LABELS = {
+    "psnr_whole": "Whole PSNR (dB)",
+    "ssim_whole": "Whole SSIM (%)",
+    "psnr_region": "Tumour PSNR (dB)",
+    "ssim_region": "Tumour SSIM (%)",
+}
 
 
 def _fmt_p(p: float) -> str:
@@ -198,8 +239,9 @@ def _fmt_p(p: float) -> str:
     return "< 0.001" if p < 1e-3 else f"{p:.3f}"
 
 
-def markdown_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRICS,
-                   region_label: str = "Tumour") -> str:
+def markdown_table(
+    summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRICS, region_label: str = "Tumour"
+) -> str:
     """mean +- sd per method and metric (SSIM in %), with the paired Wilcoxon p-value against the first row."""
     labels = {m: _LABELS.get(m, m).replace("Tumour", region_label) for m in metrics}
     head = ["method", "n"] + [labels[m] for m in metrics] + [f"p ({labels[m].split(' (')[0]})" for m in metrics]
@@ -249,8 +291,13 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def write_comparison(eval_dir: str | os.PathLike, methods: Sequence[str], reference: str,
-                     region_label: str = "Tumour", overwrite: bool = True) -> dict[str, str]:
+def write_comparison(
+    eval_dir: str | os.PathLike,
+    methods: Sequence[str],
+    reference: str,
+    region_label: str = "Tumour",
+    overwrite: bool = True,
+) -> dict[str, str]:
     """Compare methods evaluated into ``eval_dir`` (``<method>_per_slice.csv`` / ``_per_volume.csv``).
 
     Writes ``comparison_per_slice.{csv,md}`` and ``comparison_per_volume.{csv,md}`` (mean +- sd, paired Wilcoxon
@@ -269,8 +316,7 @@ def write_comparison(eval_dir: str | os.PathLike, methods: Sequence[str], refere
         for method in methods:
             path = eval_dir / f"{method}_per_{unit}.csv"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: not found; run the 'evaluating' workflow with variant={method} "
-                                        "first")
+                raise FileNotFoundError(f"{path}: not found; run the 'evaluating' workflow with variant={method} first")
             rows += read_csv(path)
         summary = compare_methods(rows, reference, key=key)
         write_csv(summary, eval_dir / f"comparison_per_{unit}.csv", overwrite=overwrite)

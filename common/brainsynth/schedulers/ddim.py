@@ -8,7 +8,8 @@ timestep to the *true* next entry of its own sequence (and to the clean image af
 drop-in replacement for ``monai.inferers.DiffusionInferer.sample``.
 
 It also exposes ``x0_transform``: a hook applied to the clean-image estimate before the update, with the noise
-re-derived from the transformed estimate. D3M's multi-step deformation (brainsynth.deformation.mssdm) is exactly such a hook.
+re-derived from the transformed estimate. D3M's multi-step deformation (brainsynth.deformation.mssdm) is exactly such
+a hook.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class ExactDDIMScheduler(DDIMScheduler):
     def _alpha_bar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
-    def split_prediction(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_prediction(
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 estimate, noise estimate) from the network output at ``timestep``, for any prediction type."""
         ab = self._alpha_bar(int(timestep)).to(sample.device, sample.dtype)
         a, s = ab.sqrt(), (1 - ab).sqrt()

@@ -1,7 +1,8 @@
 """Noise schedules that MONAI does not ship, registered in MONAI's ``NoiseSchedules`` registry.
 
 Importing this module (``import brainsynth.schedulers.sigmoid``; bundle configs list it in ``imports``) makes the names
-usable by every MONAI scheduler, e.g. ``DDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")``.
+usable by every MONAI scheduler, e.g.
+``DDIMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction")``.
 
 ``sigmoid_alpha_bar`` is the schedule D3M trains with (FACTS.md section 2): a sigmoid defined directly on the
 cumulative signal level alpha-bar(t), t in [0, 1], rather than on beta as MONAI's ``sigmoid_beta`` is::
