@@ -92,7 +92,9 @@ def _run_check(args, rows) -> int:
             print(f"    - {problem}")
     bad = sum(not r.usable for r in reports)
     synthetic = sum(bool(synthetic_files(row)) for row in rows)
-    print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable; {synthetic} synthetic")
+    if synthetic:
+        print(f"{synthetic} synthetic subject{'s' * (synthetic != 1)} (brainsynth provenance mark)")
+    print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable")
     return 1 if bad else 0
 
 

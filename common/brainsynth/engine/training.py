@@ -143,6 +143,7 @@ class ResumableCheckpoint:
         return obj.state_dict()
 
     def load(self, engine) -> None:
+        remove_stale_temporaries(self.save_dir)
         if not self.last_path.is_file():
             return
         ckpt = load_checkpoint(self.last_path)
@@ -162,6 +163,17 @@ class ResumableCheckpoint:
                 f"{max_epochs}; raise max_epochs to train further"
             )
         engine.state.max_epochs = max_epochs
+        # the rest of the run replays the uninterrupted one: the random streams as they were at the save, and the
+        # data order from the same position (a ResumableRandomSampler continues where the run stopped)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        else:
+            logger.warning(
+                "%s has no random-number state (written before 0.3.0): the resumed run continues, but "
+                "not bit-identically to an uninterrupted one",
+                self.last_path,
+            )
+        _resume_sampler(engine)
         logger.info(
             "resumed from %s at iteration %d (epoch %d)", self.last_path, engine.state.iteration, engine.state.epoch
         )
@@ -169,12 +181,147 @@ class ResumableCheckpoint:
     def save(self, engine) -> None:
         if not is_main_process():
             return
-        save_checkpoint({k: self._object_state(v) for k, v in self.save_dict.items()}, self.last_path)
+        state = {k: self._object_state(v) for k, v in self.save_dict.items()}
+        save_checkpoint({**state, "rng": get_rng_state()}, self.last_path)
 
     def finish(self, engine) -> None:
         self.save(engine)
         if self.final_model_path is not None and is_main_process():
             save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path)
+
+
+# --- exact resume -------------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """The random states of torch (CPU and every CUDA device), numpy and Python, as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class ResumableRandomSampler(torch.utils.data.Sampler):
+    """Shuffled data order that a resumed run can continue exactly.
+
+    Pass ``p`` over the data is the permutation drawn from a generator seeded with ``(seed, p)``: the order depends
+    on nothing but the seed and the pass, so after a crash the run restarts at the same pass and position
+    (``resume_at``, called by ``ResumableCheckpoint`` with the trainer's iteration) instead of replaying from the
+    first batch or reshuffling. Use it as a training DataLoader's ``sampler`` (with ``shuffle`` false).
+    """
+
+    def __init__(self, data_source: Any, seed: int = 0):
+        self.num_samples = len(data_source)
+        self.seed = int(seed)
+        self.pass_index, self.offset = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def order(self, pass_index: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self):
+        pass_index, offset = self.pass_index, self.offset
+        self.pass_index, self.offset = pass_index + 1, 0
+        return iter(self.order(pass_index)[offset:])
+
+    def resume_at(self, iteration: int, batch_size: int, drop_last: bool = False) -> None:
+        """Position the sampler as it was after ``iteration`` batches of ``batch_size`` from the start."""
+        per_pass = self.num_samples // batch_size if drop_last else -(-self.num_samples // batch_size)
+        self.pass_index, within = divmod(int(iteration), max(per_pass, 1))
+        self.offset = within * batch_size
+
+
+class RandomTransformState:
+    """``state_dict`` / ``load_state_dict`` over the random streams of every MONAI ``Randomizable`` inside a
+    transform (a Compose is walked), so a checkpoint carries the data augmentation's position too. Exact when the
+    transforms run in the training process (``num_workers`` 0); with worker processes each worker holds its own
+    copy, which restarts from its seed after a resume."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def _randomizables(self) -> list:
+        from monai.transforms import Compose, Randomizable
+
+        found, stack = [], [self.transform]
+        while stack:
+            t = stack.pop(0)
+            if isinstance(t, Compose):
+                stack = list(t.transforms) + stack
+            elif isinstance(t, Randomizable) and hasattr(t, "R"):
+                found.append(t)
+        return found
+
+    def state_dict(self) -> dict:
+        out = []
+        for t in self._randomizables():
+            _, keys, pos, has_gauss, cached = t.R.get_state()
+            out.append(
+                {
+                    "keys": torch.from_numpy(keys.astype(np.int64)),
+                    "pos": int(pos),
+                    "has_gauss": int(has_gauss),
+                    "cached_gaussian": float(cached),
+                }
+            )
+        return {"states": out}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        targets = self._randomizables()
+        if len(targets) != len(state["states"]):
+            raise ValueError(
+                f"checkpoint holds {len(state['states'])} random-transform states, the pipeline has {len(targets)}"
+            )
+        for t, st in zip(targets, state["states"]):
+            t.R.set_state(
+                ("MT19937", st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"])
+            )
+
+
+def _resume_sampler(engine) -> None:
+    loader = getattr(engine.state, "dataloader", None) or getattr(engine, "data_loader", None)
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, ResumableRandomSampler):
+        sampler.resume_at(engine.state.iteration, loader.batch_size, loader.drop_last)
+    elif sampler is not None and engine.state.iteration:
+        logger.warning(
+            "the training data order is not resumable (%s): the resumed run draws new batches", type(sampler).__name__
+        )
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary files a killed save left in ``folder`` (``.<name>.*.tmp.*``), logging each."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+            logger.info("removed %s, left by an interrupted save", tmp)
+    return removed
 
 
 class TrainingPreview:

@@ -1,0 +1,104 @@
+"""A training stopped after a checkpoint and started again ends bit-identical to the uninterrupted run of the same
+seed (every bundle, CPU, tiny size): the checkpoint carries the random streams, the data order's position and the
+data augmentation's state; stale temporary files of killed saves are removed on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainsynth.engine.io import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import test_d3m_bundle as d3m  # noqa: E402
+import test_ldm_bundle as ldm  # noqa: E402
+import test_med_ddpm_bundle as med  # noqa: E402
+
+# (bundle folder, train configs, tiny overlay, epoch keys, checkpoint path under bundle_root)
+CASES = {
+    "med_ddpm": (
+        med.BUNDLE,
+        ["configs/train.json", "configs/demo.json"],
+        {**med.TINY, "epoch_length": 3},
+        ("max_epochs",),
+        "models/checkpoint_last.pt",
+    ),
+    "d3m": (
+        d3m.BUNDLE,
+        ["configs/train.json", "configs/demo.json"],
+        {**d3m.TINY, "epoch_length": 3, "batch_size": 2, "slices_per_volume": 1},
+        ("max_epochs",),
+        "runs/d3m/checkpoint_last.pt",
+    ),
+    "ldm_autoencoder": (
+        ldm.BUNDLE,
+        ["configs/train_autoencoder.json", "configs/demo.json"],
+        {**ldm.TINY, "ae_epoch_length": 3, "ae_batch_size": 3, "adversarial_start_iteration": 2},
+        ("ae_max_epochs",),
+        "models/autoencoder_training/checkpoint_last.pt",
+    ),
+}
+
+
+def _train(bundle, configs, overlay_path, root, epochs, epoch_keys):
+    args = [arg for key in epoch_keys for arg in (f"--{key}", str(epochs))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        repr([*configs, str(overlay_path)]),
+        "--bundle_root",
+        str(root),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stop_and_resume_equals_the_uninterrupted_run(name, tmp_path):
+    bundle, configs, tiny, epoch_keys, ckpt = CASES[name]
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({**tiny, "cache_dir": str(tmp_path / "cache"), "save_every_epochs": 1}))
+    # uninterrupted: 3 epochs of 3 iterations
+    _train(bundle, configs, overlay, tmp_path / "whole", 3, epoch_keys)
+    # stopped after the checkpoint at iteration 3 (mid-way through a pass over the data), then resumed to 3 epochs;
+    # a killed save left a temporary file that the resume removes
+    _train(bundle, configs, overlay, tmp_path / "resumed", 1, epoch_keys)
+    stale = (tmp_path / "resumed" / ckpt).parent / ".checkpoint_last.abc123.tmp.pt"
+    stale.write_bytes(b"partial")
+    log = _train(bundle, configs, overlay, tmp_path / "resumed", 3, epoch_keys)
+    assert "resumed from" in log and not stale.exists()
+    whole, resumed = load_checkpoint(tmp_path / "whole" / ckpt), load_checkpoint(tmp_path / "resumed" / ckpt)
+    assert whole["trainer"]["iteration"] == resumed["trainer"]["iteration"] == 9
+    weights = [part for part in whole if part not in ("trainer", "rng") and "optim" not in part]
+    assert {"network", "autoencoder"} & set(weights)
+    for part in weights:  # the networks (generator, discriminator), EMA, augmentation state
+        assert _flat(whole[part]).keys() == _flat(resumed[part]).keys()
+        differing = [k for k, v in _flat(whole[part]).items() if not torch.equal(v, _flat(resumed[part])[k])]
+        assert not differing, f"{name} {part}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def _flat(state, prefix=""):
+    """Every tensor of a (nested) state dict, by path."""
+    out = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+        else:
+            out.update(_flat(v, f"{prefix}{k}."))
+    return out
