@@ -102,3 +102,46 @@ def _flat(state, prefix=""):
         else:
             out.update(_flat(v, f"{prefix}{k}."))
     return out
+
+
+def test_one_training_per_checkpoint_folder(tmp_path):
+    """A folder held by a live training refuses a second one before any work; a dead holder's lock is taken over."""
+    import socket
+
+    from brainsynth.engine.training import TrainingLock
+
+    bundle, configs, tiny, epoch_keys, ckpt = CASES["med_ddpm"]
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({**tiny, "cache_dir": str(tmp_path / "cache")}))
+    folder = (tmp_path / "run" / ckpt).parent
+    folder.mkdir(parents=True)
+    lock = folder / ".training.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))  # alive
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        repr([*configs, str(overlay)]),
+        "--bundle_root",
+        str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and f"PID {os.getpid()}" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # the problem and the fix, not MONAI's "Failed to evaluate"
+    assert last.startswith("error: ") and "another training is using this checkpoint folder" in last, last
+    assert not (folder / "checkpoint_last.pt").exists() and not (folder / "model.pt").exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": "earlier"}))
+    taker = TrainingLock(folder)
+    taker.acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    with pytest.raises(RuntimeError, match="another training is using this checkpoint folder"):
+        TrainingLock(folder).acquire()
+    taker.release()
+    assert not lock.exists()

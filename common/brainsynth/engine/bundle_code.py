@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-
 _LOCK = threading.RLock()
 
 

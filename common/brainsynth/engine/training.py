@@ -122,6 +122,7 @@ class ResumableCheckpoint:
         self.final_model_path = Path(final_model_path) if final_model_path else None
         self.final_from = final_from
         self.resume = resume
+        self.lock = TrainingLock(self.save_dir)
         if final_model_path and final_from not in self.save_dict:
             raise ValueError(f"final_from={final_from!r} is not one of the saved objects {list(self.save_dict)}")
 
@@ -132,6 +133,8 @@ class ResumableCheckpoint:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self.lock.acquire)
+        engine.add_event_handler(Events.COMPLETED, self.lock.release)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every), self.save)
@@ -188,6 +191,74 @@ class ResumableCheckpoint:
         self.save(engine)
         if self.final_model_path is not None and is_main_process():
             save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path)
+
+
+class TrainingLock:
+    """One training per checkpoint folder: ``<folder>/.training.lock`` names the holder (host, PID, start time).
+
+    A second training there stops before any work, saying who holds the folder; a lock whose process is gone (same
+    host) is taken over with a warning. Rank 0 alone holds it under DDP; it is released at the end of training
+    and when the process exits."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".training.lock"
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self, engine: Any = None) -> None:
+        import json
+        import socket
+        import time
+
+        if not is_main_process() or self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                same_host = holder.get("host") == me["host"]
+                if same_host and isinstance(holder.get("pid"), int) and not self._alive(holder["pid"]):
+                    logger.warning(
+                        "%s: taking over the lock of training PID %s (started %s), which is no longer running",
+                        self.path,
+                        holder.get("pid"),
+                        holder.get("started"),
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RuntimeError(
+                    f"{self.path.parent}: another training is using this checkpoint folder (host "
+                    f"{holder.get('host', '?')}, PID {holder.get('pid', '?')}, started {holder.get('started', '?')}); "
+                    f"wait for it to finish, or train into another bundle_root"
+                    + ("" if same_host else f" (if it is no longer running, delete {self.path})")
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            import atexit
+
+            atexit.register(self.release)
+            return
+
+    def release(self, engine: Any = None) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 # --- exact resume -------------------------------------------------------------------------------------------
@@ -393,6 +464,44 @@ def check_overrides(config_files: Any, overrides: Mapping[str, Any]) -> None:
     raise KeyError("unknown config override(s):\n  " + "\n  ".join(lines))
 
 
+#: exception types that, raised by this project's own checks, describe a problem of the user's input or setup
+_EXPECTED_TYPES = (ValueError, KeyError, OSError, RuntimeError, FloatingPointError)
+
+
+def expected_error(exc: BaseException) -> BaseException | None:
+    """The innermost cause of ``exc`` when it is one of this project's own checks (an exception class of brainsynth
+    or a bundle's scripts, or a ValueError / KeyError / OSError / RuntimeError raised from their code); else None."""
+    root = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    module = type(root).__module__ or ""
+    if module.startswith(("brainsynth", "scripts")):
+        return root
+    tb = root.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename.replace(os.sep, "/") if tb is not None else ""
+    ours = "/brainsynth/" in filename or "/scripts/" in filename
+    return root if ours and isinstance(root, _EXPECTED_TYPES) else None
+
+
+def install_last_line_hook() -> None:
+    """Under MONAI's runner, an expected error's own message becomes the last line the user sees (``error: ...``),
+    after the full traceback, instead of MONAI's "Failed to evaluate ConfigExpression"."""
+    if getattr(sys.excepthook, "_brainsynth", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        root = expected_error(exc)
+        if root is not None:
+            print(f"error: {root}", file=sys.stderr, flush=True)
+
+    hook._brainsynth = True
+    sys.excepthook = hook
+
+
 def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
     """Make ``python -m monai.bundle run`` strict: fail on any ``--key`` override that the configs do not define.
 
@@ -403,6 +512,7 @@ def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
     argv = list(sys.argv if argv is None else argv)
     if not argv or not (argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[0] == "monai.bundle"):
         return False
+    install_last_line_hook()
     args = argv[1:]
     if args and args[0] in ("run", "run_workflow"):
         args = args[1:]
