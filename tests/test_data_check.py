@@ -54,6 +54,17 @@ def _set_voxels(path: Path, fn) -> None:
     _save(data, path, img.affine)
 
 
+def _rescale_every_file(mm: float):
+    """Every file of the subject with ``mm`` voxels (a unit mix-up in the headers)."""
+
+    def fn(folder: Path):
+        for path in folder.glob("*.nii.gz"):
+            img = nib.load(str(path))
+            _save(np.asarray(img.dataobj).copy(), path, np.diag([mm, mm, mm, 1.0]))
+
+    return fn
+
+
 def _constant(value):
     def fn(d):
         d[...] = value
@@ -117,6 +128,7 @@ CASES = {
         "BraTS-GLI-00008-000-t2w",
         "file name says subject 'BraTS-GLI-00008-000'",
     ),
+    "implausible_spacing": (_rescale_every_file(750.0), "{folder}", "outside the plausible 0.1 to 20 mm"),
     "empty_brain_mask": (
         lambda f: _save(np.zeros(SHAPE, np.uint8), file_of(f, "brain_mask")),
         "brain_mask",

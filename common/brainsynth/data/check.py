@@ -27,6 +27,9 @@ from brainsynth.data.items import available_modalities, image_source
 #: tolerances for "same grid": millimetres for spacing and for the affine (rotation-zoom and origin)
 SPACING_ATOL = 1e-3
 AFFINE_ATOL = 1e-3
+#: plausible voxel spacing of a brain MRI in mm (the simulated demo cohorts go up to 12 mm); outside it a header is
+#: almost certainly wrong (e.g. 750 mm from a unit mix-up). Set BRAINSYNTH_SPACING_RANGE="lo,hi" to change it.
+PLAUSIBLE_SPACING_MM = tuple(float(v) for v in os.environ.get("BRAINSYNTH_SPACING_RANGE", "0.1,20").split(","))
 
 
 @dataclass
@@ -245,6 +248,15 @@ def check_row(
     if readable:
         ref = _reference(readable)
         report.shape, report.spacing = ref.shape[:3], ref.spacing
+        low, high = PLAUSIBLE_SPACING_MM  # the other files are compared with this one below
+        if ref.spacing and not all(low <= z <= high for z in ref.spacing):
+            report.problems.append(
+                f"{ref.path}: voxel spacing {_fmt(ref.spacing)} mm is outside the plausible {low:g} to {high:g} mm "
+                f"of a brain MRI; the header's units or affine are likely wrong (BRAINSYNTH_SPACING_RANGE changes "
+                f"the range)"
+            )
+        elif ref.affine is not None and abs(np.linalg.det(ref.affine[:3, :3])) < 1e-9:
+            report.problems.append(f"{ref.path}: the affine is not invertible (a zero or degenerate axis)")
         for f in readable:
             if f is ref:
                 continue
