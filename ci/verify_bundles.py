@@ -8,8 +8,8 @@ Checks, per bundle:
   files        LICENSE, configs/{metadata,inference,train*,multi_gpu_train*,demo}.json, logging.conf (accepted by
                MONAI's own logging-file validator), docs/README.md (saying what ``monai.bundle.load`` returns),
                docs/data_license.txt
-  metadata     configs/metadata.json valid against meta_schema_20240725 (the copy in
-               ../shared/reference/monai-schema/, or the schema's URL with --online); its version in the changelog
+  metadata     configs/metadata.json valid against meta_schema_20240725 (the copy in ci/schemas/, or the
+               schema's URL with --online); its version in the changelog
   configs      every runnable config imports brainsynth and calls reject_unknown_overrides() first in
                ``initialize``; MONAI's workflow properties (monai.bundle.properties) at the ids MONAI expects;
                every train config has a multi-GPU overlay; stages and overlays merge on the configs they build on
@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO / "bundles"
-SCHEMA_DIRS = (REPO.parent / "shared" / "reference" / "monai-schema",)  # CI checks out shared/ beside the repo
+SCHEMA_DIRS = (REPO / "ci" / "schemas",)  # a copy inside the repository: the verifier needs nothing beside it
 SCHEMA_NAME = "meta_schema_20240725.json"
 REQUIRED_FILES = (
     "LICENSE",
