@@ -6,7 +6,8 @@ and returns how many units (volumes, slices) it produced. Step specs are "NAME:S
 
 - Med-DDPM: ``ddpm:250`` (the authors' ancestral sampler, always all 250 steps), ``ddim:N`` (deterministic DDIM,
   brainsynth.schedulers.ddim.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced),
-  ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler).
+  ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler), ``dpmpp:N`` / ``unipc:N`` (diffusers'
+  DPM-Solver++(2M) and UniPC via brainsynth.schedulers.solvers).
 - D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
   size, the demo cohort's slices at demo size; figure per volume).
@@ -90,9 +91,21 @@ def spec_overrides(bundle: str, spec: str) -> dict:
             }
         if name in ("ddpm", "ddim"):
             return {"sampler": name, "num_inference_steps": steps, "ddim_eta": 0.0}
+        if name in ("dpmpp", "unipc"):  # diffusers' DPM-Solver++(2M) / UniPC on the training schedule
+            return {
+                "sampler": "ddim",
+                "num_inference_steps": steps,
+                "fast_scheduler": {
+                    "_target_": "brainsynth.schedulers.solvers.DiffusersSolver",
+                    "solver": "dpmsolver++" if name == "dpmpp" else "unipc",
+                    "num_train_timesteps": "@num_train_timesteps",
+                    "schedule": "cosine",
+                    "prediction_type": "epsilon",
+                },
+            }
         if name == "ancestral_ddim":  # eta = 1: ancestral sampling respaced to STEPS
             return {"sampler": "ddim", "num_inference_steps": steps, "ddim_eta": 1.0}
-        raise ValueError(f"Med-DDPM sampler {name!r}: ddpm, ddim, ancestral_ddim or pndm")
+        raise ValueError(f"Med-DDPM sampler {name!r}: ddpm, ddim, ancestral_ddim, pndm, dpmpp or unipc")
     if bundle == "brats_mri_d3m_cemri":
         if name not in ("ddim", "slice", "volume"):
             raise ValueError(f"D3M spec {spec!r}: ddim:STEPS, slice:STEPS or volume:STEPS")

@@ -1,0 +1,84 @@
+"""Higher-order ODE solvers from the diffusers library (DPM-Solver++, UniPC) behind MONAI's scheduler interface.
+
+diffusers' multistep solvers are the diffusion community's well-tested few-step samplers; they work on any PyTorch
+network. ``DiffusersSolver`` builds one on the exact noise schedule a MONAI ``DDPMScheduler`` trained with (its
+betas are handed over, not re-derived) and exposes what MONAI's ``DiffusionInferer.sample`` and the bundles'
+samplers use: ``set_timesteps``, ``timesteps``, ``num_train_timesteps`` and ``step(model_output, t, sample)``
+returning ``(previous sample, None)``. Nothing is re-implemented here; diffusers is an optional dependency
+(``pip install diffusers``) needed only when a config names this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SOLVERS = {
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+}
+
+
+class DiffusersSolver:
+    """A diffusers multistep solver on a MONAI training schedule.
+
+    Args:
+        solver: "dpmsolver++" (DPM-Solver++(2M)) or "unipc" (UniPC, bh2).
+        num_train_timesteps, schedule, prediction_type, schedule_kwargs: the training scheduler's settings
+            (``monai.networks.schedulers.DDPMScheduler``), whose betas the solver uses.
+        solver_kwargs: further arguments of the diffusers class (e.g. ``solver_order``).
+    """
+
+    def __init__(
+        self,
+        solver: str = "dpmsolver++",
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        prediction_type: str = "epsilon",
+        schedule_kwargs: dict | None = None,
+        **solver_kwargs: Any,
+    ) -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"solver {solver!r}: one of {', '.join(SOLVERS)}")
+        try:
+            import diffusers
+        except ImportError:
+            raise ImportError(
+                f"the {solver} sampler needs the diffusers package: pip install diffusers (or choose another sampler)"
+            ) from None
+        from monai.networks.schedulers import DDPMScheduler
+
+        training = DDPMScheduler(
+            num_train_timesteps, schedule=schedule, prediction_type=prediction_type, **(schedule_kwargs or {})
+        )
+        class_name, defaults = SOLVERS[solver]
+        self.solver = getattr(diffusers, class_name)(
+            num_train_timesteps=num_train_timesteps,
+            trained_betas=training.betas.double().tolist(),
+            prediction_type=prediction_type,
+            **{**defaults, **solver_kwargs},
+        )
+        self.name = solver
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        if not 1 <= int(num_inference_steps) <= self.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {num_inference_steps}"
+            )
+        self.solver.set_timesteps(int(num_inference_steps), device=device)
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = self.solver.timesteps.long()
+
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        """One solver step; calls must follow ``timesteps`` in order (the solver keeps its previous outputs)."""
+        t = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        if t == int(self.timesteps[0]):  # a new trajectory: forget the previous one's history
+            self.set_timesteps(self.num_inference_steps or len(self.timesteps), device=sample.device)
+        prev = self.solver.step(model_output, t, sample, return_dict=False)[0]
+        return prev, None
