@@ -73,7 +73,14 @@ def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
     configs = ["configs/train.json", "configs/demo.json", overlay]
     run_bundle("training", configs, "--bundle_root", out)
     ckpt = torch.load(out / "runs" / "d3m" / "checkpoint_last.pt", weights_only=True)
-    assert ckpt["trainer"]["iteration"] == 2 and set(ckpt) == {"network", "optimizer", "ema", "trainer"}
+    assert ckpt["trainer"]["iteration"] == 2 and set(ckpt) == {
+        "network",
+        "optimizer",
+        "ema",
+        "trainer",
+        "slice_sampling",
+        "rng",
+    }
     assert (out / "models" / "model.pt").is_file()
 
     log = run_bundle("training", configs, "--bundle_root", out, "--max_epochs", 3)

@@ -123,6 +123,7 @@ class ResumableCheckpoint:
         self.final_from = final_from
         self.resume = resume
         self.lock = TrainingLock(self.save_dir)
+        self._epoch_end_rng: tuple[int, dict] | None = None
         if final_model_path and final_from not in self.save_dict:
             raise ValueError(f"final_from={final_from!r} is not one of the saved objects {list(self.save_dict)}")
 
@@ -137,6 +138,10 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.lock.release)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
+        # first among the epoch-end handlers, so the random state is taken before any of them draws from it
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._capture_rng)
+        handlers = engine._event_handlers[Events.EPOCH_COMPLETED]
+        handlers.insert(0, handlers.pop())
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every), self.save)
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
@@ -184,8 +189,16 @@ class ResumableCheckpoint:
     def save(self, engine) -> None:
         if not is_main_process():
             return
+        # the random state as it was when the epoch's last iteration ended: work that other handlers do after it
+        # (end-of-training statistics, previews) must not move the stream a resumed run continues from
+        iteration = engine.state.iteration
+        if self._epoch_end_rng is None or self._epoch_end_rng[0] != iteration:
+            self._epoch_end_rng = (iteration, get_rng_state())
         state = {k: self._object_state(v) for k, v in self.save_dict.items()}
-        save_checkpoint({**state, "rng": get_rng_state()}, self.last_path)
+        save_checkpoint({**state, "rng": self._epoch_end_rng[1]}, self.last_path)
+
+    def _capture_rng(self, engine) -> None:
+        self._epoch_end_rng = (engine.state.iteration, get_rng_state())
 
     def finish(self, engine) -> None:
         self.save(engine)
