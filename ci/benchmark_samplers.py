@@ -87,22 +87,13 @@ def spec_overrides(bundle: str, spec: str) -> dict:
                     "schedule": "cosine",
                     "skip_prk_steps": True,
                     "prediction_type": "epsilon",
+                    "clip_sample": True,
                 },
             }
         if name in ("ddpm", "ddim"):
             return {"sampler": name, "num_inference_steps": steps, "ddim_eta": 0.0}
-        if name in ("dpmpp", "unipc"):  # diffusers' DPM-Solver++(2M) / UniPC on the training schedule
-            return {
-                "sampler": "ddim",
-                "num_inference_steps": steps,
-                "fast_scheduler": {
-                    "_target_": "brainsynth.schedulers.solvers.DiffusersSolver",
-                    "solver": "dpmsolver++" if name == "dpmpp" else "unipc",
-                    "num_train_timesteps": "@num_train_timesteps",
-                    "schedule": "cosine",
-                    "prediction_type": "epsilon",
-                },
-            }
+        if name in ("dpmpp", "unipc"):  # diffusers' DPM-Solver++(2M) / UniPC (the bundle's solver_scheduler)
+            return {"sampler": name, "num_inference_steps": steps}
         if name == "ancestral_ddim":  # eta = 1: ancestral sampling respaced to STEPS
             return {"sampler": "ddim", "num_inference_steps": steps, "ddim_eta": 1.0}
         raise ValueError(f"Med-DDPM sampler {name!r}: ddpm, ddim, ancestral_ddim, pndm, dpmpp or unipc")

@@ -191,7 +191,7 @@ class ResumableCheckpoint:
             return
         # the random state as it was when the epoch's last iteration ended: work that other handlers do after it
         # (end-of-training statistics, previews) must not move the stream a resumed run continues from
-        iteration = engine.state.iteration
+        iteration = engine.state.iteration if engine is not None else None
         if self._epoch_end_rng is None or self._epoch_end_rng[0] != iteration:
             self._epoch_end_rng = (iteration, get_rng_state())
         state = {k: self._object_state(v) for k, v in self.save_dict.items()}

@@ -6,6 +6,9 @@ betas are handed over, not re-derived) and exposes what MONAI's ``DiffusionInfer
 samplers use: ``set_timesteps``, ``timesteps``, ``num_train_timesteps`` and ``step(model_output, t, sample)``
 returning ``(previous sample, None)``. Nothing is re-implemented here; diffusers is an optional dependency
 (``pip install diffusers``) needed only when a config names this class.
+
+Used by one bundle (Med-DDPM's ``--sampler dpmpp`` / ``unipc``); kept with the schedulers because nothing in it
+knows Med-DDPM: any bundle with an epsilon- or v-prediction DDPM schedule can sample with it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class DiffusersSolver:
         solver: "dpmsolver++" (DPM-Solver++(2M)) or "unipc" (UniPC, bh2).
         num_train_timesteps, schedule, prediction_type, schedule_kwargs: the training scheduler's settings
             (``monai.networks.schedulers.DDPMScheduler``), whose betas the solver uses.
+        clip_sample: clamp each clean-image estimate to [-1, 1] (MONAI's DDIM ``clip_sample``; Med-DDPM samples so).
         solver_kwargs: further arguments of the diffusers class (e.g. ``solver_order``).
     """
 
@@ -37,6 +41,7 @@ class DiffusersSolver:
         schedule: str = "linear_beta",
         prediction_type: str = "epsilon",
         schedule_kwargs: dict | None = None,
+        clip_sample: bool = False,
         **solver_kwargs: Any,
     ) -> None:
         if solver not in SOLVERS:
@@ -53,6 +58,9 @@ class DiffusersSolver:
             num_train_timesteps, schedule=schedule, prediction_type=prediction_type, **(schedule_kwargs or {})
         )
         class_name, defaults = SOLVERS[solver]
+        if clip_sample:  # the clean-image estimate clamped to [-1, 1], as MONAI's DDIM clip_sample does:
+            # diffusers' thresholding with ratio 1 and maximum 1 is exactly that clamp
+            defaults = {**defaults, "thresholding": True, "dynamic_thresholding_ratio": 1.0, "sample_max_value": 1.0}
         self.solver = getattr(diffusers, class_name)(
             num_train_timesteps=num_train_timesteps,
             trained_betas=training.betas.double().tolist(),
