@@ -56,6 +56,11 @@ def variant_overrides(variant: str) -> dict:
     return out
 
 
+def demo_cohort(bundle: str) -> dict:
+    """The ``demo_cohort`` of a bundle's demo overlay."""
+    return json.loads((REPO / "bundles" / bundle / "configs" / "demo.json").read_text()).get("demo_cohort", {})
+
+
 def _config_files(bundle: str, base: str | list[str], size: str) -> list[str]:
     cfg = REPO / "bundles" / bundle / "configs"
     files = [cfg / b for b in ([base] if isinstance(base, str) else base)]
@@ -249,7 +254,10 @@ def machine_memory_gb() -> float:
 def case_error(exc: BaseException) -> dict:
     import traceback
 
-    message = f"{type(exc).__name__}: {exc}".strip()
+    root = exc  # the innermost cause: MONAI wraps transform errors ("applying transform ...")
+    while root.__cause__ is not None:
+        root = root.__cause__
+    message = f"{type(root).__name__}: {root}".strip()
     if isinstance(exc, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower():
         message = "exceeds this machine's memory: " + message
     return {"error": message[:600], "traceback": traceback.format_exc()[-3000:]}
@@ -423,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in bundles:
         for variant in args.variants.split(","):
             overrides = {**variant_overrides(variant), **extra}
+            if args.data == "demo" and "demo_cohort" not in overrides:
+                # the bundle's own small demo cohort (its pathologies; already cached), padded to the paper grid
+                overrides["demo_cohort"] = demo_cohort(bundle)
             base = {
                 "bundle": bundle,
                 "size": args.size,

@@ -47,12 +47,6 @@ SAMPLERS = {
 }
 
 
-def _demo_cohort(bundle: str) -> dict:
-    """The bundle's demo cohort settings: its small simulated cohort, already cached, feeds the paper-size grid."""
-    demo = json.loads((REPO / "bundles" / bundle / "configs" / "demo.json").read_text())
-    return demo.get("demo_cohort", {})
-
-
 def plan(tiny: bool) -> list[dict]:
     """Cases in priority order."""
     size = "demo" if tiny else "paper"
@@ -60,7 +54,12 @@ def plan(tiny: bool) -> list[dict]:
     cases = []
 
     def common(bundle, recipe):
-        overrides = {**RECIPES[recipe], "dataset_dir": "demo", "demo_cohort": _demo_cohort(bundle), "num_workers": 0}
+        overrides = {
+            **RECIPES[recipe],
+            "dataset_dir": "demo",
+            "demo_cohort": benchmark.demo_cohort(bundle),
+            "num_workers": 0,
+        }
         if tiny:
             overrides["batch_size"] = 1
         return {"bundle": bundle, "size": size, "variant": recipe, "overrides": overrides, "threads": 0}

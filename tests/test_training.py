@@ -140,3 +140,32 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_final_weights_carry_a_hash_record_and_damaged_or_non_finite_weights_are_refused(tmp_path, caplog):
+    """The one loader refuses a weight file that does not match its sha256 record (one flipped bit), and one holding
+    NaN; a missing record is a warning that says how to make one; each message names the file."""
+    import logging
+
+    from brainsynth.engine.io import WeightIntegrityError, hash_record_path, load_checkpoint, save_checkpoint
+
+    weights = {"conv.weight": torch.linspace(-1, 1, 64).reshape(4, 16)}
+    path = save_checkpoint(weights, tmp_path / "model.pt", record=True)
+    record = hash_record_path(path).read_text().split()
+    assert record[1] == "model.pt" and len(record[0]) == 64
+    assert torch.equal(load_checkpoint(path, require_record=True)["conv.weight"], weights["conv.weight"])
+
+    data = bytearray(path.read_bytes())
+    offset = data.rindex(weights["conv.weight"].numpy().tobytes()[:8]) + 3  # inside the tensor's bytes
+    data[offset] ^= 0x40  # one flipped exponent bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightIntegrityError, match=f"^{path}: sha256 .* does not match its record"):
+        load_checkpoint(path)
+
+    nan = save_checkpoint({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.pt")  # no record
+    with pytest.raises(WeightIntegrityError, match=f"^{nan}: 1 tensor\\(s\\) hold NaN or Inf \\(e.g. w\\)"):
+        load_checkpoint(nan)
+    plain = save_checkpoint(weights, tmp_path / "plain.pt")
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(plain, require_record=True)
+    assert "has no integrity record" in caplog.text and "sha256sum plain.pt > plain.pt.sha256" in caplog.text

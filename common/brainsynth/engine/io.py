@@ -109,23 +109,86 @@ def save_nifti(
     return Path(path)
 
 
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """torch.save a checkpoint atomically (always replaces: a checkpoint is meant to be updated)."""
+def hash_record_path(path: str | os.PathLike) -> Path:
+    """``<weights>.sha256`` beside a weight file: one line ``<hex digest>  <file name>``, the format ``sha256sum``
+    writes, so ``sha256sum -c model.pt.sha256`` checks it too."""
+    return Path(str(path) + ".sha256")
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike, record: bool = False) -> Path:
+    """torch.save a checkpoint atomically (always replaces: a checkpoint is meant to be updated); with ``record``,
+    its sha256 goes beside it (``hash_record_path``) so a later load can refuse a damaged or swapped file."""
     import torch
 
-    with atomic_path(path, overwrite=True) as tmp:
-        torch.save(obj, str(tmp))
-    return Path(path)
+    path = Path(path)
+    try:
+        with atomic_path(path, overwrite=True) as tmp:
+            torch.save(obj, str(tmp))
+    except (OSError, RuntimeError) as e:
+        import shutil
+
+        free = shutil.disk_usage(path.parent).free / 2**30 if path.parent.exists() else float("nan")
+        raise OSError(f"{path}: could not be written ({e}); {free:.1f} GB free on its disk") from e
+    if record:
+        from brainsynth.data.provenance import sha256_file
+
+        atomic_write_text(hash_record_path(path), f"{sha256_file(path)}  {path.name}\n", overwrite=True)
+    return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never arbitrary code."""
+class WeightIntegrityError(RuntimeError):
+    """A weight file that does not match its sha256 record, or holds NaN / Inf values."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", require_record: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never arbitrary code.
+
+    The file must match its sha256 record when one is beside it (``save_checkpoint(record=True)`` writes it); with
+    ``require_record`` a missing record is a warning saying how to create one. Every floating-point tensor must be
+    finite. Each refusal names the file and what to do."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    record = hash_record_path(path)
+    if record.is_file():
+        from brainsynth.data.provenance import sha256_file
+
+        expected = record.read_text().split()[0] if record.read_text().split() else ""
+        actual = sha256_file(path)
+        if actual != expected:
+            raise WeightIntegrityError(
+                f"{path}: sha256 {actual} does not match its record {record.name} ({expected}); the file is damaged "
+                f"or not the one that training wrote. Restore it, or delete the record if you replaced the weights "
+                f"on purpose"
+            )
+    elif require_record:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s has no integrity record; create one with `sha256sum %s > %s` (training writes it)",
+            path,
+            path.name,
+            record.name,
+        )
     try:
-        return torch.load(str(path), map_location=map_location, weights_only=True)
+        obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickle with code objects, ...
         raise RuntimeError(f"{path}: cannot be loaded as a weights-only checkpoint ({e})") from e
+    bad = _non_finite(obj)
+    if bad:
+        raise WeightIntegrityError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {', '.join(bad[:3])}); these weights would "
+            f"generate NaN volumes. Use an earlier checkpoint, or retrain"
+        )
+    return obj
+
+
+def _non_finite(obj: Any, prefix: str = "") -> list[str]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in _non_finite(v, f"{prefix}.{k}" if prefix else str(k))]

@@ -203,7 +203,7 @@ class ResumableCheckpoint:
     def finish(self, engine) -> None:
         self.save(engine)
         if self.final_model_path is not None and is_main_process():
-            save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path)
+            save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path, record=True)
 
 
 class TrainingLock:
