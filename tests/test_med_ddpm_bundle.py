@@ -132,6 +132,7 @@ def test_train_resume_sample_end_to_end(workspace):
             assert record["weights_sha256"] == sha256_file(root / "run" / "models" / "model.pt")
             assert record["seed"] == 0 and record["sampler"] == "ddim" and record["num_inference_steps"] == 2
             assert len(record["conditions"]["mask_sha256"]) == 64
+            assert record["conditions"]["label_convention"] == row["label_convention"] == "brats2023"
             assert out.header["descrip"].tobytes().startswith(MARKER.encode())
         seg = np.asarray(nib.load(str(folder / f"{row['subject']}-seg.nii.gz")).dataobj)
         np.testing.assert_array_equal(seg, np.asarray(mask_img.dataobj))  # BraTS 2023 labels 1-3 = canonical 1-3

@@ -161,7 +161,10 @@ class LoadConditionMaskd(MapTransform):
             raise MaskError(f"subject {subject}: row has neither 'mask' nor 'seg'")
         if isinstance(lm, MetaTensor):
             lm = lm.round().to(torch.int16) if torch.is_floating_point(lm) and torch.equal(lm, lm.round()) else lm
-        return {"subject": subject, "mask": lm, "source": str(source)}
+        # the convention the input came in (recorded in each output's provenance): a condition mask is already in
+        # the model's classes; a segmentation in its dataset's convention
+        convention = "condition_mask" if row.get("mask") else str(row.get("label_convention") or "unknown")
+        return {"subject": subject, "mask": lm, "source": str(source), "label_convention": convention}
 
 
 def output_paths(output_dir: str | Path, subject: str, modalities: Sequence[str]) -> dict[str, Path]:
