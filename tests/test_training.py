@@ -169,3 +169,19 @@ def test_final_weights_carry_a_hash_record_and_damaged_or_non_finite_weights_are
     with caplog.at_level(logging.WARNING):
         load_checkpoint(plain, require_record=True)
     assert "has no integrity record" in caplog.text and "sha256sum plain.pt > plain.pt.sha256" in caplog.text
+
+
+def test_a_fresh_training_never_replaces_final_weights_of_an_earlier_one(tmp_path):
+    """No checkpoint to resume but a models/model.pt from an earlier training: refused before any step, unless
+    overwrite; a resumed training (its checkpoint present) writes its own final weights as before."""
+    from brainsynth.engine.io import save_checkpoint
+    from brainsynth.engine.training import ResumableCheckpoint
+
+    net = torch.nn.Linear(2, 2)
+    earlier = save_checkpoint({"weight": torch.ones(2, 2), "bias": torch.ones(2)}, tmp_path / "model.pt")
+    before = earlier.read_bytes()
+    saver = ResumableCheckpoint(tmp_path / "ckpt", {"network": net}, final_model_path=earlier)
+    with pytest.raises(FileExistsError, match=f"^{earlier}: already exists, written by an earlier training"):
+        saver.load(None)
+    assert earlier.read_bytes() == before
+    ResumableCheckpoint(tmp_path / "ckpt", {"network": net}, final_model_path=earlier, overwrite=True).load(None)

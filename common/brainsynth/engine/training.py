@@ -115,6 +115,7 @@ class ResumableCheckpoint:
         final_model_path: str | os.PathLike | None = None,
         final_from: str = "network",
         resume: bool = True,
+        overwrite: bool = False,
     ):
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -122,6 +123,7 @@ class ResumableCheckpoint:
         self.final_model_path = Path(final_model_path) if final_model_path else None
         self.final_from = final_from
         self.resume = resume
+        self.overwrite = bool(overwrite)
         self.lock = TrainingLock(self.save_dir)
         self._epoch_end_rng: tuple[int, dict] | None = None
         if final_model_path and final_from not in self.save_dict:
@@ -138,6 +140,8 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.lock.release)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
+        else:
+            engine.add_event_handler(Events.STARTED, lambda _: self._refuse_foreign_final_model())
         # first among the epoch-end handlers, so the random state is taken before any of them draws from it
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._capture_rng)
         handlers = engine._event_handlers[Events.EPOCH_COMPLETED]
@@ -153,6 +157,7 @@ class ResumableCheckpoint:
     def load(self, engine) -> None:
         remove_stale_temporaries(self.save_dir)
         if not self.last_path.is_file():
+            self._refuse_foreign_final_model()
             return
         ckpt = load_checkpoint(self.last_path)
         missing = [k for k in self.save_dict if k not in ckpt]
@@ -185,6 +190,15 @@ class ResumableCheckpoint:
         logger.info(
             "resumed from %s at iteration %d (epoch %d)", self.last_path, engine.state.iteration, engine.state.epoch
         )
+
+    def _refuse_foreign_final_model(self) -> None:
+        """A fresh training (no checkpoint to resume) would end by replacing weights an earlier training wrote."""
+        if self.final_model_path is not None and self.final_model_path.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{self.final_model_path}: already exists, written by an earlier training that this one does not "
+                f"resume ({self.last_path.name} is absent); set overwrite to true to replace it, or train into "
+                f"another bundle_root"
+            )
 
     def save(self, engine) -> None:
         if not is_main_process():
