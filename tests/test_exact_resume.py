@@ -31,6 +31,13 @@ CASES = {
         ("max_epochs",),
         "models/checkpoint_last.pt",
     ),
+    "med_ddpm_accumulation": (
+        med.BUNDLE,
+        ["configs/train.json", "configs/demo.json"],
+        {**med.TINY, "epoch_length": 2, "accumulation_steps": 2, "batch_size": 1},
+        ("max_epochs",),
+        "models/checkpoint_last.pt",
+    ),
     "d3m": (
         d3m.BUNDLE,
         ["configs/train.json", "configs/demo.json"],
@@ -75,7 +82,8 @@ def test_stop_and_resume_equals_the_uninterrupted_run(name, tmp_path):
     overlay.write_text(json.dumps({**tiny, "cache_dir": str(tmp_path / "cache"), "save_every_epochs": 1}))
     # uninterrupted: 3 epochs of 3 iterations
     _train(bundle, configs, overlay, tmp_path / "whole", 3, epoch_keys)
-    # stopped after the checkpoint at iteration 3 (mid-way through a pass over the data), then resumed to 3 epochs;
+    # stopped after the first epoch's checkpoint (mid-way through a pass over the data; with accumulation, a kill
+    # inside the next accumulation phase resumes from the same checkpoint), then resumed to 3 epochs;
     # a killed save left a temporary file that the resume removes
     _train(bundle, configs, overlay, tmp_path / "resumed", 1, epoch_keys)
     stale = (tmp_path / "resumed" / ckpt).parent / ".checkpoint_last.abc123.tmp.pt"
@@ -83,7 +91,8 @@ def test_stop_and_resume_equals_the_uninterrupted_run(name, tmp_path):
     log = _train(bundle, configs, overlay, tmp_path / "resumed", 3, epoch_keys)
     assert "resumed from" in log and not stale.exists()
     whole, resumed = load_checkpoint(tmp_path / "whole" / ckpt), load_checkpoint(tmp_path / "resumed" / ckpt)
-    assert whole["trainer"]["iteration"] == resumed["trainer"]["iteration"] == 9
+    length = next(v for k, v in tiny.items() if k.endswith("epoch_length"))
+    assert whole["trainer"]["iteration"] == resumed["trainer"]["iteration"] == 3 * length
     weights = [part for part in whole if part not in ("trainer", "rng") and "optim" not in part]
     assert {"network", "autoencoder"} & set(weights)
     for part in weights:  # the networks (generator, discriminator), EMA, augmentation state

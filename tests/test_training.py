@@ -185,3 +185,16 @@ def test_a_fresh_training_never_replaces_final_weights_of_an_earlier_one(tmp_pat
         saver.load(None)
     assert earlier.read_bytes() == before
     ResumableCheckpoint(tmp_path / "ckpt", {"network": net}, final_model_path=earlier, overwrite=True).load(None)
+
+
+def test_checkpoints_never_fall_inside_an_accumulation_phase(tmp_path):
+    from brainsynth.engine.training import ResumableCheckpoint
+
+    class _Engine:
+        accumulation_steps = 2
+
+        class state:
+            epoch_length = 3
+
+    with pytest.raises(ValueError, match="epoch_length 3 x save_every 1 is not a multiple of accumulation_steps 2"):
+        ResumableCheckpoint(tmp_path, {"network": torch.nn.Linear(1, 1)}).attach(_Engine())

@@ -136,6 +136,14 @@ class ResumableCheckpoint:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        accumulation = int(getattr(engine, "accumulation_steps", 1) or 1)
+        length = getattr(engine.state, "epoch_length", None)
+        if accumulation > 1 and length and (length * self.save_every) % accumulation:
+            raise ValueError(
+                f"epoch_length {length} x save_every {self.save_every} is not a multiple of accumulation_steps "
+                f"{accumulation}: a checkpoint would fall inside an accumulation phase and a resumed training would "
+                f"lose its partial gradients; choose an epoch_length that is a multiple of {accumulation}"
+            )
         engine.add_event_handler(Events.STARTED, self.lock.acquire)
         engine.add_event_handler(Events.COMPLETED, self.lock.release)
         if self.resume:
