@@ -220,6 +220,11 @@ def test_weight_file_with_wrong_hash_is_refused(toy, tmp_path):
     weights.unlink()
     with pytest.raises(WeightFileError, match="missing; fetch it with `python -m monai.bundle download_large_files"):
         verify_large_files(unpacked)
+    # a deleted large_files.yml does not turn the check off silently: the archive's weights are unverifiable
+    weights.write_bytes(bytes(data))
+    (unpacked / "large_files.yml").unlink()
+    with pytest.raises(WeightFileError, match="large_files.yml: missing from this bundle archive, so model.pt cannot"):
+        verify_large_files(unpacked)
 
 
 def test_packaging_refuses_incomplete_bundles(toy, tmp_path):

@@ -110,6 +110,14 @@ def verify_large_files(bundle_root: str | os.PathLike) -> bool:
     """
     root = Path(bundle_root)
     listing = root / LARGE_FILES_NAME
+    if not listing.is_file() and (root / "brainsynth").is_dir():  # an unpacked archive (it vendors the library)
+        weights = sorted(p for p in (root / "models").glob("*") if p.suffix in WEIGHT_SUFFIXES)
+        unrecorded = [p for p in weights if not Path(str(p) + ".sha256").is_file()]
+        if unrecorded:
+            raise WeightFileError(
+                f"{listing}: missing from this bundle archive, so {', '.join(p.name for p in unrecorded)} cannot be "
+                f"verified; download the archive again (or restore its large_files.yml)"
+            )
     problems = []
     for e in read_large_files(root):
         path = _inside(root, e["path"])
