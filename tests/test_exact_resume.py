@@ -52,7 +52,16 @@ CASES = {
         ("ae_max_epochs",),
         "models/autoencoder_training/checkpoint_last.pt",
     ),
+    "ldm_diffusion": (
+        ldm.BUNDLE,
+        ["configs/train_autoencoder.json", "configs/train_diffusion.json", "configs/demo.json"],
+        {**ldm.TINY, "diffusion_epoch_length": 3, "diffusion_batch_size": 3, "ema_start_step": 2},
+        ("diffusion_max_epochs",),
+        "models/diffusion_training/checkpoint_last.pt",
+    ),
 }
+#: stages a case builds on, trained first (identically) into both runs' folders
+PREREQUISITES = {"ldm_diffusion": (["configs/train_autoencoder.json", "configs/demo.json"], ("ae_max_epochs",))}
 
 
 def _train(bundle, configs, overlay_path, root, epochs, epoch_keys):
@@ -80,18 +89,23 @@ def test_stop_and_resume_equals_the_uninterrupted_run(name, tmp_path):
     bundle, configs, tiny, epoch_keys, ckpt = CASES[name]
     overlay = tmp_path / "tiny.json"
     overlay.write_text(json.dumps({**tiny, "cache_dir": str(tmp_path / "cache"), "save_every_epochs": 1}))
-    # uninterrupted: 3 epochs of 3 iterations
+    for root in ("whole", "resumed"):
+        if name in PREREQUISITES:
+            _train(bundle, PREREQUISITES[name][0], overlay, tmp_path / root, 1, PREREQUISITES[name][1])
+    # uninterrupted: 3 epochs
     _train(bundle, configs, overlay, tmp_path / "whole", 3, epoch_keys)
-    # stopped after the first epoch's checkpoint (mid-way through a pass over the data; with accumulation, a kill
-    # inside the next accumulation phase resumes from the same checkpoint), then resumed to 3 epochs;
-    # a killed save left a temporary file that the resume removes
+    # stopped after the first and after the second epoch's checkpoint (two kill points, each mid-way through a pass
+    # over the data; with accumulation, a kill inside the next accumulation phase resumes from the same
+    # checkpoint), each time resumed; a killed save left a temporary file that the resume removes
     _train(bundle, configs, overlay, tmp_path / "resumed", 1, epoch_keys)
     stale = (tmp_path / "resumed" / ckpt).parent / ".checkpoint_last.abc123.tmp.pt"
     stale.write_bytes(b"partial")
-    log = _train(bundle, configs, overlay, tmp_path / "resumed", 3, epoch_keys)
+    log = _train(bundle, configs, overlay, tmp_path / "resumed", 2, epoch_keys)
     assert "resumed from" in log and not stale.exists()
+    log = _train(bundle, configs, overlay, tmp_path / "resumed", 3, epoch_keys)
+    assert "resumed from" in log
     whole, resumed = load_checkpoint(tmp_path / "whole" / ckpt), load_checkpoint(tmp_path / "resumed" / ckpt)
-    length = next(v for k, v in tiny.items() if k.endswith("epoch_length"))
+    length = tiny[epoch_keys[0].replace("max_epochs", "epoch_length")]
     assert whole["trainer"]["iteration"] == resumed["trainer"]["iteration"] == 3 * length
     weights = [part for part in whole if part not in ("trainer", "rng") and "optim" not in part]
     assert {"network", "autoencoder"} & set(weights)
