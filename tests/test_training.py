@@ -198,3 +198,50 @@ def test_checkpoints_never_fall_inside_an_accumulation_phase(tmp_path):
 
     with pytest.raises(ValueError, match="epoch_length 3 x save_every 1 is not a multiple of accumulation_steps 2"):
         ResumableCheckpoint(tmp_path, {"network": torch.nn.Linear(1, 1)}).attach(_Engine())
+
+
+def _ddp_draws(rank: int, world: int, folder: str, port: int, out: str) -> None:
+    """One rank: an uninterrupted 2-epoch run, then a run stopped after epoch 1 and resumed; the random draws of
+    epoch 2 in both."""
+    import torch.distributed as dist
+    from ignite.engine import Engine, Events
+
+    from brainsynth.engine.training import ResumableCheckpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    draws: dict[str, list[float]] = {}
+
+    def run(tag: str, root: str, epochs: int) -> None:
+        engine = Engine(lambda e, b: torch.rand(1).item())
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: draws.setdefault(tag, []).append((e.state.iteration, e.state.output))
+        )
+        ResumableCheckpoint(root, {"trainer": engine}).attach(engine)
+        engine.run(range(2), max_epochs=epochs)
+        dist.barrier()  # as between two launches: the next run starts after this one's checkpoint is written
+
+    torch.manual_seed(100 + rank)  # every rank its own stream, as the bundles' multi-GPU overlays seed
+    run("whole", f"{folder}/whole", 2)
+    torch.manual_seed(100 + rank)
+    run("first", f"{folder}/resumed", 1)
+    torch.manual_seed(999)  # a restarted process starts from some other state; the checkpoint restores each rank's
+    run("resumed", f"{folder}/resumed", 2)
+    dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(draws, f)
+
+
+def test_each_rank_resumes_its_own_random_stream_under_ddp(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_draws, args=(2, str(tmp_path), port, str(tmp_path)), nprocs=2, join=True)
+    draws = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in draws:
+        epoch2 = [v for i, v in rank["whole"] if i > 2]
+        assert [v for i, v in rank["resumed"] if i > 2] == epoch2 and len(epoch2) == 2
+    assert draws[0]["whole"] != draws[1]["whole"]  # the ranks' streams differ, and each got its own back

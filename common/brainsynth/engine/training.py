@@ -163,7 +163,8 @@ class ResumableCheckpoint:
         return obj.state_dict()
 
     def load(self, engine) -> None:
-        remove_stale_temporaries(self.save_dir)
+        if is_main_process():  # the only writer: another rank could otherwise delete a save in flight
+            remove_stale_temporaries(self.save_dir)
         if not self.last_path.is_file():
             self._refuse_foreign_final_model()
             return
@@ -187,7 +188,18 @@ class ResumableCheckpoint:
         # the rest of the run replays the uninterrupted one: the random streams as they were at the save, and the
         # data order from the same position (a ResumableRandomSampler continues where the run stopped)
         if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+            rank, world = _rank_and_world()
+            per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+            if len(per_rank) == world:
+                set_rng_state(per_rank[rank])
+            else:
+                set_rng_state(ckpt["rng"])
+                logger.warning(
+                    "%s holds the random states of %d process(es), this run has %d: each continues from rank 0's",
+                    self.last_path,
+                    len(per_rank),
+                    world,
+                )
         else:
             logger.warning(
                 "%s has no random-number state (written before 0.3.0): the resumed run continues, but "
@@ -209,23 +221,37 @@ class ResumableCheckpoint:
             )
 
     def save(self, engine) -> None:
-        if not is_main_process():
-            return
         # the random state as it was when the epoch's last iteration ended: work that other handlers do after it
         # (end-of-training statistics, previews) must not move the stream a resumed run continues from
         iteration = engine.state.iteration if engine is not None else None
         if self._epoch_end_rng is None or self._epoch_end_rng[0] != iteration:
-            self._epoch_end_rng = (iteration, get_rng_state())
+            self._capture_rng(engine)
+        if not is_main_process():
+            return
+        per_rank = self._epoch_end_rng[1]
         state = {k: self._object_state(v) for k, v in self.save_dict.items()}
-        save_checkpoint({**state, "rng": self._epoch_end_rng[1]}, self.last_path)
+        save_checkpoint({**state, "rng": per_rank[0], "rng_per_rank": per_rank}, self.last_path)
 
     def _capture_rng(self, engine) -> None:
-        self._epoch_end_rng = (engine.state.iteration, get_rng_state())
+        """Every rank's random state (gathered to all ranks under torch.distributed, so each resumes its own)."""
+        state = get_rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, state)
+        else:
+            per_rank = [state]
+        self._epoch_end_rng = (engine.state.iteration if engine is not None else None, per_rank)
 
     def finish(self, engine) -> None:
         self.save(engine)
         if self.final_model_path is not None and is_main_process():
             save_checkpoint(self._object_state(self.save_dict[self.final_from]), self.final_model_path, record=True)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class TrainingLock:
