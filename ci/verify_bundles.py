@@ -745,7 +745,8 @@ def install_engine_probe() -> None:
             write()
 
     def counting_save(obj, f, *args, **kwargs):
-        state["saves"].append(Path(str(f)).name)
+        if isinstance(f, (str, os.PathLike)):  # files only: torch.distributed pickles through in-memory buffers
+            state["saves"].append(Path(str(f)).name)
         return original_save(obj, f, *args, **kwargs)
 
     Engine.run = counting_run
