@@ -80,6 +80,7 @@ def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
         "trainer",
         "slice_sampling",
         "rng",
+        "rng_per_rank",
     }
     assert (out / "models" / "model.pt").is_file()
 

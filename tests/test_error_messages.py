@@ -70,3 +70,26 @@ def test_bad_condition_mask(tmp_path, bad):
     save_nifti(lm, masks / "case.nii.gz", dtype=np.int16)
     last = _last_line(["--dataset_dir", str(masks)], tmp_path)
     assert last.startswith("error: ") and "case.nii.gz" in last, last
+
+
+def test_implausible_mask_spacing(tmp_path):
+    masks = tmp_path / "masks"
+    lm = np.zeros((24, 24, 16), np.int16)
+    lm[4:20, 4:20, 2:14] = 4
+    lm[10:14, 10:14, 6:10] = 2
+    save_nifti(lm, masks / "case.nii.gz", affine=np.diag([750.0, 750.0, 750.0, 1.0]), dtype=np.int16)
+    last = _last_line(["--dataset_dir", str(masks)], tmp_path)
+    assert "case.nii.gz" in last and "outside the plausible" in last, last
+
+
+def test_refused_weights(tmp_path):
+    """A model.pt that does not match its sha256 record: the run stops naming the file, before any sampling."""
+    import torch
+
+    from brainsynth.engine.io import hash_record_path, save_checkpoint
+
+    models = tmp_path / "run" / "models"
+    weights = save_checkpoint({"x": torch.zeros(3)}, models / "model.pt", record=True)
+    hash_record_path(weights).write_text("0" * 64 + "  model.pt\n")
+    last = _last_line([], tmp_path)
+    assert last.startswith("error: ") and "model.pt: sha256" in last and "does not match its record" in last, last

@@ -81,7 +81,7 @@ def test_train_resume_sample_end_to_end(workspace):
     _run("training", train)
     ckpt_path = root / "run" / "models" / "checkpoint_last.pt"
     first = load_checkpoint(ckpt_path)
-    assert set(first) == {"network", "optimizer", "lr_scheduler", "ema", "trainer", "rng"}
+    assert set(first) == {"network", "optimizer", "lr_scheduler", "ema", "trainer", "rng", "rng_per_rank"}
     assert first["trainer"]["iteration"] == 2
     assert (root / "run" / "models" / "model.pt").is_file()
 

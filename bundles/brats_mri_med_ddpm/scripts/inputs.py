@@ -22,7 +22,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from brainsynth.conditioning.semantic_mask import MaskError, RegionFromImagesd, SemanticMaskConditioning
+from brainsynth.conditioning.semantic_mask import (
+    MaskError,
+    RegionFromImagesd,
+    SemanticMaskConditioning,
+    check_mask_spacing,
+)
 from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, split_items
 from brainsynth.data.discover import strip_nifti_extension
 
@@ -212,6 +217,7 @@ def check_inputs(
         try:
             item = load(row)
             conditioning.validate(item["mask"], source=str(where), spatial_size=spatial_size, channel_first=True)
+            check_mask_spacing(item["mask"], source=str(where))
         except (MaskError, DatasetError) as e:
             problems.append(str(e))
             continue

@@ -385,7 +385,24 @@ class ValidateConditionMaskd(MapTransform):
             self.conditioning.validate(
                 d[key], spatial_dims=self.spatial_dims, spatial_size=self.spatial_size, channel_first=True
             )
+            check_mask_spacing(d[key], spatial_dims=self.spatial_dims)
         return d
+
+
+def check_mask_spacing(mask: Any, source: str | None = None, spatial_dims: int = 3) -> None:
+    """Raise ``MaskError`` naming the file when a loaded mask's voxel size (from its affine) is implausible for a
+    brain MRI (``brainsynth.data.check.PLAUSIBLE_SPACING_MM``): a unit mix-up in the header, not a real scan."""
+    from brainsynth.data.check import PLAUSIBLE_SPACING_MM
+
+    if not isinstance(mask, MetaTensor):
+        return
+    spacing = [round(float(v), 4) for v in mask.pixdim[:spatial_dims]]
+    low, high = PLAUSIBLE_SPACING_MM
+    if not all(low <= v <= high for v in spacing):
+        raise MaskError(
+            f"{source or source_name(mask)}: voxel spacing {spacing} mm is outside the plausible {low:g} to "
+            f"{high:g} mm of a brain MRI; the header's units or affine are likely wrong"
+        )
 
 
 class MaskOneHotd(MapTransform):
