@@ -54,13 +54,13 @@ def _set_voxels(path: Path, fn) -> None:
     _save(data, path, img.affine)
 
 
-def _rescale_every_file(mm: float):
-    """Every file of the subject with ``mm`` voxels (a unit mix-up in the headers)."""
+def _reaffine_every_file(affine: np.ndarray):
+    """Every file of the subject rewritten with ``affine`` (a unit mix-up or a damaged header)."""
 
     def fn(folder: Path):
         for path in folder.glob("*.nii.gz"):
             img = nib.load(str(path))
-            _save(np.asarray(img.dataobj).copy(), path, np.diag([mm, mm, mm, 1.0]))
+            _save(np.asarray(img.dataobj).copy(), path, affine)
 
     return fn
 
@@ -128,7 +128,16 @@ CASES = {
         "BraTS-GLI-00008-000-t2w",
         "file name says subject 'BraTS-GLI-00008-000'",
     ),
-    "implausible_spacing": (_rescale_every_file(750.0), "{folder}", "outside the plausible 0.1 to 20 mm"),
+    "implausible_spacing": (
+        _reaffine_every_file(np.diag([750.0, 750.0, 750.0, 1.0])),
+        "{folder}",
+        "outside the plausible 0.1 to 20 mm",
+    ),
+    "sheared_affine": (
+        _reaffine_every_file(np.array([[1, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])),
+        "{folder}",
+        "the affine is sheared",
+    ),
     "empty_brain_mask": (
         lambda f: _save(np.zeros(SHAPE, np.uint8), file_of(f, "brain_mask")),
         "brain_mask",

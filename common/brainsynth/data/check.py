@@ -32,6 +32,14 @@ AFFINE_ATOL = 1e-3
 PLAUSIBLE_SPACING_MM = tuple(float(v) for v in os.environ.get("BRAINSYNTH_SPACING_RANGE", "0.1,20").split(","))
 
 
+def _shear(affine: np.ndarray) -> float:
+    """The largest |cosine| between two voxel axes of an affine (0 for a rotation with scaling)."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    axes = axes / np.maximum(np.linalg.norm(axes, axis=0), 1e-12)
+    gram = np.abs(axes.T @ axes - np.eye(3))
+    return float(gram.max())
+
+
 @dataclass
 class SubjectReport:
     subject: str
@@ -257,6 +265,11 @@ def check_row(
             )
         elif ref.affine is not None and abs(np.linalg.det(ref.affine[:3, :3])) < 1e-9:
             report.problems.append(f"{ref.path}: the affine is not invertible (a zero or degenerate axis)")
+        elif ref.affine is not None and _shear(ref.affine) > 1e-2:
+            report.problems.append(
+                f"{ref.path}: the affine is sheared (its voxel axes are not perpendicular, cosine "
+                f"{_shear(ref.affine):.3f}); MRI volumes have perpendicular axes, so the header is likely damaged"
+            )
         for f in readable:
             if f is ref:
                 continue
