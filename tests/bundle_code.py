@@ -28,3 +28,16 @@ def bundle_scripts(bundle: str, module: str | None = None) -> ModuleType:
         sys.modules[package] = pkg
         spec.loader.exec_module(pkg)
     return importlib.import_module(f"{package}.{module}" if module else package)
+
+
+def monai_run(bundle_dir: Path, run_id: str, configs: list, *args: str, timeout: float = 600):
+    """``python -m monai.bundle run RUN_ID --config_file CONFIGS ARGS`` from the bundle folder, one thread, as a
+    user runs it; returns the CompletedProcess."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr([str(c) for c in configs])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [*cmd, *map(str, args)], cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -4,8 +4,6 @@ is ``error: <the project's own message>``, after the full traceback (kept for di
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,26 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import test_med_ddpm_bundle as med  # noqa: E402
+from bundle_code import monai_run  # noqa: E402
 
 
 def _last_line(args, tmp_path, configs=("configs/inference.json", "configs/demo.json")):
     overlay = tmp_path / "tiny.json"
     overlay.write_text(json.dumps({**med.TINY, "cache_dir": str(tmp_path / "cache")}))
     run_id = "training" if "configs/train.json" in configs else "inference"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        repr([*configs, str(overlay)]),
-        "--bundle_root",
-        str(tmp_path / "run"),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=med.BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    proc = monai_run(med.BUNDLE, run_id, [*configs, overlay], "--bundle_root", tmp_path / "run", *args)
     assert proc.returncode != 0
     stderr = proc.stderr.strip()
     assert "\nerror: " in stderr, stderr[-3000:]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import test_d3m_bundle as d3m  # noqa: E402
 import test_ldm_bundle as ldm  # noqa: E402
 import test_med_ddpm_bundle as med  # noqa: E402
+from bundle_code import monai_run  # noqa: E402
 
 # (bundle folder, train configs, tiny overlay, epoch keys, checkpoint path under bundle_root)
 CASES = {
@@ -66,20 +67,7 @@ PREREQUISITES = {"ldm_diffusion": (["configs/train_autoencoder.json", "configs/d
 
 def _train(bundle, configs, overlay_path, root, epochs, epoch_keys):
     args = [arg for key in epoch_keys for arg in (f"--{key}", str(epochs))]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        repr([*configs, str(overlay_path)]),
-        "--bundle_root",
-        str(root),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    proc = monai_run(bundle, "training", [*configs, overlay_path], "--bundle_root", root, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -140,19 +128,7 @@ def test_one_training_per_checkpoint_folder(tmp_path):
     folder.mkdir(parents=True)
     lock = folder / ".training.lock"
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))  # alive
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        repr([*configs, str(overlay)]),
-        "--bundle_root",
-        str(tmp_path / "run"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    proc = monai_run(bundle, "training", [*configs, overlay], "--bundle_root", tmp_path / "run")
     assert proc.returncode != 0 and f"PID {os.getpid()}" in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]  # the problem and the fix, not MONAI's "Failed to evaluate"
     assert last.startswith("error: ") and "another training is using this checkpoint folder" in last, last

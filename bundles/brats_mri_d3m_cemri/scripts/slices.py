@@ -368,12 +368,8 @@ def _input_path(value: Any) -> str | None:
 
 def _reference_file(row: Mapping[str, Any], key: str) -> str | None:
     """The NIfTI file the input ``key`` came from (a path, or a loaded MetaTensor's filename), else None."""
-    source = row.get(key)
-    if isinstance(source, MetaTensor):
-        source = source.meta.get("filename_or_obj")
-    if isinstance(source, (str, os.PathLike)) and str(source).endswith((".nii", ".nii.gz")):
-        return str(source)
-    return None
+    source = _input_path(row.get(key))
+    return source if source and source.endswith((".nii", ".nii.gz")) else None
 
 
 class SaveSynthesisd(MapTransform):
@@ -430,7 +426,7 @@ class SaveSynthesisd(MapTransform):
         subject = str(d.get("subject") or "subject")
         conditions = {
             "input_modalities": self.condition_keys,
-            **input_hashes({k: _reference_file(d, k) or _input_path(d.get(k)) for k in self.condition_keys}),
+            **input_hashes({k: _input_path(d.get(k)) for k in self.condition_keys}),
         }
         paths = self.paths(subject)
         if not self.overwrite:

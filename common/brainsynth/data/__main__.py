@@ -64,8 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _synthetic_note(row) -> str:
-    files = synthetic_files(row)
+def _synthetic_note(files: list) -> str:
     return f"  SYNTHETIC ({len(files)} file{'s' * (len(files) != 1)})" if files else ""
 
 
@@ -78,7 +77,8 @@ def _run_check(args, rows) -> int:
         f"labels {', '.join(map(str, conventions))}"
     )
     width = max(len(r.subject) for r in reports)
-    for row, report in zip(rows, reports):
+    synthetic = [synthetic_files(row) for row in rows]  # each file's header read once
+    for row, report, marked in zip(rows, reports, synthetic):
         grid = ""
         if report.shape:
             grid = f"  {'x'.join(map(str, report.shape))} @ {'x'.join(f'{s:.3g}' for s in report.spacing)} mm"
@@ -86,12 +86,12 @@ def _run_check(args, rows) -> int:
         notes = f"  ({'; '.join(report.notes)})" if report.notes else ""
         print(
             f"{'OK' if report.usable else 'UNUSABLE':9s} {report.subject:{width}s}  {files}{grid}{notes}"
-            f"{_synthetic_note(row)}"
+            f"{_synthetic_note(marked)}"
         )
         for problem in report.problems:
             print(f"    - {problem}")
     bad = sum(not r.usable for r in reports)
-    synthetic = sum(bool(synthetic_files(row)) for row in rows)
+    synthetic = sum(bool(marked) for marked in synthetic)
     if synthetic:
         print(f"{synthetic} synthetic subject{'s' * (synthetic != 1)} (brainsynth provenance mark)")
     print(f"{len(reports)} subjects: {len(reports) - bad} usable, {bad} unusable")
@@ -106,7 +106,8 @@ def _run_discover(args, rows) -> int:
         files = " ".join(available_modalities(row) + [k for k in ("seg", "brain_mask") if row.get(k)])
         print(
             f"{row['subject']}  split={row.get('split', '-')}  pathology={row.get('pathology', '-')}  "
-            f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}{_synthetic_note(row)}"
+            f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}"
+            f"{_synthetic_note(synthetic_files(row))}"
         )
     print(f"{len(rows)} subjects")
     return 0

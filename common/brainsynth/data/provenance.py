@@ -32,11 +32,10 @@ PROVENANCE_VERSION = 1
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file (``brainsynth.engine.bundle_archive.file_hash``, the archives' own hasher)."""
+    from brainsynth.engine.bundle_archive import file_hash
+
+    return file_hash(path, "sha256")
 
 
 def sidecar_path(nifti_path: str | os.PathLike) -> Path:

@@ -36,10 +36,7 @@ def seed_everything(seed: int) -> int:
 
 
 def is_main_process() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
+    return _rank_and_world()[0] == 0
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -323,18 +320,33 @@ class TrainingLock:
 
 
 # --- exact resume -------------------------------------------------------------------------------------------
+def _numpy_state(state: tuple) -> dict:
+    """A numpy MT19937 state (``get_state()``) as weights-only-loadable values."""
+    _, keys, pos, has_gauss, cached = state
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _numpy_tuple(state: Mapping[str, Any]) -> tuple:
+    return (
+        "MT19937",
+        state["keys"].numpy().astype(np.uint32),
+        state["pos"],
+        state["has_gauss"],
+        state["cached_gaussian"],
+    )
+
+
 def get_rng_state() -> dict:
     """The random states of torch (CPU and every CUDA device), numpy and Python, as weights-only-loadable values."""
-    np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
+        "numpy": _numpy_state(np.random.get_state()),
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
     if torch.cuda.is_available():
@@ -346,10 +358,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
+    np.random.set_state(_numpy_tuple(state["numpy"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -409,18 +418,7 @@ class RandomTransformState:
         return found
 
     def state_dict(self) -> dict:
-        out = []
-        for t in self._randomizables():
-            _, keys, pos, has_gauss, cached = t.R.get_state()
-            out.append(
-                {
-                    "keys": torch.from_numpy(keys.astype(np.int64)),
-                    "pos": int(pos),
-                    "has_gauss": int(has_gauss),
-                    "cached_gaussian": float(cached),
-                }
-            )
-        return {"states": out}
+        return {"states": [_numpy_state(t.R.get_state()) for t in self._randomizables()]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         targets = self._randomizables()
@@ -429,9 +427,7 @@ class RandomTransformState:
                 f"checkpoint holds {len(state['states'])} random-transform states, the pipeline has {len(targets)}"
             )
         for t, st in zip(targets, state["states"]):
-            t.R.set_state(
-                ("MT19937", st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"])
-            )
+            t.R.set_state(_numpy_tuple(st))
 
 
 def _resume_sampler(engine) -> None:
