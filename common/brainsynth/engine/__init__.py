@@ -1,6 +1,7 @@
 """Infrastructure every bundle's training and inference uses: training (EMA, crash-safe resumable checkpoints,
 strict config overrides, seeding), acceleration, preview PNGs, io (atomic, non-overwriting writes; weights-only
-loading) and bundle_archive (hash-checked weights). Not here: anything that knows a paper.
+loading), bundle_archive (hash-checked weights), figures (study PNGs: bars, histograms, curves) and study (the
+command, commit and machine a result records). Not here: anything that knows a paper.
 """
 
 from brainsynth import lazy_submodules

@@ -1,0 +1,46 @@
+"""What every study result records beside its numbers: the command, the code's commit, the machine, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def git_commit(folder: str | os.PathLike | None = None) -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+    cwd = str(folder or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def run_context() -> dict[str, Any]:
+    """Command line, commit, machine and package versions of the running process."""
+    import monai
+    import torch
+
+    argv = list(sys.argv)
+    if argv and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
+        argv[0:1] = ["python", "-m", "monai.bundle"]  # how the user typed it
+    return {
+        "command": " ".join(argv),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
+    }
