@@ -476,7 +476,8 @@ class PairedSliceMetrics:
     Per iteration (one subject, batch size 1): PSNR / SSIM of the synthetic image (pred channel 0) against the
     real one (``label``), over the whole slice and inside ``region_key`` (a {0, 1} map), for every evaluated slice;
     both images go from [-1, 1] to [0, 1] first (data range 1). At the end: ``<output_dir>/<method>_per_slice.csv``
-    and ``<method>_per_volume.csv``.
+    and ``<method>_per_volume.csv``, and with ``example_subjects`` > 0 the first subjects' synthetic, real and region
+    slices in ``<method>_examples.npz`` (for figures).
     """
 
     def __init__(
@@ -486,11 +487,14 @@ class PairedSliceMetrics:
         region_key: str = "region",
         indices_key: str = "slice_indices",
         overwrite: bool = False,
+        example_subjects: int = 1,
     ):
         self.output_dir, self.method = Path(output_dir), str(method)
         self.region_key, self.indices_key, self.overwrite = region_key, indices_key, bool(overwrite)
+        self.example_subjects = int(example_subjects)
         self.slice_rows: list[dict] = []
         self.volume_rows: list[dict] = []
+        self.examples: dict[str, np.ndarray] = {}
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -500,7 +504,7 @@ class PairedSliceMetrics:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine) -> None:
-        self.slice_rows, self.volume_rows = [], []
+        self.slice_rows, self.volume_rows, self.examples = [], [], {}
 
     @staticmethod
     def _first(value):
@@ -529,6 +533,10 @@ class PairedSliceMetrics:
             m = slice_metrics(p, t, r)
             self.slice_rows += slice_rows(m, subject, zs, self.method)
             self.volume_rows.append({"method": self.method, "subject": subject, "slices": len(zs), **volume_metrics(m)})
+            if len(self.volume_rows) <= self.example_subjects:
+                for name, a in (("synthetic", p), ("real", t), ("region", r.float())):
+                    self.examples[f"{subject}/{name}"] = a.numpy().astype(np.float32)
+                self.examples[f"{subject}/slices"] = np.asarray(zs)
 
     def _write(self, engine) -> None:
         from brainsynth.engine.training import is_main_process
@@ -538,6 +546,12 @@ class PairedSliceMetrics:
             return
         write_csv(self.slice_rows, self.output_dir / f"{self.method}_per_slice.csv", overwrite=self.overwrite)
         write_csv(self.volume_rows, self.output_dir / f"{self.method}_per_volume.csv", overwrite=self.overwrite)
+        if self.examples:
+            from brainsynth.engine.io import atomic_path
+
+            with atomic_path(self.output_dir / f"{self.method}_examples.npz", overwrite=self.overwrite) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **self.examples)
         finite = [r["psnr_region"] for r in self.slice_rows if math.isfinite(r["psnr_region"])]
         logger.info(
             "%s: %d slices of %d subjects evaluated; mean tumour PSNR %.2f dB",

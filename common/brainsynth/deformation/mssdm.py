@@ -74,6 +74,8 @@ class DeformableDenoiser(nn.Module):
         mask_channel: which target channel is the mask that guides the deformation.
         prediction_type: what the denoiser predicts (D3M: v_prediction); used to estimate the mask in training.
         warp_mode, padding_mode: MONAI Warp interpolation and padding.
+        max_timestep: deform only samples whose training timestep is at most this (low noise only; None: every
+            timestep, as D3M). The sampler takes the same limit (MSSDMInferer ``mssdm_max_timestep``).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class DeformableDenoiser(nn.Module):
         prediction_type: str = DDPMPredictionType.V_PREDICTION,
         warp_mode: str = "bilinear",
         padding_mode: str = "border",
+        max_timestep: int | None = None,
     ):
         super().__init__()
         if deformer is not None and not 0 <= mask_channel < target_channels:
@@ -95,6 +98,7 @@ class DeformableDenoiser(nn.Module):
         self.mask_channel = mask_channel
         self.prediction_type = prediction_type
         self.warp = make_warp(warp_mode, padding_mode)
+        self.max_timestep = None if max_timestep is None else int(max_timestep)
 
     @property
     def has_deformer(self) -> bool:
@@ -127,6 +131,8 @@ class DeformableDenoiser(nn.Module):
         # in training and in sampling
         clean_estimate = predict_x0(output, noisy_target, alpha_bar, self.prediction_type).clamp(-1.0, 1.0)
         field = self.estimate_field(clean_estimate)
+        if self.max_timestep is not None:  # no displacement (identity warp) above the limit
+            field = field * _per_sample((timesteps <= self.max_timestep).to(field.dtype), field.ndim)
         return self.warp(output, field), field
 
 
@@ -146,6 +152,7 @@ class MSSDMInferer(DiffusionInferer):
         eta: DDIM stochasticity (D3M: 0, deterministic).
         use_mssdm: warp the clean estimate at every sampling step when the network has a deformer.
         amp: autocast the network in float16 on CUDA while sampling.
+        mssdm_max_timestep: warp only at steps whose timestep is at most this (None: every step, as D3M).
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class MSSDMInferer(DiffusionInferer):
         eta: float = 0.0,
         use_mssdm: bool = True,
         amp: bool = False,
+        mssdm_max_timestep: int | None = None,
     ):
         super().__init__(scheduler)
         if sample_scheduler is None:
@@ -184,6 +192,7 @@ class MSSDMInferer(DiffusionInferer):
         self.eta = float(eta)
         self.use_mssdm = bool(use_mssdm)
         self.amp = bool(amp)
+        self.mssdm_max_timestep = None if mssdm_max_timestep is None else int(mssdm_max_timestep)
 
     # --- training -------------------------------------------------------------------------------------------
     def __call__(
@@ -258,8 +267,11 @@ class MSSDMInferer(DiffusionInferer):
             t_batch = torch.full((image.shape[0],), int(t), device=image.device, dtype=torch.long)
             with autocast:
                 output = diffusion_model(torch.cat([image, conditioning], dim=1), timesteps=t_batch)
+            hook = x0_transform
+            if hook is not None and self.mssdm_max_timestep is not None and int(t) > self.mssdm_max_timestep:
+                hook = None
             image, _ = scheduler.step(
-                output.float(), int(t), image, eta=self.eta, generator=generator, x0_transform=x0_transform
+                output.float(), int(t), image, eta=self.eta, generator=generator, x0_transform=hook
             )
             if save_intermediates and int(t) % int(intermediate_steps or 1) == 0:
                 intermediates.append(image)

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from brainsynth.engine.io import atomic_path
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -23,8 +23,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike, overwrite: bool) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: str | os.PathLike, overwrite: bool) -> Path:
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=overwrite) as tmp:
@@ -41,7 +41,7 @@ def bar_chart(
     overwrite: bool = False,
 ) -> Path:
     """Grouped bars: ``groups[group][series] = (mean, sd)``, sd drawn as an error bar."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(groups)
     series = list(dict.fromkeys(s for g in groups.values() for s in g))
     width = 0.8 / max(len(series), 1)
@@ -56,7 +56,7 @@ def bar_chart(
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
 
 
 def histograms(
@@ -71,7 +71,7 @@ def histograms(
     """Overlaid histograms of each named sample (shared bins), with an optional vertical threshold line."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     values = [v for s in samples.values() for v in s if np.isfinite(v)]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 25)
@@ -84,7 +84,7 @@ def histograms(
     ax.set_ylabel("volumes")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
 
 
 def curves(
@@ -97,7 +97,7 @@ def curves(
     overwrite: bool = False,
 ) -> Path:
     """Line plot of each named ``(x, y)`` series."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, (x, y) in series.items():
         ax.plot(list(x), list(y), label=name, linewidth=1.2)
@@ -108,7 +108,7 @@ def curves(
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
 
 
 def tensorboard_scalars(log_dir: str | os.PathLike, tag: str) -> tuple[list[int], list[float]]:

@@ -35,6 +35,8 @@ def run_context() -> dict[str, Any]:
     argv = list(sys.argv)
     if argv and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
         argv[0:1] = ["python", "-m", "monai.bundle"]  # how the user typed it
+    elif argv and argv[0].endswith(".py"):
+        argv.insert(0, "python")
     return {
         "command": " ".join(argv),
         "commit": git_commit(),
