@@ -207,3 +207,60 @@ def test_paper_network_has_the_authors_parameter_count():
     deformer = sum(p.numel() for p in network.deformer.parameters())
     assert abs(total - 55.8e6) / 55.8e6 < 0.05, f"{total / 1e6:.2f} M parameters, the authors' network has 55.8 M"
     assert 0.05e6 < deformer < 0.2e6, f"deformation U-Net {deformer / 1e6:.3f} M, the authors' is about 0.1 M"
+
+
+# --- deformation schedule and diagnostics -------------------------------------------------------------------
+def _shifting(net):
+    """The deformer's field is a constant one-pixel shift, whatever its input."""
+    torch.nn.init.zeros_(net.deformer.unet.final_conv.weight)
+    with torch.no_grad():
+        net.deformer.unet.final_conv.bias.copy_(torch.tensor([1.0, 0.0]))
+    return net
+
+
+def test_low_noise_schedule_warps_only_samples_at_or_below_the_limit_in_training():
+    net = _shifting(tiny_d3m())
+    net.max_timestep = 250
+    x, t = torch.randn(2, 5, 16, 16), torch.tensor([250, 251])
+    warped, field = net(x, t, alpha_bar=d3m_scheduler().alphas_cumprod[t])
+    v = net.denoiser(x, t)
+    torch.testing.assert_close(warped[1], v[1])  # t = 251 > 250: identity warp, zero field
+    assert field[1].abs().max() == 0 and field[0].abs().max() > 0.5
+    torch.testing.assert_close(warped[0], make_warp()(v, field)[0])
+    assert (warped[0] - v[0]).abs().max() > 1e-3
+
+
+def test_low_noise_schedule_in_sampling_skips_the_warp_above_the_limit():
+    net = _shifting(tiny_d3m())
+    noise, cond = _noise_and_condition(7)
+    kwargs = dict(conditioning=cond, verbose=False)
+    never = MSSDMInferer(d3m_scheduler(), num_inference_steps=5, mssdm_max_timestep=-1).sample(noise, net, **kwargs)
+    off = MSSDMInferer(d3m_scheduler(), num_inference_steps=5, use_mssdm=False).sample(noise, net, **kwargs)
+    always = MSSDMInferer(d3m_scheduler(), num_inference_steps=5, mssdm_max_timestep=999).sample(noise, net, **kwargs)
+    full = MSSDMInferer(d3m_scheduler(), num_inference_steps=5).sample(noise, net, **kwargs)
+    low = MSSDMInferer(d3m_scheduler(), num_inference_steps=5, mssdm_max_timestep=300).sample(noise, net, **kwargs)
+    torch.testing.assert_close(never, off)
+    torch.testing.assert_close(always, full)
+    assert (low - full).abs().max() > 1e-3 and (low - off).abs().max() > 1e-3
+
+
+def test_diagnostics_of_a_network_that_predicts_zero_velocity():
+    """v = 0 makes x0 = sqrt(alpha_bar) x_t, whose sign is the noisy input's: the estimate's Dice must equal the
+    no-skill reference exactly; a constant (3, 4)-pixel field has magnitude 5 and zero smoothness penalty."""
+    from brainsynth.deformation.diagnostics import mask_estimate_diagnostics
+
+    net = tiny_d3m()
+    for p in net.denoiser.parameters():
+        torch.nn.init.zeros_(p)
+    torch.nn.init.zeros_(net.deformer.unet.final_conv.weight)
+    with torch.no_grad():
+        net.deformer.unet.final_conv.bias.copy_(torch.tensor([3.0, 4.0]))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 1, 16, 16)
+    mask[:, :, 4:10, 5:12] = 1
+    target = torch.cat([torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1, mask * 2 - 1], 1)
+    out = mask_estimate_diagnostics(net, d3m_scheduler(), target, torch.randn(4, 3, 16, 16), timesteps=(50, 600))
+    for t, e in out.items():
+        assert e["mask_dice"] == e["noisy_mask_dice"]
+        assert e["field_mean_px"] == pytest.approx(5.0, abs=1e-5) and e["field_smoothness"] == pytest.approx(0.0)
+    assert out[50]["mask_dice"] > 0.9 and out[600]["mask_dice"] < out[50]["mask_dice"] - 0.2  # noise erodes it
