@@ -274,7 +274,8 @@ def check_output_dir(
     extra_files: Sequence[str] = (),
 ) -> Path:
     """Fail before sampling if any output of this run (a volume per row, plus ``extra_files``) already exists:
-    outputs never replace earlier ones unless asked."""
+    outputs never replace earlier ones unless asked. Creates nothing (initialize must have no side effects: the
+    writers make the folder)."""
     output_dir = Path(output_dir)
     if not overwrite:
         names = [f"{r['name']}.nii.gz" for r in rows] + [str(f) for f in extra_files if f]
@@ -284,7 +285,6 @@ def check_output_dir(
                 f"{len(clash)} output(s) already exist, e.g. {clash[0]}; choose another output_dir "
                 "or pass --overwrite true"
             )
-    output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 
