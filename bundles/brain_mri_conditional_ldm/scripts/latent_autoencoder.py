@@ -297,7 +297,8 @@ def output_scalars(keys: list[str]):
     pick = from_engine(list(keys), first=True)
 
     def transform(output: Any) -> dict[str, float]:
-        return {k: float(v) for k, v in zip(keys, pick(output))}
+        # detached first: a loss tensor still attached to the graph would make torch warn on conversion
+        return {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in zip(keys, pick(output))}
 
     return transform
 
