@@ -8,7 +8,7 @@ and returns how many units (volumes, slices) it produced. Step specs are "NAME:S
   brainsynth.schedulers.ddim.ExactDDIMScheduler), ``ancestral_ddim:N`` (the same with eta = 1: ancestral, respaced),
   ``pndm:N`` (MONAI's PNDM, a higher-order multistep sampler), ``dpmpp:N`` / ``unipc:N`` (diffusers'
   DPM-Solver++(2M) and UniPC via brainsynth.schedulers.solvers).
-- D3M: ``slice:N`` (one batch of ``slice_batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
+- D3M: ``slice:N`` (one batch of ``batch_size`` 2D slices, N DDIM + MSSDM steps; figure per slice) and
   ``volume:N`` (a whole volume through the bundle's batched SliceSynthesisInferer: 155 slices of 240 x 240 at paper
   size, the demo cohort's slices at demo size; figure per volume).
 - Conditional LDM: ``ddim:N`` (classifier-free-guided DDIM in latent space, then decoding; figure per volume).
@@ -140,7 +140,7 @@ def d3m(parser, spec, size: str = "demo") -> Sampling:
     channels = len(parser.get_parsed_content("condition_modalities"))
     targets = len(parser.get_parsed_content("target_keys"))
     size = parser.get_parsed_content("spatial_size")
-    batch = int(parser.get_parsed_content("slice_batch_size"))
+    batch = int(parser.get_parsed_content("batch_size"))
     gen = torch.Generator().manual_seed(0)
     if what == "slice":
         sampler = parser.get_parsed_content("sampler")

@@ -36,7 +36,6 @@ TINY = {
     "max_epochs": 2,
     "ema_start_step": 0,
     "num_inference_steps": 3,
-    "slice_batch_size": 8,
 }
 
 

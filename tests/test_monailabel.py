@@ -103,8 +103,8 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
         bundle_dir,
         "--input_files",
         repr(files),
-        "--subjects_split",
-        "$None",  # this subject, whatever
+        "--split",
+        "all",  # this subject, whatever its split
         "--output_dir",
         str(tmp / "reference"),
     )  # its split

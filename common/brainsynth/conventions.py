@@ -136,3 +136,34 @@ LAYOUT_LABELS: dict[str, str] = {"brats2021": "brats2021", "brats2023": "brats20
 #: channel order of the MSD Task01 4-D image (per its dataset.json)
 MSD_CHANNELS: tuple[str, ...] = ("flair", "t1w", "t1ce", "t2w")
 LAYOUTS: tuple[str, ...] = ("brats2023", "brats2021", "msd")
+#: separator between subject id and suffix in the file names of each BraTS layout
+LAYOUT_SEPARATORS: dict[str, str] = {"brats2021": "_", "brats2023": "-"}
+
+
+def output_layout(layout: str | None) -> str:
+    """The BraTS naming outputs are written in: the input's when it is BraTS 2021 or 2023, else BraTS 2023 (MSD
+    and datalists have no per-file naming of their own)."""
+    return layout if layout in LAYOUT_SEPARATORS else "brats2023"
+
+
+def layout_file_name(subject: str, role: str, layout: str) -> str:
+    """``<subject><sep><suffix>.nii.gz`` in a BraTS layout: a canonical modality or ``seg`` gets the layout's
+    suffix (BraTS 2021 ``_t1ce``, 2023 ``-t1c``), any other role is used verbatim (e.g. ``brain_mask``)."""
+    if layout not in LAYOUT_SEPARATORS:
+        raise ValueError(f"layout {layout!r} has no file naming; use one of {', '.join(LAYOUT_SEPARATORS)}")
+    suffix = LAYOUT_SUFFIXES[layout].get(role, role)
+    return f"{subject}{LAYOUT_SEPARATORS[layout]}{suffix}.nii.gz"
+
+
+def encode_labels(labels, convention: str):
+    """Canonical labels (array) -> the values ``convention`` gives them (uint8); a label the convention lacks is
+    an error."""
+    import numpy as np
+
+    from_canonical = {c: v for v, c in label_convention(convention).to_canonical.items()}
+    out = np.zeros(np.shape(labels), np.uint8)
+    for value in np.unique(labels):
+        if int(value) not in from_canonical:
+            raise ValueError(f"label {int(value)} has no value in the {convention} convention")
+        out[np.asarray(labels) == value] = from_canonical[int(value)]
+    return out

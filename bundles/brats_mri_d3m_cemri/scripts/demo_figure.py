@@ -29,11 +29,9 @@ def main() -> None:
     config.read_config(args.config_file)
     config["bundle_root"] = args.bundle_root
     rows = config.get_parsed_content("rows")
-    split = config.get_parsed_content("subjects_split")
-    if split:
-        from brainsynth.data import split_items
+    from brainsynth.data import select_split
 
-        rows = split_items(rows, split)
+    rows = select_split(rows, config.get_parsed_content("split"))
     row = next((r for r in rows if r["subject"] == args.subject), None) if args.subject else rows[0]
     if row is None:
         raise SystemExit(f"subject {args.subject} not found; subjects: {', '.join(r['subject'] for r in rows)}")

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from brainsynth import conventions
 from brainsynth.cohort.anatomy import TEMPLATE_NAME, Grid, make_grid
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
 from brainsynth.conventions import (
@@ -38,7 +39,6 @@ from brainsynth.conventions import (
     MSD_CHANNELS,
     PATHOLOGIES,
     canonical_pathology,
-    label_convention,
 )
 from brainsynth.engine.io import atomic_write_text, save_nifti
 
@@ -79,9 +79,8 @@ def subject_files(layout: str, sid: str) -> dict[str, str]:
             "seg": f"labelsTr/{sid}.nii.gz",
             "brain_mask": f"masksTr/{sid}.nii.gz",
         }
-    sep = "-" if layout == "brats2023" else "_"
-    roles = {**LAYOUT_SUFFIXES[layout], "brain_mask": BRAIN_MASK_SUFFIX}
-    return {role: f"{sid}/{sid}{sep}{suffix}.nii.gz" for role, suffix in roles.items()}
+    roles = [*LAYOUT_SUFFIXES[layout], BRAIN_MASK_SUFFIX]
+    return {role: f"{sid}/{conventions.layout_file_name(sid, role, layout)}" for role in roles}
 
 
 def row_label_convention(layout: str, pathology: str) -> str:
@@ -92,13 +91,10 @@ def row_label_convention(layout: str, pathology: str) -> str:
 
 def encode_labels(labels: np.ndarray, convention: str) -> np.ndarray:
     """Canonical labels -> the values ``convention`` uses for them (uint8)."""
-    from_canonical = {c: v for v, c in label_convention(convention).to_canonical.items()}
-    out = np.zeros(labels.shape, np.uint8)
-    for value in np.unique(labels):
-        if int(value) not in from_canonical:
-            raise CohortError(f"label {int(value)} has no value in the {convention} convention")
-        out[labels == value] = from_canonical[int(value)]
-    return out
+    try:
+        return conventions.encode_labels(labels, convention)
+    except ValueError as e:
+        raise CohortError(str(e)) from None
 
 
 def assign_splits(pathologies: Sequence[str], seed: int) -> dict[str, list[int]]:

@@ -12,7 +12,14 @@ from brainsynth.data.check import SubjectReport, check_items, check_row, validat
 from brainsynth.data.dicom import is_dicom_series, read_dicom_series, write_dicom_series
 from brainsynth.data.discover import SPLITS, discover, read_datalist, resolve_dataset_dir, subject_from_path
 from brainsynth.data.errors import DatasetError
-from brainsynth.data.items import available_modalities, expand_scans, image_source, split_items, split_of
+from brainsynth.data.items import (
+    available_modalities,
+    expand_scans,
+    image_source,
+    select_split,
+    split_items,
+    split_of,
+)
 
 
 def __getattr__(name):
@@ -46,6 +53,7 @@ __all__ = [
     "read_dicom_series",
     "remap_labels",
     "resolve_dataset_dir",
+    "select_split",
     "split_items",
     "split_of",
     "subject_from_path",

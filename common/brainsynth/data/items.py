@@ -76,6 +76,29 @@ def split_items(
     return chosen
 
 
+def select_split(
+    items: Iterable[dict[str, Any]], split: str | Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> list[dict[str, Any]]:
+    """The rows a run works on, by the one ``split`` key every bundle takes: ``"all"`` (every row), one of
+    "training" / "validation" / "test", or a list of those. An empty result is an error naming the choice."""
+    items = list(items)
+    names = [split] if isinstance(split, str) else list(split)
+    unknown = [n for n in names if n != "all" and n not in SPLITS]
+    if unknown or not names:
+        raise ValueError(f"split {split!r}: use 'all', one of {', '.join(SPLITS)}, or a list of those")
+    if "all" in names:
+        if not items:
+            raise DatasetError("no subjects found (split 'all'); check dataset_dir")
+        return items
+    chosen = [row for row in items if split_of(row, fractions) in names]
+    if not chosen:
+        raise DatasetError(
+            f"no subjects in split {split!r} ({len(items)} rows in all); use split 'all' for a folder of your own "
+            "subjects, give rows a 'split', or add subjects"
+        )
+    return chosen
+
+
 def expand_scans(
     items: Iterable[dict[str, Any]], modalities: Sequence[str] | None = None, require_pathology: bool = True
 ) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -557,6 +557,16 @@ def install_last_line_hook() -> None:
 
     hook._brainsynth = True
     sys.excepthook = hook
+
+
+def require_choice(key: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """A config value must be one of ``allowed``: the error names the key, the value and the choices (for keys
+    such as ``sampler`` that every bundle takes but not every bundle implements in every form)."""
+    if value not in allowed:
+        raise ValueError(
+            f"{key} {value!r} is not available in this bundle; choose one of: {', '.join(map(str, allowed))}"
+        )
+    return value
 
 
 def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
