@@ -42,7 +42,7 @@ from benchmark_samplers import _spec, spec_overrides  # noqa: E402
 #: conditions, which every sampler writes identically and which must not dilute the comparison)
 GENERATED = {
     "brats_mri_med_ddpm": ["*-t1n.nii.gz", "*-t1c.nii.gz", "*-t2w.nii.gz", "*-t2f.nii.gz"],
-    "brats_mri_d3m_cemri": ["*_t1ce_synthetic.nii.gz"],
+    "brats_mri_d3m_cemri": ["*-t1c.nii.gz"],  # the demo cohort is BraTS 2023 named
     "brain_mri_conditional_ldm": ["*.nii.gz"],
 }
 

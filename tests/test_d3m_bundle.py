@@ -94,8 +94,14 @@ def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
     t1_path = datalist.parent / test_subject["t1w"]
     t1 = nib.load(t1_path)
     subject = test_subject["subject"]
-    synthetic = nib.load(out / "outputs" / "d3m" / f"{subject}_t1ce_synthetic.nii.gz")
-    mask = nib.load(out / "outputs" / "d3m" / f"{subject}_enhancing_mask_predicted.nii.gz")
+    # named in the input's naming (the cohort is BraTS 2023): a folder per subject that reads as a dataset
+    folder = out / "outputs" / "d3m" / subject
+    assert sorted(p.name for p in folder.glob("*.nii.gz")) == [
+        f"{subject}-enhancing_predicted.nii.gz",
+        f"{subject}-t1c.nii.gz",
+    ]
+    synthetic = nib.load(folder / f"{subject}-t1c.nii.gz")
+    mask = nib.load(folder / f"{subject}-enhancing_predicted.nii.gz")
     for img in (synthetic, mask):
         assert img.shape == t1.shape
         np.testing.assert_allclose(img.affine, t1.affine, atol=1e-5)
@@ -103,8 +109,8 @@ def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
     assert 0.0 <= values.min() and values.max() <= 1.0 and values.std() > 0
     assert set(np.unique(mask.get_fdata())) <= {0.0, 1.0}
     # both outputs are marked synthetic, with this run's weights, seed and the inputs' hashes (not their names)
-    for name in (f"{subject}_t1ce_synthetic", f"{subject}_enhancing_mask_predicted"):
-        record = read_provenance(out / "outputs" / "d3m" / f"{name}.nii.gz")
+    for name in (f"{subject}-t1c", f"{subject}-enhancing_predicted"):
+        record = read_provenance(folder / f"{name}.nii.gz")
         assert record["source"] == "sidecar" and record["bundle"] == BUNDLE.name and record["seed"] == 0
         assert record["weights_sha256"] == sha256_file(out / "models" / "model.pt")
         assert record["conditions"]["t1w_sha256"] == sha256_file(t1_path)

@@ -1,5 +1,7 @@
 """D3M's 2-D slice pipeline: masks, slice selection and sampling, in-plane geometry, whole-volume synthesis."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -126,6 +128,12 @@ def test_save_synthesis_writes_in_reference_geometry_and_never_overwrites(tmp_pa
     saver = SaveSynthesisd("pred", tmp_path / "out", reference_key="t1w", save_uncertainty=True)
     files = saver({"pred": pred, "t1w": str(ref), "subject": "p"})["pred_files"]
     image, mask, sd = (nib.load(files[k]) for k in ("image", "mask", "sd"))
+    # the input is named in BraTS 2021 style (p_t1), so are the outputs
+    assert [Path(files[k]).name for k in ("image", "mask", "sd")] == [
+        "p_t1ce.nii.gz",
+        "p_enhancing_predicted.nii.gz",
+        "p_t1ce_sd.nii.gz",
+    ]
     assert image.shape == (6, 5, 4) and np.allclose(image.affine, affine)
     assert np.allclose(image.get_fdata(), 1.0) and np.allclose(sd.get_fdata(), 0.1)  # [-1, 1] -> [0, 1]
     assert mask.get_data_dtype() == np.uint8 and int(mask.get_fdata().sum()) == 8

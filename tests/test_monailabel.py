@@ -108,7 +108,7 @@ def d3m_case(scratch: Path, bundle_dir: Path, tmp: Path) -> tuple[Path, dict, np
         "--output_dir",
         str(tmp / "reference"),
     )  # its split
-    (reference,) = sorted((tmp / "reference").rglob("*_t1ce_synthetic.nii.gz"))
+    (reference,) = sorted((tmp / "reference").rglob("*-t1c.nii.gz"))
     return stacked, {"output": "t1ce"}, nib.load(reference).get_fdata()
 
 

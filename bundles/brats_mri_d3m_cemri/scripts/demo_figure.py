@@ -10,6 +10,7 @@ and writes the PNG with brainsynth.engine.preview (axial, coronal and sagittal v
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -37,7 +38,12 @@ def main() -> None:
         raise SystemExit(f"subject {args.subject} not found; subjects: {', '.join(r['subject'] for r in rows)}")
     out_dir = Path(config.get_parsed_content("output_dir"))
     subject, target = row["subject"], config.get_parsed_content("target_modality")
-    synthetic = out_dir / f"{subject}_{target}_synthetic.nii.gz"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle folder, for its scripts package
+    from scripts.slices import SaveSynthesisd
+
+    writer = SaveSynthesisd("pred", out_dir, target_modality=target, save_uncertainty=True)
+    names = writer.paths(subject, writer.layout(row))
+    synthetic = names["image"]
     if not synthetic.is_file():
         raise SystemExit(f"{synthetic}: not found; run the inference workflow first")
     volumes = {
@@ -45,10 +51,9 @@ def main() -> None:
         "T1ce real": nib.load(row[target]).get_fdata(),
         "T1ce synthetic": nib.load(synthetic).get_fdata(),
     }
-    for suffix, name in (("mask_predicted", "mask predicted"), ("synthetic_sd", "uncertainty (sd)")):
-        found = sorted(out_dir.glob(f"{subject}_*{suffix}.nii.gz"))
-        if found:
-            volumes[name] = nib.load(found[0]).get_fdata()
+    for key, name in (("mask", "mask predicted"), ("sd", "uncertainty (sd)")):
+        if names[key].is_file():
+            volumes[name] = nib.load(names[key]).get_fdata()
     from brainsynth.engine.preview import save_preview
 
     seg = np.asarray(nib.load(row["seg"]).get_fdata()) if row.get("seg") else None

@@ -375,9 +375,12 @@ def _reference_file(row: Mapping[str, Any], key: str) -> str | None:
 class SaveSynthesisd(MapTransform):
     """Write a subject's synthesis (``keys``, (3, H, W, D) in the input's grid) as NIfTI files, atomically.
 
-    Files in ``output_dir``: ``<subject>_<image_name>.nii.gz`` (channel 0, in [0, 1]: the [-1, 1] network range
-    mapped linearly), ``<subject>_<mask_name>.nii.gz`` (channel 1 >= ``mask_threshold``, uint8) and, when
-    ``save_uncertainty``, ``<subject>_<image_name>_sd.nii.gz`` (channel 2 on the same [0, 1] scale). Geometry is
+    Files in ``output_dir/<subject>/``, named in the input's BraTS naming (``output_layout`` None: as the input's
+    file names; ``"brats2021"`` / ``"brats2023"`` to choose): the synthetic target (channel 0, in [0, 1]: the
+    [-1, 1] network range mapped linearly) as ``<subject>_t1ce.nii.gz`` (BraTS 2021) or ``<subject>-t1c.nii.gz``
+    (BraTS 2023), the predicted mask (channel 1 >= ``mask_threshold``, uint8) as ``<subject><sep><mask_name>``
+    and, when ``save_uncertainty``, the target's name with ``_sd`` (channel 2 on the same [0, 1] scale). The
+    folder reads as a dataset with the target modality filled in; every file is marked synthetic. Geometry is
     the ``reference_key`` input's (its header for NIfTI; the affine for DICOM input). An existing file is an
     error unless ``overwrite``.
     """
@@ -387,8 +390,8 @@ class SaveSynthesisd(MapTransform):
         keys: KeysCollection,
         output_dir: str | os.PathLike,
         reference_key: str = "t1w",
-        image_name: str = "t1ce_synthetic",
-        mask_name: str = "enhancing_mask_predicted",
+        target_modality: str = "t1ce",
+        mask_name: str = "enhancing_predicted",
         save_mask: bool = True,
         save_uncertainty: bool = False,
         mask_threshold: float = 0.5,
@@ -396,6 +399,7 @@ class SaveSynthesisd(MapTransform):
         allow_missing_keys: bool = False,
         condition_keys: Sequence[str] = ("t1w", "t2w", "flair"),
         provenance: Mapping[str, Any] | None = None,
+        output_layout: str | None = None,
     ):
         """``provenance``: the run's settings for the synthetic mark (``brainsynth.data.provenance.RunProvenance``);
         every written volume is marked, with the hashes of the ``condition_keys`` inputs as its conditions."""
@@ -406,16 +410,31 @@ class SaveSynthesisd(MapTransform):
         self.provenance = RunProvenance(Path(__file__).resolve().parents[1], **dict(provenance or {}))
         self.output_dir = Path(output_dir)
         self.reference_key = reference_key
-        self.image_name, self.mask_name = image_name, mask_name
+        self.target_modality, self.mask_name = target_modality, mask_name
         self.save_mask, self.save_uncertainty = bool(save_mask), bool(save_uncertainty)
         self.mask_threshold, self.overwrite = float(mask_threshold), bool(overwrite)
+        self.output_layout = output_layout
 
-    def paths(self, subject: str) -> dict[str, Path]:
-        out = {"image": self.output_dir / f"{subject}_{self.image_name}.nii.gz"}
+    def layout(self, row: Mapping[str, Any]) -> str:
+        """The naming the outputs of ``row`` take: the chosen one, else the input's."""
+        from brainsynth.conventions import output_layout
+        from brainsynth.data import layout_of_files
+
+        if self.output_layout:
+            return output_layout(self.output_layout)
+        found = row.get("layout") or layout_of_files(_input_path(row.get(k)) for k in self.condition_keys)
+        return output_layout(found)
+
+    def paths(self, subject: str, layout: str = "brats2023") -> dict[str, Path]:
+        from brainsynth.conventions import layout_file_name
+
+        folder = self.output_dir / subject
+        image = folder / layout_file_name(subject, self.target_modality, layout)
+        out = {"image": image}
         if self.save_mask:
-            out["mask"] = self.output_dir / f"{subject}_{self.mask_name}.nii.gz"
+            out["mask"] = folder / layout_file_name(subject, self.mask_name, layout)
         if self.save_uncertainty:
-            out["sd"] = self.output_dir / f"{subject}_{self.image_name}_sd.nii.gz"
+            out["sd"] = image.with_name(image.name[: -len(".nii.gz")] + "_sd.nii.gz")
         return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -428,7 +447,7 @@ class SaveSynthesisd(MapTransform):
             "input_modalities": self.condition_keys,
             **input_hashes({k: _input_path(d.get(k)) for k in self.condition_keys}),
         }
-        paths = self.paths(subject)
+        paths = self.paths(subject, self.layout(d))
         if not self.overwrite:
             existing = [str(p) for p in paths.values() if p.exists()]
             if existing:

@@ -10,7 +10,14 @@ CLI: ``python -m brainsynth.data check DIR [--modalities ...] [--require-seg]`` 
 
 from brainsynth.data.check import SubjectReport, check_items, check_row, validate_items
 from brainsynth.data.dicom import is_dicom_series, read_dicom_series, write_dicom_series
-from brainsynth.data.discover import SPLITS, discover, read_datalist, resolve_dataset_dir, subject_from_path
+from brainsynth.data.discover import (
+    SPLITS,
+    discover,
+    layout_of_files,
+    read_datalist,
+    resolve_dataset_dir,
+    subject_from_path,
+)
 from brainsynth.data.errors import DatasetError
 from brainsynth.data.items import (
     available_modalities,
@@ -57,6 +64,7 @@ __all__ = [
     "split_items",
     "split_of",
     "subject_from_path",
+    "layout_of_files",
     "validate_items",
     "write_dicom_series",
 ]

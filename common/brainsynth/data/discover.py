@@ -23,7 +23,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from brainsynth.conventions import (
     MODALITIES,
@@ -100,6 +100,21 @@ def subject_from_path(path: str | os.PathLike) -> str | None:
     stem = strip_nifti_extension(name) or name
     parsed = parse_scan_name(stem)
     return parsed[0] if parsed and parsed[0] else None
+
+
+def layout_of_files(paths: Iterable[str | os.PathLike | None]) -> str | None:
+    """The dataset layout the names of one subject's files follow (``brats2021``, ``brats2023``, ...), or None
+    when no name parses (e.g. ``t1.nii.gz``)."""
+    parsed = []
+    for p in paths:
+        if p:
+            name = Path(p).name
+            hit = parse_scan_name(strip_nifti_extension(name) or name)
+            if hit:
+                parsed.append(hit)
+    if not parsed:
+        return None
+    return _brats_layout(parsed[0][0], {raw for _, _, raw in parsed})[0]
 
 
 # --- label conventions and pathologies per layout -------------------------------------------------------------
