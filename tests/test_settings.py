@@ -1,0 +1,68 @@
+"""Every bundle lists its user-facing settings (key, default, meaning), and every setting has a meaning."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brainsynth.engine.settings import user_settings
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+ENTRY_POINTS = {
+    "brats_mri_med_ddpm": [["train.json"], ["inference.json"], ["inference.json", "evaluate.json"]],
+    "brats_mri_d3m_cemri": [["train.json"], ["inference.json"], ["inference.json", "evaluate.json"]],
+    "brain_mri_conditional_ldm": [
+        ["train_autoencoder.json"],
+        ["train_autoencoder.json", "train_diffusion.json"],
+        ["inference.json"],
+    ],
+}
+#: the one vocabulary: keys every bundle's inference takes
+SHARED_INFERENCE_KEYS = {
+    "bundle_root",
+    "dataset_dir",
+    "output_dir",
+    "overwrite",
+    "batch_size",
+    "sampler",
+    "num_inference_steps",
+    "seed",
+    "device",
+}
+
+
+@pytest.mark.parametrize("bundle,configs", [(b, c) for b, cs in ENTRY_POINTS.items() for c in cs], ids=str)
+def test_every_user_facing_setting_has_a_meaning(bundle, configs):
+    rows = user_settings([str(BUNDLES / bundle / "configs" / c) for c in configs])
+    undocumented = [key for key, _, meaning in rows if not meaning]
+    assert not undocumented, f"{bundle} {configs}: settings without a meaning (add _comment_<key>): {undocumented}"
+    keys = {key for key, _, _ in rows}
+    assert not {"imports", "initialize", "network_def"} & keys  # wiring is not listed
+
+
+def test_the_same_keys_in_every_bundle():
+    for bundle in ENTRY_POINTS:
+        keys = {k for k, _, _ in user_settings(str(BUNDLES / bundle / "configs" / "inference.json"))}
+        assert SHARED_INFERENCE_KEYS <= keys, f"{bundle}: missing {SHARED_INFERENCE_KEYS - keys}"
+    for bundle, configs in (("brats_mri_med_ddpm", ["inference.json"]), ("brats_mri_d3m_cemri", ["inference.json"])):
+        keys = {k for k, _, _ in user_settings([str(BUNDLES / bundle / "configs" / c) for c in configs])}
+        assert "split" in keys and "subjects_split" not in keys
+
+
+@pytest.mark.parametrize("bundle", list(ENTRY_POINTS))
+def test_settings_run_through_the_monai_runner(bundle):
+    configs = [f"configs/{c}" for c in ENTRY_POINTS[bundle][-1]] + ["configs/demo.json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "settings", "--config_file", repr(configs)],
+        cwd=BUNDLES / bundle,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "--num_inference_steps" in out and "--batch_size" in out and "sampling steps" in out
+    assert "--dataset_dir               demo" in out or "demo" in out.split("--dataset_dir", 1)[1].splitlines()[0]
