@@ -111,3 +111,42 @@ def test_monai_bundle_load_from_another_working_directory(bundle, tmp_path, monk
         torch.testing.assert_close(loaded[key], value, msg=f"{bundle}: {key} differs from the saved weights")
     assert not (elsewhere / "models").exists() and not list(elsewhere.iterdir())  # nothing written where it ran
     assert str(copy) not in sys.path
+
+
+def test_default_bundle_root_is_the_bundle_folder_of_the_configs():
+    from brainsynth.engine.bundle_code import default_bundle_root
+
+    runner = "/env/lib/python3.11/site-packages/monai/bundle/__main__.py"
+    configs = "['bundles/brats_mri_med_ddpm/configs/train.json','/tmp/overlay.json']"
+    assert default_bundle_root([runner, "run", "training", "--config_file", configs]) == "bundles/brats_mri_med_ddpm"
+    assert default_bundle_root([runner, "run", "training", "--config_file", "['configs/train.json']"]) == "."
+    assert default_bundle_root([runner, "run", "training", "--config_file", "/tmp/elsewhere/train.json"]) == "."
+    assert default_bundle_root(["pytest", "--config_file", configs]) == "."  # not the MONAI runner: MONAI's "."
+
+
+def test_a_run_started_from_another_folder_writes_into_the_bundle_only(tmp_path):
+    """From a repository-root-like folder with full config paths: the bundle's scripts import and every output
+    lands in the bundle folder, nothing in the folder the command ran from."""
+    import os
+    import subprocess
+
+    copy = tmp_path / "bundles" / D3M
+    shutil.copytree(BUNDLES / D3M, copy, ignore=shutil.ignore_patterns("cache", "models", "eval", "runs"))
+    cohort = {"n_subjects": 4, "seed": 0, "spacing": 6, "shape": [32, 32, 24], "pathologies": ["glioblastoma"]}
+    tiny = {"demo_cohort": cohort, "spatial_size": [32, 32], "channels": [8, 16], "attention_levels": [False, False],
+            "num_res_blocks": 1, "num_head_channels": [8, 16], "norm_num_groups": 4,
+            "deformer_features": [4, 4, 8, 8, 8, 4], "batch_size": 2, "slices_per_volume": 2, "epoch_length": 1,
+            "max_epochs": 1, "ema_start_step": 0}  # fmt: skip
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))
+    configs = [str(copy.relative_to(tmp_path) / "configs" / c) for c in ("train.json", "demo.json")] + ["tiny.json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs)],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles", "tiny.json"]
+    assert (copy / "models" / "model.pt").is_file() and (copy / "runs" / "d3m" / "checkpoint_last.pt").is_file()

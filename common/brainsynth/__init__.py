@@ -34,3 +34,22 @@ def lazy_submodules(package: str):
 
 
 __getattr__ = lazy_submodules(__name__)
+
+
+def _runner_bundle_on_path() -> None:
+    """Under ``python -m monai.bundle run`` given a bundle's configs by path from another folder (e.g. the
+    repository root), put that bundle's folder on ``sys.path`` as running inside it would: its configs import its
+    own ``scripts`` package (``$import brainsynth`` comes first in every config's imports)."""
+    import os
+    import sys
+
+    if not sys.argv or not sys.argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
+        return
+    from brainsynth.engine.bundle_code import default_bundle_root
+
+    root = os.path.abspath(default_bundle_root())
+    if default_bundle_root() != "." and root not in sys.path:
+        sys.path.insert(0, root)
+
+
+_runner_bundle_on_path()

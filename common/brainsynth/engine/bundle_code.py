@@ -5,6 +5,8 @@ one ``scripts`` per process: after one bundle's configs ran, another bundle's ``
 in the first one's folder. ``bundle_scripts(bundle_dir)`` makes ``scripts`` mean this bundle's for the duration of a
 block (a verifier, a notebook or a server that parses several bundles' configs), then restores what was there.
 ``sys.modules`` is one per process, so blocks in different threads take turns (a lock held for the block).
+
+``default_bundle_root()`` is every config's ``bundle_root``: the bundle's folder, wherever the command runs from.
 """
 
 from __future__ import annotations
@@ -38,3 +40,25 @@ def bundle_scripts(bundle_dir: str | os.PathLike) -> Iterator[Path]:
             for name in _scripts_modules():
                 del sys.modules[name]
             sys.modules.update(saved)
+
+
+def default_bundle_root(argv: list[str] | None = None) -> str:
+    """The bundle folder of the configs ``python -m monai.bundle run`` was given (``bundles/X/configs/a.json`` ->
+    ``bundles/X``), so a run started from another folder writes into the bundle, never into that folder; ``"."``
+    (MONAI's convention) when the configs are not in a bundle's ``configs/`` or the bundle is driven from Python."""
+    import ast
+
+    from brainsynth.engine.training import monai_runner_arguments
+
+    parsed = monai_runner_arguments(argv)
+    files = parsed[0].get("config_file") if parsed else None
+    if not files:
+        return "."
+    try:
+        first = ast.literal_eval(files)[0] if files.startswith("[") else files.split(",")[0]
+    except (ValueError, SyntaxError, IndexError):
+        return "."
+    configs = Path(str(first)).parent
+    if configs.name != "configs" or not (configs / "metadata.json").is_file():
+        return "."
+    return os.path.relpath(configs.parent) if not configs.is_absolute() else str(configs.parent)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 from typing import Any, Sequence
 
 #: meanings of the keys every bundle shares (one vocabulary); a config's ``_comment_<key>`` takes precedence
@@ -129,13 +128,12 @@ def format_settings(rows: list[tuple[str, Any, str]]) -> str:
     return "\n".join(lines)
 
 
-def print_settings(argv: Sequence[str] | None = None) -> None:
+def print_settings(argv: list[str] | None = None) -> None:
     """Print the settings of the configs given to ``python -m monai.bundle run settings --config_file ...``."""
-    from brainsynth.engine.training import _runner_arguments
+    from brainsynth.engine.training import monai_runner_arguments
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    runner, _ = _runner_arguments([a for a in args if a not in ("run", "settings")])
-    files = runner.get("config_file")
+    parsed = monai_runner_arguments(argv)
+    files = parsed[0].get("config_file") if parsed else None
     if not files:
         raise ValueError("give the configs: python -m monai.bundle run settings --config_file CONFIG [...]")
     if files.startswith("["):

@@ -501,6 +501,20 @@ def _runner_arguments(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     return runner, overrides
 
 
+def monai_runner_arguments(argv: list[str] | None = None) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(runner arguments, config overrides) of this process when it is ``python -m monai.bundle run ...`` (also
+    under torchrun), else None (the bundle is driven from Python)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not (argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[0] == "monai.bundle"):
+        return None
+    args = argv[1:]
+    if args and args[0] in ("run", "run_workflow"):
+        args = args[1:]
+    if args and not args[0].startswith("--"):  # positional run_id
+        args = args[1:]
+    return _runner_arguments(args)
+
+
 def check_overrides(config_files: Any, overrides: Mapping[str, Any]) -> None:
     """Raise if an override names a key that none of ``config_files`` defines (MONAI would silently add it)."""
     from monai.bundle import ConfigParser
@@ -576,16 +590,11 @@ def reject_unknown_overrides(argv: list[str] | None = None) -> bool:
     config's ``initialize`` list. It reads the command line of the MONAI bundle runner (also under torchrun) and is
     a no-op when the bundle is driven from Python, where overrides are explicit arguments.
     """
-    argv = list(sys.argv if argv is None else argv)
-    if not argv or not (argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[0] == "monai.bundle"):
+    parsed = monai_runner_arguments(argv)
+    if parsed is None:
         return False
     install_last_line_hook()
-    args = argv[1:]
-    if args and args[0] in ("run", "run_workflow"):
-        args = args[1:]
-    if args and not args[0].startswith("--"):  # positional run_id
-        args = args[1:]
-    runner, overrides = _runner_arguments(args)
+    runner, overrides = parsed
     if "args_file" in runner:
         from monai.bundle import ConfigParser
 
