@@ -573,6 +573,16 @@ def install_last_line_hook() -> None:
     sys.excepthook = hook
 
 
+def set_num_threads(num_threads: int | None) -> int:
+    """CPU threads torch uses for this run (None: leave torch's default, which OMP_NUM_THREADS sets). On a shared
+    CPU, threads that outnumber the free cores spin against other processes; one thread degrades gracefully."""
+    if num_threads is not None:
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1 or null, got {num_threads}")
+        torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
+
+
 def require_choice(key: str, value: Any, allowed: Sequence[Any]) -> Any:
     """A config value must be one of ``allowed``: the error names the key, the value and the choices (for keys
     such as ``sampler`` that every bundle takes but not every bundle implements in every form)."""
