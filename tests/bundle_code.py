@@ -41,3 +41,16 @@ def monai_run(bundle_dir: Path, run_id: str, configs: list, *args: str, timeout:
     return subprocess.run(
         [*cmd, *map(str, args)], cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def brats2021_folder(tmp_path: Path, cohort_kwargs: dict) -> Path:
+    """A user's own BraTS 2021-named folder (``<id>/<id>_t1.nii.gz``..., labels 1 / 2 / 4) without a datalist: the
+    simulated cohort in the BraTS 2021 layout, copied without its JSON files."""
+    import shutil
+
+    from brainsynth.data import resolve_dataset_dir
+
+    built = resolve_dataset_dir("demo", tmp_path / "cache", **{**cohort_kwargs, "layout": "brats2021"})
+    data = tmp_path / "my_data"
+    shutil.copytree(built, data, ignore=shutil.ignore_patterns("*.json", ".*"))
+    return data

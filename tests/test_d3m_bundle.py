@@ -169,3 +169,26 @@ def test_bad_input_stops_before_any_work(workspace, tmp_path, damage, expected):
     message = _root_message(info.value)
     assert expected in message and victim.name in message
     assert not out.exists()  # nothing cached, trained or written
+
+
+def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming(tmp_path):
+    """Weights trained with the demo overlay, then the same overlay on a user's BraTS 2021-named folder without a
+    datalist: every subject is synthesised (the overlay's test split applies to the demo cohort only) and the
+    synthetic T1ce is named like the input's contrasts (``<id>_t1ce.nii.gz``)."""
+    from bundle_code import brats2021_folder
+
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({**TINY, "cache_dir": str(tmp_path / "cache")}))
+    run_bundle("training", ["configs/train.json", "configs/demo.json", overlay], "--bundle_root", tmp_path / "run")
+    data = brats2021_folder(tmp_path, {**TINY["demo_cohort"], "n_subjects": 3})
+    out = tmp_path / "generated"
+    configs = ["configs/inference.json", "configs/demo.json", overlay]
+    run_bundle("inference", configs, "--bundle_root", tmp_path / "run", "--dataset_dir", data, "--output_dir", out)
+    subjects = sorted(p.name for p in data.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == subjects
+    for subject in subjects:
+        names = sorted(p.name for p in (out / subject).glob("*.nii.gz"))
+        assert names == [f"{subject}_enhancing_predicted.nii.gz", f"{subject}_t1ce.nii.gz"]
+        t1 = nib.load(data / subject / f"{subject}_t1.nii.gz")
+        synthetic = nib.load(out / subject / f"{subject}_t1ce.nii.gz")
+        assert synthetic.shape == t1.shape and np.allclose(synthetic.affine, t1.affine, atol=1e-5)

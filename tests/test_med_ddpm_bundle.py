@@ -4,6 +4,7 @@ with a clear error before any work."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,6 @@ def test_train_resume_sample_end_to_end(workspace):
     assert second["optimizer"]["state"][0]["step"].item() == 4  # Adam continued from its saved moments
 
     # monai.bundle.load builds network_def (initialize touches no data) and loads the EMA weights, weights_only
-    import shutil
 
     import monai.bundle
 
@@ -145,7 +145,9 @@ def test_train_resume_sample_end_to_end(workspace):
 
     # running again must not replace the earlier outputs
     proc = _run("inference", ["configs/inference.json", "configs/demo.json", str(overlay)], expect_ok=False)
-    assert proc.returncode != 0 and "already exists" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "already have outputs (nothing was generated)" in log
+    assert "condition mask problems" not in log  # the masks are fine: the heading names the real problem
 
     # masks larger than the model's grid (BraTS 240 x 240 x 155 against 192 x 192 x 144): here the condition masks
     # padded by 4 voxels in-plane to 32 x 32 x 16 around the 24 x 24 x 16 grid. Every voxel outside the generated
@@ -358,3 +360,31 @@ def test_evaluating_and_downstream_workflows(workspace, tmp_path):
     arms = result["arms"]
     assert arms["real + synthetic"]["n_training_volumes"] > arms["real"]["n_training_volumes"]
     assert all(0 <= a["dice_mean"] <= 1 for a in arms.values())
+
+
+def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming_and_labels(tmp_path):
+    """Weights trained with the demo overlay, then the same overlay on a user's folder: every subject is generated
+    (the overlay's test split applies to the demo cohort only) and the outputs are named and labelled like the
+    input (BraTS 2021: _t1 / _t1ce / _t2 / _flair, enhancing = 4)."""
+    overlay = tmp_path / "tiny.json"
+    settings = {k: v for k, v in TINY.items() if k != "split"}  # the demo overlay's own split rule applies
+    overlay.write_text(
+        json.dumps({**settings, "cache_dir": str(tmp_path / "cache"), "bundle_root": str(tmp_path / "run")})
+    )
+    _run("training", ["configs/train.json", "configs/demo.json", str(overlay)])
+    from bundle_code import brats2021_folder
+
+    data = brats2021_folder(tmp_path, {**COHORT, "n_subjects": 3})
+    out = tmp_path / "generated"
+    configs = ["configs/inference.json", "configs/demo.json", str(overlay)]
+    _run("inference", configs, "--dataset_dir", str(data), "--output_dir", str(out))
+    subjects = sorted(p.name for p in data.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == subjects  # all three, whatever their hash split
+    for subject in subjects:
+        names = sorted(p.name for p in (out / subject).iterdir() if p.name.endswith(".nii.gz"))
+        expected = [f"{subject}_{s}.nii.gz" for s in ("brain_mask", "condition", "flair", "seg", "t1", "t1ce", "t2")]
+        assert names == expected
+        seg = np.asarray(nib.load(out / subject / f"{subject}_seg.nii.gz").dataobj)
+        real = np.asarray(nib.load(data / subject / f"{subject}_seg.nii.gz").dataobj)
+        assert 4 in np.unique(real) and 3 not in np.unique(real)  # the input really is BraTS 2021 labelled
+        np.testing.assert_array_equal(seg, real)  # written back in the input's numbering

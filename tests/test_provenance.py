@@ -163,7 +163,7 @@ def test_no_dicom_patient_field_reaches_a_record(tmp_path, weights):
 
     pred = MetaTensor(torch.rand(3, 6, 6, 4) * 2 - 1, affine=torch.eye(4))
     saver({"pred": pred, "subject": "Doe_Jane", **inputs})
-    sidecars = sorted((tmp_path / "out").glob("*.json"))
+    sidecars = sorted((tmp_path / "out").rglob("*.json"))  # <out>/<subject>/...
     assert len(sidecars) == 3
     for sidecar in sidecars:
         text = sidecar.read_text()

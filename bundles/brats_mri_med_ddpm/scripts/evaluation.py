@@ -25,7 +25,7 @@ import torch
 
 from brainsynth.engine.io import atomic_write_text
 
-from .inputs import output_paths
+from .inputs import output_layout_of, output_paths
 
 logger = logging.getLogger("med_ddpm.evaluation")
 
@@ -91,7 +91,7 @@ def evaluate_generation(
     load_gen = LoadSubjectd(keys=list(modalities), seg_key=None)
     real, gen = {m: [] for m in modalities}, {m: [] for m in modalities}
     for row in real_rows:
-        paths = output_paths(generated_dir, row["subject"], modalities)
+        paths = output_paths(generated_dir, row["subject"], modalities, output_layout_of(row))
         missing = [str(paths[m]) for m in modalities if not paths[m].is_file()]
         if missing:
             raise FileNotFoundError(f"{missing[0]}: generated volume missing for subject {row['subject']}")

@@ -40,10 +40,19 @@ def generate(
     preview: bool = False,
     overwrite: bool = False,
     provenance: dict | None = None,
+    output_layout: str | None = None,
 ) -> Path:
     """Sample one volume per row (``{"subject", "mask"}`` or dataset rows) into ``output_dir``; returns it."""
     rows = check_inputs(
-        rows, conditioning, spatial_size, region_keys, list(modalities), str(output_dir), list(modalities), overwrite
+        rows,
+        conditioning,
+        spatial_size,
+        region_keys,
+        list(modalities),
+        str(output_dir),
+        list(modalities),
+        overwrite,
+        output_layout,
     )
     post = Compose(
         [
@@ -56,7 +65,13 @@ def generate(
                 to_tensor=True,
             ),
             SaveGeneratedd(
-                str(output_dir), modalities, conditioning, preview=preview, overwrite=overwrite, provenance=provenance
+                str(output_dir),
+                modalities,
+                conditioning,
+                preview=preview,
+                overwrite=overwrite,
+                provenance=provenance,
+                output_layout=output_layout,
             ),
         ]
     )

@@ -172,19 +172,30 @@ class LoadConditionMaskd(MapTransform):
         return {"subject": subject, "mask": lm, "source": str(source), "label_convention": convention}
 
 
-def output_paths(output_dir: str | Path, subject: str, modalities: Sequence[str]) -> dict[str, Path]:
-    """Files written for one subject (BraTS 2023 file names, so the folder reads as a dataset)."""
-    from brainsynth.conventions import LAYOUT_SUFFIXES
+def output_layout_of(row: Mapping[str, Any], chosen: str | None = None) -> str:
+    """The naming a row's outputs take: ``chosen`` (``brats2021`` / ``brats2023``), else the input's (its dataset
+    layout, or what its mask / segmentation file name follows), else BraTS 2023."""
+    from brainsynth.conventions import output_layout
+    from brainsynth.data import layout_of_files
+
+    if chosen:
+        return output_layout(chosen)
+    found = row.get("layout")
+    if found not in ("brats2021", "brats2023"):
+        found = layout_of_files([row.get("mask") or row.get("seg") or row.get("source")])
+    return output_layout(found)
+
+
+def output_paths(
+    output_dir: str | Path, subject: str, modalities: Sequence[str], layout: str = "brats2023"
+) -> dict[str, Path]:
+    """Files written for one subject, named in ``layout`` (BraTS 2021 ``_t1``..., 2023 ``-t1n``...) so the folder
+    reads as a dataset of that naming."""
+    from brainsynth.conventions import LAYOUT_SEPARATORS, layout_file_name
 
     folder = Path(output_dir) / subject
-    suffixes = LAYOUT_SUFFIXES["brats2023"]
-    paths = {m: folder / f"{subject}-{suffixes[m]}.nii.gz" for m in modalities}
-    paths.update(
-        seg=folder / f"{subject}-seg.nii.gz",
-        brain_mask=folder / f"{subject}-brain_mask.nii.gz",
-        condition=folder / f"{subject}-condition.nii.gz",
-        preview=folder / f"{subject}-preview.png",
-    )
+    paths = {m: folder / layout_file_name(subject, m, layout) for m in [*modalities, "seg", "brain_mask", "condition"]}
+    paths["preview"] = folder / f"{subject}{LAYOUT_SEPARATORS[layout]}preview.png"
     return paths
 
 
@@ -197,16 +208,21 @@ def check_inputs(
     output_dir: str | None = None,
     modalities: Sequence[str] = (),
     overwrite: bool = False,
+    output_layout: str | None = None,
 ) -> list[dict]:
     """Load and validate every condition mask, and check no output would be replaced, before any sampling.
 
-    Raises ``MaskError`` listing every problem (one line each, naming the file). Returns ``rows``.
+    Raises ``MaskError`` listing every mask problem (one line each, naming the file), then ``OutputExistsError``
+    listing the outputs that exist already. Returns ``rows``.
     """
+    from brainsynth.engine.io import OutputExistsError
+
     rows = list(rows)
     if not rows:
         raise MaskError("no condition masks to generate from")
     load = LoadConditionMaskd(conditioning, region_keys, image_keys)
     problems: list[str] = []
+    clashes: list[str] = []
     seen: dict[str, str] = {}
     for row in rows:
         subject = str(row.get("subject"))
@@ -222,12 +238,13 @@ def check_inputs(
             problems.append(str(e))
             continue
         if output_dir is not None and not overwrite:
-            existing = [str(p) for p in output_paths(output_dir, subject, modalities).values() if p.exists()]
-            if existing:
-                problems.append(
-                    f"{existing[0]}: already exists (an earlier output); set overwrite=true or choose "
-                    f"another output_dir"
-                )
+            paths = output_paths(output_dir, subject, modalities, output_layout_of(row, output_layout))
+            clashes += [str(p) for p in paths.values() if p.exists()][:1]
     if problems:
         raise MaskError("condition mask problems (nothing was generated):\n  " + "\n  ".join(problems))
+    if clashes:
+        raise OutputExistsError(
+            f"{len(clashes)} subject(s) already have outputs (nothing was generated), e.g. {clashes[0]}; "
+            "set overwrite=true to replace them or choose another output_dir"
+        )
     return rows

@@ -1,11 +1,13 @@
 """Writing generated volumes: one NIfTI per modality in the condition mask's geometry, plus the masks and a preview.
 
-Each subject gets ``<output_dir>/<subject>/`` with BraTS 2023 names (``-t1n``, ``-t1c``, ``-t2w``, ``-t2f``,
-``-seg``, ``-brain_mask``), so the folder is itself a dataset ``brainsynth.data.discover`` reads (the downstream
-segmentation experiment trains on it), plus ``-condition.nii.gz`` (the label map the model saw) and
-``-preview.png``. Intensities are the model's [-1, 1] mapped to [0, 1]. Writes are atomic and never replace an
-existing file unless ``overwrite``. Every generated modality carries the synthetic mark and a JSON sidecar
-(``brainsynth.data.provenance``); the masks are copies of the input and are not marked.
+Each subject gets ``<output_dir>/<subject>/`` named as the input (BraTS 2021 ``_t1``, ``_t1ce``, ``_t2``,
+``_flair``, ``_seg`` with labels 1 / 2 / 4; BraTS 2023 ``-t1n``, ``-t1c``, ``-t2w``, ``-t2f``, ``-seg`` with 1 / 2 / 3;
+any other input the BraTS 2023 form; ``output_layout`` chooses), plus ``brain_mask``, so the folder is itself a
+dataset ``brainsynth.data.discover`` reads (the downstream segmentation experiment trains on it), plus
+``condition.nii.gz`` (the label map the model saw) and ``preview.png``. Intensities are the model's [-1, 1]
+mapped to [0, 1]. Writes are atomic and never replace an existing file unless ``overwrite``. Every generated
+modality carries the synthetic mark and a JSON sidecar (``brainsynth.data.provenance``); the masks are copies of the
+input and are not marked.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import torch
 from monai.transforms import MapTransform
 
 from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
-from brainsynth.conventions import LABEL_VALUES
+from brainsynth.conventions import LABEL_VALUES, LAYOUT_LABELS, encode_labels
 from brainsynth.data.discover import strip_nifti_extension
 from brainsynth.data.provenance import RunProvenance, input_hashes
 from brainsynth.engine.io import save_nifti
 
-from .inputs import output_paths
+from .inputs import output_layout_of, output_paths
 
 logger = logging.getLogger("med_ddpm.outputs")
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
@@ -61,10 +63,13 @@ class SaveGeneratedd(MapTransform):
         preview: bool = True,
         overwrite: bool = False,
         provenance: Mapping[str, Any] | None = None,
+        output_layout: str | None = None,
     ):
         """``provenance``: the run's settings for the synthetic mark (weights, sampler, num_inference_steps, seed,
-        settings; see ``brainsynth.data.provenance.RunProvenance``); outputs are marked in any case."""
+        settings; see ``brainsynth.data.provenance.RunProvenance``); outputs are marked in any case.
+        ``output_layout``: the file naming (None: the input's)."""
         super().__init__([pred_key])
+        self.output_layout = output_layout
         self.provenance = RunProvenance(BUNDLE_DIR, **dict(provenance or {}))
         self.output_dir = Path(output_dir)
         self.modalities = list(modalities)
@@ -99,7 +104,8 @@ class SaveGeneratedd(MapTransform):
         if pred.shape[0] != len(self.modalities):
             raise ValueError(f"{subject}: generated {pred.shape[0]} channels for modalities {self.modalities}")
         affine = np.asarray(torch.as_tensor(getattr(pred, "affine", torch.eye(4))).cpu(), dtype=np.float64)
-        paths = output_paths(self.output_dir, subject, self.modalities)
+        layout = output_layout_of({"source": source, "layout": d.get("layout")}, self.output_layout)
+        paths = output_paths(self.output_dir, subject, self.modalities, layout)
         conditions = {
             **input_hashes({"mask": source}),
             "label_convention": d.get("label_convention"),
@@ -119,8 +125,9 @@ class SaveGeneratedd(MapTransform):
         lm = np.asarray(torch.as_tensor(lm).cpu())[0].round().astype(np.int16)
         self._save(lm, paths["condition"], source, affine, dtype=np.int16)
         seg = canonical_seg(lm, self.conditioning)
-        if seg is not None:
-            self._save(seg, paths["seg"], source, affine, dtype=np.int16)
+        if seg is not None:  # in the layout's label numbering (BraTS 2021: enhancing = 4)
+            written = encode_labels(seg, LAYOUT_LABELS[layout]).astype(np.int16)
+            self._save(written, paths["seg"], source, affine, dtype=np.int16)
         if "brain" in self.conditioning.classes:
             self._save((lm > 0).astype(np.uint8), paths["brain_mask"], source, affine, dtype=np.uint8)
         if self.preview:
