@@ -380,6 +380,13 @@ def cpu_sized(io: dict) -> tuple[dict, str]:
     return io, f"; spatial size reduced for CPU: {changed[0]}" if changed else ""
 
 
+#: networks whose data format is documented but whose forward MONAI's verify_net_in_out cannot check, with why
+NET_IN_OUT_EXEMPT = {
+    "autoencoder_def": "MONAI's AutoencoderKL.forward returns (reconstruction, mean, sigma) where verify_net_in_out "
+    "expects one tensor; its shapes are tested in tests/test_ldm_autoencoder.py",
+}
+
+
 def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str], list[str]]:
     """verify_net_in_out for each ``<net>_data_format`` (``network_data_format`` -> ``network_def``) found in a
     config; returns (problems, what was verified)."""
@@ -394,6 +401,9 @@ def check_net_in_out(bundle_dir: Path, configs: BundleConfigs) -> tuple[list[str
     for fmt_key, stack, net_id, io in _networks(bundle_dir, configs, cpu_size=False):
         if not stack:
             problems.append(f"metadata {fmt_key}: no config defines the network it describes ({net_id})")
+            continue
+        if net_id in NET_IN_OUT_EXEMPT:
+            verified.append(f"{net_id}: not run ({NET_IN_OUT_EXEMPT[net_id]})")
             continue
         files = [str(cfg_dir / c) for c in stack]
         io, note = cpu_sized(io)
