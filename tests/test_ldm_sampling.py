@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +18,7 @@ from brainsynth.engine.io import OutputExistsError
 bundle_scripts("brain_mri_conditional_ldm")  # the bundle's own code, importable as brain_mri_conditional_ldm_scripts
 from brain_mri_conditional_ldm_scripts.latent_sampling import (  # noqa: E402
     NoisePrepareBatch,
+    SampleMontage,
     SaveGeneratedd,
     check_output_dir,
     condition_requests,
@@ -25,6 +27,7 @@ from brain_mri_conditional_ldm_scripts.latent_sampling import (  # noqa: E402
 )
 
 VOCAB = {"pathology": list(PATHOLOGIES), "modality": list(MODALITIES)}
+REPO_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_conditional_ldm"
 
 
 @pytest.fixture()
@@ -134,3 +137,24 @@ def test_evaluation_per_combination_marks_held_out_and_writes_a_table(tmp_path, 
     assert "FID" not in table
     with pytest.raises(FileExistsError):
         evaluate_conditions(requests, gen_dir, real_rows, lambda row: row, _ToyExtractor(), [], tmp_path / "eval")
+
+
+def test_the_montage_shows_every_requested_sample(tmp_path, monkeypatch):
+    """--num_samples 4 writes 4 volumes per combination; the montage must show all 4 (it showed 2)."""
+    from types import SimpleNamespace
+
+    from monai.bundle import ConfigParser
+
+    from brainsynth.engine import preview
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_BUNDLE / "configs" / "inference.json"))
+    parser.update({"num_samples": 4, "output_dir": str(tmp_path)})
+    assert parser.get_parsed_content("montage_writer#max_per_cell") == 4
+    montage = SampleMontage(tmp_path / "m.png", max_per_cell=4)
+    batch = [{"pathology": "glioblastoma", "modality": "t1w"}] * 4
+    montage.collect(SimpleNamespace(state=SimpleNamespace(batch=batch, output=[{"pred": torch.rand(1, 8, 8, 8)}] * 4)))
+    shown = {}
+    monkeypatch.setattr(preview, "save_montage", lambda subjects, path, **kw: shown.setdefault("rows", len(subjects)))
+    montage.write()
+    assert shown["rows"] == 4

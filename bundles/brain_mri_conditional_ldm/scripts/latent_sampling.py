@@ -208,7 +208,8 @@ class SaveGeneratedd(MapTransform):
 
 
 class SampleMontage:
-    """Ignite handler: keeps up to ``max_per_cell`` generated volumes per (pathology, modality) and, when the run
+    """Ignite handler: keeps up to ``max_per_cell`` generated volumes per (pathology, modality) (the configs pass
+    num_samples: every generated volume is shown) and, when the run
     completes, writes one PNG with ``brainsynth.engine.preview.save_montage``: a row per pathology (and sample), a
     column per modality, one axial slice through the brain centre."""
 
