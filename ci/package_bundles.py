@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY_DIR = REPO / "common" / "brainsynth"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "docs/README.md")
 # never shipped: run outputs a demo leaves inside the bundle folder, caches, and weights (they come from --models)
-EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", "models", "eval", "runs", "outputs", "demo_data", "cache", ".cache"}
+EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", "models", "eval", "runs", "outputs", "cache", ".cache"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)
 

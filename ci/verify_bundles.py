@@ -683,7 +683,7 @@ def scratch_copy(bundle_dir: Path, work: Path) -> Path:
     dest = work / bundle_dir.name
     if dest.exists():
         return dest
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "models", "eval", "runs", "outputs", "demo_data")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "models", "eval", "runs", "outputs", "cache")
     shutil.copytree(bundle_dir, dest, ignore=ignore)
     return dest
 

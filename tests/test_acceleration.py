@@ -244,7 +244,7 @@ def test_bundle_trained_with_switches_on_loads_into_the_plain_network(tmp_path):
     assert not any(type(m).__name__ == "CheckpointWrapper" for m in plain.modules())
     ema = load_checkpoint(tmp_path / "run" / "models" / "model.pt")
     plain.load_state_dict(ema)  # strict
-    last = load_checkpoint(tmp_path / "run" / "models" / "checkpoint_last.pt")
+    last = load_checkpoint(tmp_path / "run" / "runs" / "train" / "checkpoint_last.pt")
     assert list(last["network"]) == list(ema) and last["trainer"]["iteration"] == 2
     # and the run did use the switches: the same overrides build a wrapped, channels-last, fused-attention net
     for key in ("use_flash_attention", "channels_last", "activation_checkpointing"):

@@ -371,3 +371,39 @@ def test_real_bundle_archive_in_a_fresh_environment(bundle_dir, tmp_path, fresh_
     unpacked = workflow / bundle_dir.name
     _run([py, "-m", *run_args], cwd=unpacked)
     _assert_same_volumes(unpacked, scratch, repo_outputs)
+
+
+def _readme_archive_commands() -> list[str]:
+    """The bash lines of the README block marked ``archive-commands``."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- archive-commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_readme_archive_commands_run_as_written_on_a_demo_weights_archive(tmp_path):
+    """The README's package / download / run lines, with DIR, MASKS and OUT filled in (and the demo training cut
+    to one iteration to keep the suite fast): a newcomer's exact path, from packaging to generated volumes."""
+    import os
+
+    from brainsynth.data import resolve_dataset_dir
+
+    lines = _readme_archive_commands()
+    assert len(lines) == 3 and "configs/demo.json" in lines[2] and "--demo-weights" in lines[0]
+    masks = resolve_dataset_dir(
+        "demo", tmp_path / "cache", n_subjects=1, spacing=7.5, seed=4, pathologies=["glioblastoma"]
+    )
+    script = " && ".join(lines)
+    script = script.replace("python ci/", f"{sys.executable} {REPO}/ci/").replace("python -m", f"{sys.executable} -m")
+    script = script.replace("--demo-weights", "--demo-weights 1").replace("DIR", str(tmp_path / "installed"))
+    script = script.replace("MASKS", str(masks)).replace("OUT", str(tmp_path / "generated"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (subject,) = [p for p in (tmp_path / "generated").iterdir()]
+    names = sorted(p.name for p in subject.glob("*.nii.gz"))
+    assert [n for n in names if n.endswith(("-t1n.nii.gz", "-t1c.nii.gz", "-t2w.nii.gz", "-t2f.nii.gz"))] == sorted(
+        f"{subject.name}-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f")
+    )
+    assert (tmp_path / "dist").is_dir() and (
+        tmp_path / "installed" / "brats_mri_med_ddpm" / "models" / "model.pt"
+    ).is_file()

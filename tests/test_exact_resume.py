@@ -30,14 +30,14 @@ CASES = {
         ["configs/train.json", "configs/demo.json"],
         {**med.TINY, "epoch_length": 3},
         ("max_epochs",),
-        "models/checkpoint_last.pt",
+        "runs/train/checkpoint_last.pt",
     ),
     "med_ddpm_accumulation": (
         med.BUNDLE,
         ["configs/train.json", "configs/demo.json"],
         {**med.TINY, "epoch_length": 2, "accumulation_steps": 2, "batch_size": 1},
         ("max_epochs",),
-        "models/checkpoint_last.pt",
+        "runs/train/checkpoint_last.pt",
     ),
     "d3m": (
         d3m.BUNDLE,
@@ -51,14 +51,14 @@ CASES = {
         ["configs/train_autoencoder.json", "configs/demo.json"],
         {**ldm.TINY, "ae_epoch_length": 3, "ae_batch_size": 3, "adversarial_start_iteration": 2},
         ("ae_max_epochs",),
-        "models/autoencoder_training/checkpoint_last.pt",
+        "runs/autoencoder/checkpoint_last.pt",
     ),
     "ldm_diffusion": (
         ldm.BUNDLE,
         ["configs/train_autoencoder.json", "configs/train_diffusion.json", "configs/demo.json"],
         {**ldm.TINY, "diffusion_epoch_length": 3, "diffusion_batch_size": 3, "ema_start_step": 2},
         ("diffusion_max_epochs",),
-        "models/diffusion_training/checkpoint_last.pt",
+        "runs/diffusion/checkpoint_last.pt",
     ),
 }
 #: stages a case builds on, trained first (identically) into both runs' folders

@@ -137,12 +137,12 @@ def test_both_stages_train_and_a_held_out_combination_is_sampled(tmp_path):
     _run("training", STAGE1, root, tiny)
     ae = torch.load(root / "models" / "model_autoencoder.pt", weights_only=True)
     assert torch.isfinite(ae["latent_scale_factor"]) and float(ae["latent_scale_factor"]) > 0
-    assert (root / "eval" / "previews_autoencoder" / "preview_iteration0000002.png").stat().st_size > 0
+    assert (root / "runs" / "autoencoder" / "previews" / "preview_iteration0000002.png").stat().st_size > 0
 
     _run("training", STAGE2, root, tiny)
     assert (root / "models" / "model.pt").is_file()  # network_def: the file MONAI tools load
-    assert (root / "models" / "diffusion_training" / "checkpoint_last.pt").is_file()
-    assert (root / "eval" / "previews_diffusion" / "preview_iteration0000002.png").stat().st_size > 0
+    assert (root / "runs" / "diffusion" / "checkpoint_last.pt").is_file()
+    assert (root / "runs" / "diffusion" / "previews" / "preview_iteration0000002.png").stat().st_size > 0
 
     # demo.json holds sclerosis x t1ce out of training; the scans both stages trained on prove it
     parser = _merged(["train_autoencoder.json", "demo.json"])

@@ -80,7 +80,7 @@ def test_train_resume_sample_end_to_end(workspace):
     root, cohort, overlay = workspace
     train = ["configs/train.json", "configs/demo.json", str(overlay)]
     _run("training", train)
-    ckpt_path = root / "run" / "models" / "checkpoint_last.pt"
+    ckpt_path = root / "run" / "runs" / "train" / "checkpoint_last.pt"
     first = load_checkpoint(ckpt_path)
     assert set(first) == {"network", "optimizer", "lr_scheduler", "ema", "trainer", "rng", "rng_per_rank"}
     assert first["trainer"]["iteration"] == 2
@@ -301,7 +301,7 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
         ]
         proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    ckpt = load_checkpoint(run_root / "models" / "checkpoint_last.pt")
+    ckpt = load_checkpoint(run_root / "runs" / "train" / "checkpoint_last.pt")
     assert ckpt["trainer"]["iteration"] == 4
     assert all(not k.startswith("module.") for k in ckpt["network"])  # portable: no DDP wrapper prefix
 
