@@ -45,15 +45,12 @@ WORKFLOWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cohorts")  # one simulated cohort per bundle for the whole module
-
-
 @pytest.mark.parametrize(
     "bundle,workflow_type,configs", WORKFLOWS, ids=lambda v: "+".join(v) if isinstance(v, list) else v
 )
-def test_monai_create_workflow_initialize_and_check_properties(bundle, workflow_type, configs, cache_dir, tmp_path):
+def test_monai_create_workflow_initialize_and_check_properties(
+    bundle, workflow_type, configs, demo_cache_dir, tmp_path
+):
     folder = BUNDLES / bundle
     with bundle_scripts(folder):
         workflow = create_workflow(
@@ -62,7 +59,7 @@ def test_monai_create_workflow_initialize_and_check_properties(bundle, workflow_
             meta_file=str(folder / "configs" / "metadata.json"),
             logging_file=str(folder / "configs" / "logging.conf"),
             bundle_root=str(tmp_path / "run"),
-            cache_dir=str(cache_dir / bundle),
+            cache_dir=str(demo_cache_dir / bundle),
         )
         workflow.initialize()
         missing = workflow.check_properties()

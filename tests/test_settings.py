@@ -66,3 +66,35 @@ def test_settings_run_through_the_monai_runner(bundle):
     out = proc.stdout
     assert "--num_inference_steps" in out and "--batch_size" in out and "sampling steps" in out
     assert "--dataset_dir               demo" in out or "demo" in out.split("--dataset_dir", 1)[1].splitlines()[0]
+
+
+#: where each bundle's configs turn ``split`` into the subjects a run uses
+SPLIT_USERS = {
+    "brats_mri_med_ddpm": (["inference.json"], "inputs"),
+    "brats_mri_d3m_cemri": (["inference.json"], "items"),
+    "brain_mri_conditional_ldm": (["inference.json", "evaluate.json"], "reference_subjects"),
+}
+
+
+@pytest.mark.parametrize("bundle", list(SPLIT_USERS))
+def test_every_accepted_split_value_selects_the_right_subjects(bundle, demo_cache_dir):
+    """split = 'all', each split name, or a list of them, as the command line passes them (MONAI turns
+    ``--split "['validation','test']"`` into a list), on the bundle's demo cohort; the splits partition 'all'."""
+    from monai.bundle import ConfigParser
+
+    from brainsynth.engine.bundle_code import bundle_scripts
+
+    configs, key = SPLIT_USERS[bundle]
+    folder = BUNDLES / bundle
+    counts = {}
+    with bundle_scripts(folder):
+        for value in ("all", "training", "validation", "test", ["validation", "test"]):
+            parser = ConfigParser()
+            parser.read_config([str(folder / "configs" / c) for c in [*configs, "demo.json"]])
+            parser.update(
+                {"split": value, "cache_dir": str(demo_cache_dir / bundle), "bundle_root": str(demo_cache_dir)}
+            )
+            counts[str(value)] = len(parser.get_parsed_content(key))
+    assert counts["all"] == counts["training"] + counts["validation"] + counts["test"]
+    assert counts["['validation', 'test']"] == counts["validation"] + counts["test"]
+    assert min(counts.values()) > 0

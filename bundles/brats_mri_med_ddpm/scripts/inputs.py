@@ -28,7 +28,7 @@ from brainsynth.conditioning.semantic_mask import (
     SemanticMaskConditioning,
     check_mask_spacing,
 )
-from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, split_items
+from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, select_split
 from brainsynth.data.discover import strip_nifti_extension
 
 MASK_LIST_KEYS = ("masks", "augmented")
@@ -64,18 +64,22 @@ def _read_mask_list(path: Path) -> list[dict[str, Any]] | None:
 
 
 def mask_rows(
-    dataset_dir: str, cache_dir: str | None = None, demo_cohort: Mapping[str, Any] | None = None, split: str = "all"
+    dataset_dir: str,
+    cache_dir: str | None = None,
+    demo_cohort: Mapping[str, Any] | None = None,
+    split: str | Sequence[str] = "all",
 ) -> list[dict[str, Any]]:
     """Input rows for generation: ``{"subject", "mask"}`` rows or dataset rows with ``seg`` (see module doc).
 
-    ``split`` ("all", "training", "validation", "test") selects dataset rows; it does not apply to mask files.
+    ``split`` ("all", "training", "validation", "test" or a list of those) selects dataset rows; it does not apply
+    to mask files.
     """
 
     def pick(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
         rows = [r for r in rows if r.get("seg") or r.get("mask")]
         if not rows:
             raise DatasetError(f"{where}: no subject has a segmentation to generate from")
-        return rows if split == "all" else split_items(rows, split)
+        return select_split(rows, split)
 
     if str(dataset_dir) == "demo":
         root = resolve_dataset_dir("demo", cache_dir, **dict(demo_cohort or {}))
