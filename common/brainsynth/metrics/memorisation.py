@@ -1,8 +1,9 @@
 """Does a generator copy its training subjects? A nearest-neighbour audit usable by every bundle.
 
 For each candidate volume (synthetic, or held-out real as the reference), its highest similarity to any training
-subject: brain-masked Pearson correlation over all channels (voxels where either volume is non-zero, so the
-zero background does not inflate the figure). Held-out real volumes show how similar two *different* subjects of
+subject: Pearson correlation over all channels inside the training subject's brain (its non-zero voxels), so the
+background - exactly zero in real skull-stripped scans, not always in generated ones - neither inflates nor
+deflates the figure, and every candidate is compared on the same voxels. Held-out real volumes show how similar two *different* subjects of
 the same population can be; the largest of their nearest-training similarities is the ceiling, and a synthetic
 volume above it is flagged as a possible copy of its nearest training subject.
 """
@@ -15,11 +16,11 @@ import numpy as np
 
 
 def masked_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Pearson correlation of ``a`` and ``b`` over ``mask`` (default: voxels where either is non-zero)."""
+    """Pearson correlation of ``a`` and ``b`` over ``mask`` (default: the reference ``b``'s non-zero voxels)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         raise ValueError(f"masked_correlation: shapes {a.shape} and {b.shape} differ")
-    mask = (a != 0) | (b != 0) if mask is None else np.asarray(mask, bool)
+    mask = b != 0 if mask is None else np.asarray(mask, bool)
     x, y = a[mask], b[mask]
     if x.size < 2:
         return float("nan")
@@ -65,7 +66,7 @@ def memorisation_audit(
                 "min": float(a.min()), "max": float(a.max())}  # fmt: skip
 
     result: dict[str, Any] = {
-        "measure": "brain-masked Pearson correlation (voxels non-zero in either volume), all channels",
+        "measure": "Pearson correlation inside the training subject's brain (its non-zero voxels), all channels",
         "ceiling": ceiling,
         "held_out_real": {"summary": summary([v["similarity"] for v in real.values()]), "per_volume": real},
         "synthetic": {"summary": summary([v["similarity"] for v in syn.values()]), "per_volume": syn},
