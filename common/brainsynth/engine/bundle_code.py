@@ -43,8 +43,8 @@ def bundle_scripts(bundle_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def default_bundle_root(argv: list[str] | None = None) -> str:
-    """The bundle folder of the configs ``python -m monai.bundle run`` was given (``bundles/X/configs/a.json`` ->
-    ``bundles/X``), so a run started from another folder writes into the bundle, never into that folder; ``"."``
+    """The bundle folder of the configs ``python -m monai.bundle run`` was given (``<bundle>/configs/a.json`` ->
+    ``<bundle>``), so a run started from another folder writes into the bundle, never into that folder; ``"."``
     (MONAI's convention) when the configs are not in a bundle's ``configs/`` or the bundle is driven from Python."""
     import ast
 

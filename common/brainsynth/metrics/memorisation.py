@@ -3,9 +3,12 @@
 For each candidate volume (synthetic, or held-out real as the reference), its highest similarity to any training
 subject: Pearson correlation over all channels inside the training subject's brain (its non-zero voxels), so the
 background - exactly zero in real skull-stripped scans, not always in generated ones - neither inflates nor
-deflates the figure, and every candidate is compared on the same voxels. Held-out real volumes show how similar two *different* subjects of
-the same population can be; the largest of their nearest-training similarities is the ceiling, and a synthetic
-volume above it is flagged as a possible copy of its nearest training subject.
+deflates the figure, and every candidate is compared on the same voxels. Held-out real volumes show how similar
+two *different* subjects of the same population can be; the largest of their nearest-training similarities is the
+ceiling, and a synthetic volume above it is flagged as a possible copy of its nearest training subject.
+
+Used by one bundle (Med-DDPM's study) so far; shared because it takes plain arrays and applies unchanged to any
+generator's outputs (the LDM's and D3M's volumes), which is why it is not in a bundle's scripts.
 """
 
 from __future__ import annotations
