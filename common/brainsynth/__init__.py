@@ -47,9 +47,9 @@ def _runner_bundle_on_path() -> None:
         return
     from brainsynth.engine.bundle_code import default_bundle_root
 
-    root = os.path.abspath(default_bundle_root())
-    if default_bundle_root() != "." and root not in sys.path:
-        sys.path.insert(0, root)
+    root = default_bundle_root()  # parses the command line once
+    if root != "." and os.path.abspath(root) not in sys.path:
+        sys.path.insert(0, os.path.abspath(root))
 
 
 _runner_bundle_on_path()
