@@ -9,7 +9,7 @@ physics (signal equations, noise), simulate (one subject), layout (files, datali
 """
 
 from brainsynth.cohort.anatomy import Grid, make_grid
-from brainsynth.cohort.layout import CohortError, generate_cohort, subject_files, subject_id
+from brainsynth.cohort.layout import CohortError, generate_cohort, subject_files, subject_id, subject_regions
 from brainsynth.cohort.simulate import SimulatedSubject, simulate_subject
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "simulate_subject",
     "subject_files",
     "subject_id",
+    "subject_regions",
 ]

@@ -319,3 +319,22 @@ def _write_msd_dataset_json(out: Path, rows: list[dict], overwrite: bool) -> Non
     }
     path = out / "dataset.json"
     atomic_write_text(path, json.dumps(content, indent=1), overwrite=overwrite)
+
+
+def subject_regions(datalist_path: str | Path, subject: str, purity: float | None = None) -> dict[str, np.ndarray]:
+    """Ground-truth regions of one subject of a cohort written by ``generate_cohort`` (``SimulatedSubject.regions``:
+    "wm", "gm", "csf" where that tissue fills ``purity`` of a voxel, and every label present), on the cohort's grid. The files hold no tissue map, so the subject
+    is simulated again from the datalist's parameters (deterministic: the same brain as its files)."""
+    path = Path(datalist_path)
+    datalist = _read_json(path)
+    parameters = (datalist or {}).get("parameters")
+    if not parameters or parameters.get("generator") != "brainsynth.cohort":
+        raise CohortError(f"{path}: not a datalist written by brainsynth.cohort, so it has no ground-truth regions")
+    ids = [subject_id(parameters["layout"], i) for i in range(parameters["n_subjects"])]
+    if subject not in ids:
+        raise CohortError(f"{path}: no subject {subject!r} in this cohort (first: {ids[0]})")
+    index = ids.index(subject)
+    pathology = parameters["pathologies"][index % len(parameters["pathologies"])]
+    grid = make_grid(parameters["spacing"], parameters["shape"])
+    simulated = simulate_subject(pathology, seed=(parameters["seed"], index), grid=grid)
+    return simulated.regions() if purity is None else simulated.regions(purity)

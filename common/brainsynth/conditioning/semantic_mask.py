@@ -475,6 +475,11 @@ class MaskConditionedSampler(Inferer):
             per-step noise comes from the global torch generator: seed it, e.g. with
             ``brainsynth.engine.training.seed_everything``.)
         amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
+        background_channel: if given, the condition channel that marks the head / brain: where it is 0 the output
+            is set to ``background`` (the model's black), so the network's guess outside the brain, which nothing
+            in the condition constrains, never shows as a grey frame.
+        background: value written outside ``background_channel`` (model intensity space).
+        inside_threshold: ``background_channel`` values above it are inside (the middle of the condition range).
     """
 
     def __init__(
@@ -485,6 +490,9 @@ class MaskConditionedSampler(Inferer):
         progress: bool = True,
         seed: int | None = None,
         amp: bool = False,
+        background_channel: int | None = None,
+        background: float = -1.0,
+        inside_threshold: float = 0.5,
     ):
         super().__init__()
         steps = scheduler.num_train_timesteps if num_inference_steps is None else int(num_inference_steps)
@@ -501,6 +509,8 @@ class MaskConditionedSampler(Inferer):
         self.progress = progress
         self.seed = seed
         self.amp = bool(amp)
+        self.background_channel = None if background_channel is None else int(background_channel)
+        self.background, self.inside_threshold = float(background), float(inside_threshold)
         self.calls = 0
 
     def __call__(
@@ -528,6 +538,9 @@ class MaskConditionedSampler(Inferer):
                     verbose=self.progress,
                 )
             image = image.float()
+            if self.background_channel is not None:
+                inside = condition[:, self.background_channel : self.background_channel + 1] > self.inside_threshold
+                image = torch.where(inside.to(image.device), image, torch.full_like(image, self.background))
         finally:
             network.train(was_training)
         if isinstance(inputs, MetaTensor):  # carry the mask's geometry and transform trace (for Invertd / saving)
