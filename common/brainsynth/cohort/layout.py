@@ -323,8 +323,9 @@ def _write_msd_dataset_json(out: Path, rows: list[dict], overwrite: bool) -> Non
 
 def subject_regions(datalist_path: str | Path, subject: str, purity: float | None = None) -> dict[str, np.ndarray]:
     """Ground-truth regions of one subject of a cohort written by ``generate_cohort`` (``SimulatedSubject.regions``:
-    "wm", "gm", "csf" where that tissue fills ``purity`` of a voxel, and every label present), on the cohort's grid. The files hold no tissue map, so the subject
-    is simulated again from the datalist's parameters (deterministic: the same brain as its files)."""
+    "wm", "gm", "csf" where that tissue fills ``purity`` of a voxel, and every label present), on the cohort's
+    grid. The files hold no tissue map, so the subject is simulated again from the datalist's parameters
+    (deterministic: the same brain as its files)."""
     path = Path(datalist_path)
     datalist = _read_json(path)
     parameters = (datalist or {}).get("parameters")
