@@ -207,12 +207,12 @@ def test_sampler_sees_condition_at_every_step(scheduler, steps):
     assert [int(t) for _, t in spy.seen] == scheduler.timesteps.tolist()
 
 
-def test_sampler_writes_background_outside_the_brain_channel():
-    """Outside the brain channel every voxel is exactly the background; inside, exactly the unmasked sample."""
+def test_sampler_writes_background_where_the_condition_is_background():
+    """Where every condition channel is off each voxel is exactly the background; elsewhere (brain or lesion)
+    exactly the unmasked sample."""
     cond = SemanticMaskConditioning(WHOLE_HEAD_CLASSES, value_range=(-1, 1))
     labels = torch.randint(0, 3, (2, 1, 4, 4, 4))
     condition = cond.one_hot(labels, channel_dim=1)
-    brain = WHOLE_HEAD_CLASSES.index("head")
 
     def run(**kwargs):
         scheduler = ExactDDIMScheduler(num_train_timesteps=250, schedule="cosine")
@@ -221,8 +221,8 @@ def test_sampler_writes_background_outside_the_brain_channel():
         )
 
     plain = run()
-    masked = run(background_channel=brain, background=-1.0, inside_threshold=0.0)
-    inside = condition[:, brain : brain + 1] > 0
+    masked = run(mask_background=True, background=-1.0, inside_threshold=0.0)
+    inside = labels > 0
     assert inside.any() and (~inside).any()
     assert torch.equal(masked[~inside], torch.full_like(masked[~inside], -1.0))
     assert torch.equal(masked[inside], plain[inside])

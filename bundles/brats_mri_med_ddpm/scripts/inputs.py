@@ -213,15 +213,19 @@ def check_inputs(
     modalities: Sequence[str] = (),
     overwrite: bool = False,
     output_layout: str | None = None,
+    allow_empty: bool = False,
 ) -> list[dict]:
     """Load and validate every condition mask, and check no output would be replaced, before any sampling.
 
     Raises ``MaskError`` listing every mask problem (one line each, naming the file), then ``OutputExistsError``
-    listing the outputs that exist already. Returns ``rows``.
+    listing the outputs that exist already. Returns ``rows``. ``allow_empty``: no rows is not an error (a rank of
+    sharded generation whose items are all done).
     """
     from brainsynth.engine.io import OutputExistsError
 
     rows = list(rows)
+    if not rows and allow_empty:
+        return rows
     if not rows:
         raise MaskError("no condition masks to generate from")
     load = LoadConditionMaskd(conditioning, region_keys, image_keys)

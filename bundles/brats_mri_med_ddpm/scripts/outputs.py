@@ -50,6 +50,29 @@ def canonical_seg(label_map: torch.Tensor, conditioning: SemanticMaskConditionin
     return seg
 
 
+def item_files(
+    output_dir: str | Path,
+    modalities: Sequence[str],
+    conditioning: SemanticMaskConditioning,
+    output_layout: str | None = None,
+    preview: bool = True,
+):
+    """``files(row)`` -> every file ``SaveGeneratedd`` writes for that input row (generated modalities with their
+    provenance sidecars, the masks, the preview): what sharded generation checks to call an item complete."""
+    from brainsynth.data.provenance import sidecar_path
+
+    writes_seg = canonical_seg(torch.zeros(1, 1, 1, 1), conditioning) is not None
+
+    def files(row: Mapping[str, Any]) -> list[Path]:
+        paths = output_paths(output_dir, str(row["subject"]), modalities, output_layout_of(row, output_layout))
+        out = [p for m in modalities for p in (paths[m], sidecar_path(paths[m]))] + [paths["condition"]]
+        out += [paths["seg"]] if writes_seg else []
+        out += [paths["brain_mask"]] if "brain" in conditioning.classes else []
+        return out + ([paths["preview"]] if preview else [])
+
+    return files
+
+
 class SaveGeneratedd(MapTransform):
     """Postprocessing transform: write ``pred`` (C modalities, mask geometry) and the masks of one subject."""
 

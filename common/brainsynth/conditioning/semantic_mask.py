@@ -475,11 +475,11 @@ class MaskConditionedSampler(Inferer):
             per-step noise comes from the global torch generator: seed it, e.g. with
             ``brainsynth.engine.training.seed_everything``.)
         amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
-        background_channel: if given, the condition channel that marks the head / brain: where it is 0 the output
-            is set to ``background`` (the model's black), so the network's guess outside the brain, which nothing
-            in the condition constrains, never shows as a grey frame.
-        background: value written outside ``background_channel`` (model intensity space).
-        inside_threshold: ``background_channel`` values above it are inside (the middle of the condition range).
+        mask_background: where every condition channel is off (outside the brain / head and the lesion) the output
+            is set to ``background`` (the model's black), so the network's guess there, which nothing in the
+            condition constrains, never shows as a grey frame.
+        background: value written there (model intensity space).
+        inside_threshold: a channel above it is on (the middle of the condition's value range).
     """
 
     def __init__(
@@ -490,7 +490,7 @@ class MaskConditionedSampler(Inferer):
         progress: bool = True,
         seed: int | None = None,
         amp: bool = False,
-        background_channel: int | None = None,
+        mask_background: bool = False,
         background: float = -1.0,
         inside_threshold: float = 0.5,
     ):
@@ -509,7 +509,7 @@ class MaskConditionedSampler(Inferer):
         self.progress = progress
         self.seed = seed
         self.amp = bool(amp)
-        self.background_channel = None if background_channel is None else int(background_channel)
+        self.mask_background = bool(mask_background)
         self.background, self.inside_threshold = float(background), float(inside_threshold)
         self.calls = 0
 
@@ -538,8 +538,8 @@ class MaskConditionedSampler(Inferer):
                     verbose=self.progress,
                 )
             image = image.float()
-            if self.background_channel is not None:
-                inside = condition[:, self.background_channel : self.background_channel + 1] > self.inside_threshold
+            if self.mask_background:
+                inside = (condition > self.inside_threshold).any(dim=1, keepdim=True)
                 image = torch.where(inside.to(image.device), image, torch.full_like(image, self.background))
         finally:
             network.train(was_training)
