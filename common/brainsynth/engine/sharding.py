@@ -141,8 +141,14 @@ class ShardedGeneration:
                 self.complete.append(str(item[key]))
                 continue
             if present and self.resume:  # an interrupted item: its outputs are remade from the same seed
+                logger.warning(
+                    "%s: %d of %d outputs of %s there (an interrupted run), generating it again",
+                    present[0].parent,
+                    len(present),
+                    len(files),
+                    item[key],
+                )
                 for f in present:
-                    logger.warning("%s: incomplete outputs of %s, generating it again", f, item[key])
                     f.unlink()
             self.pending.append(item)
         logger.info(
