@@ -36,6 +36,7 @@ SHARED_KEYS = [
     "unet_num_head_channels",
     "unet_norm_num_groups",
     "transformer_num_layers",
+    "concat_conditions",
     "num_train_timesteps",
     "beta_schedule",
     "beta_start",

@@ -159,22 +159,50 @@ class CategoricalConditioning(nn.Module):
 
         In training mode conditions are first dropped to null at their configured rates.
         """
+        self._check(indices)
+        indices = indices.long()
+        if self.training:
+            indices = self.drop(indices)
+        return self.tokens(indices)
+
+    def _check(self, indices: torch.Tensor) -> None:
         if indices.ndim != 2 or indices.shape[1] != len(self.names):
             raise ValueError(
                 f"condition indices must have shape (B, {len(self.names)}) for {list(self.names)}, "
                 f"got {tuple(indices.shape)}"
             )
+        for j, n in enumerate(self.names):
+            if (indices[:, j] >= len(self.vocabularies[n])).any():
+                raise ValueError(
+                    f"{n} index {int(indices[:, j].max())} out of range for vocabulary {self.vocabularies[n]}"
+                )
+
+    def tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, n_conditions) indices -> (B, n_conditions, embedding_dim) tokens, without dropout."""
+        self._check(indices)
         indices = indices.long()
-        if self.training:
-            indices = self.drop(indices)
         tokens = []
         for j, n in enumerate(self.names):
             size = len(self.vocabularies[n])
             col = indices[:, j]
-            if (col >= size).any():
-                raise ValueError(f"{n} index {int(col.max())} out of range for vocabulary {self.vocabularies[n]}")
             tokens.append(self.embeddings[n](torch.where(col < 0, torch.full_like(col, size), col)))
         return torch.stack(tokens, dim=1)
+
+    @property
+    def num_channels(self) -> int:
+        """Length of ``one_hot``: the sum of the vocabulary sizes."""
+        return sum(len(v) for v in self.vocabularies.values())
+
+    def one_hot(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, n_conditions) indices -> (B, num_channels) float: each condition's one-hot, all zeros when null."""
+        self._check(indices)
+        parts = []
+        for j, n in enumerate(self.names):
+            size = len(self.vocabularies[n])
+            col = indices[:, j].long()
+            hot = torch.nn.functional.one_hot(col.clamp(min=0), size).float()
+            parts.append(hot * (col >= 0).float()[:, None])
+        return torch.cat(parts, dim=1)
 
     # the vocabularies travel with the weights (as a fingerprint buffer: state dicts stay all-tensor for EMA and
     # weights-only loading): loading into a model configured with other vocabularies is an error
@@ -205,19 +233,32 @@ class ConditionalDenoiser(nn.Module):
 
     ``forward(x, timesteps, context)`` where ``context`` is the (B, n_conditions) index tensor; this is the
     signature MONAI's ``DiffusionInferer`` calls, so training and sampling use MONAI's code unchanged.
+
+    ``concat_conditions``: also tile each condition's one-hot (zeros when null) over the latent and concatenate it
+    to the U-Net input (the U-Net then has ``conditioning.num_channels`` more input channels), as the MONAI model
+    zoo's brain LDM does with its conditions. Cross-attention alone reaches only the attention levels; the
+    concatenated channels reach the first convolution, which is what lets a small model use the conditions.
+    Training-time condition dropout drops both forms together.
     """
 
-    def __init__(self, unet: nn.Module, conditioning: CategoricalConditioning) -> None:
+    def __init__(self, unet: nn.Module, conditioning: CategoricalConditioning, concat_conditions: bool = False):
         super().__init__()
         self.unet = unet
         self.conditioning = conditioning
+        self.concat_conditions = bool(concat_conditions)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
             context = self.conditioning.null_indices(x.shape[0], x.device)
         if context.shape[0] == 1 and x.shape[0] > 1:
             context = context.expand(x.shape[0], -1)
-        return self.unet(x, timesteps=timesteps, context=self.conditioning(context))
+        indices = context.long()
+        if self.conditioning.training:
+            indices = self.conditioning.drop(indices)
+        if self.concat_conditions:
+            maps = self.conditioning.one_hot(indices).to(x.dtype)
+            x = torch.cat([x, maps[(...,) + (None,) * (x.ndim - 2)].expand(-1, -1, *x.shape[2:])], dim=1)
+        return self.unet(x, timesteps=timesteps, context=self.conditioning.tokens(indices))
 
 
 def guidance_combination(
