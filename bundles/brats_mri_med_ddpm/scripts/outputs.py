@@ -190,3 +190,30 @@ class TrainingPreviewWriter:
         volumes = {m: to_unit_range(image[c]).numpy() for c, m in enumerate(self.modalities)}
         seg = canonical_seg(self.conditioning.from_one_hot(condition.cpu(), channel_dim=1)[0, 0], self.conditioning)
         return save_training_preview(engine, self.out_dir, volumes, seg=seg)
+
+
+def print_demo_ratios(
+    output_dir: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    modalities: Sequence[str],
+    dataset_dir: str | Path,
+    output_layout: str | None = None,
+) -> dict:
+    """The demo's last words: region ratios (CSF, edema, enhancing tumour over white matter) of every generated
+    contrast beside those of the real scans of the same subjects, from the simulated cohort's ground truth. Only
+    for the simulated cohort (``dataset_dir`` is its folder); returns {"generated", "real", "agree"}."""
+    from brainsynth.metrics.contrast import cohort_ratio_table, print_ratio_table
+
+    files = {}
+    for row in rows:
+        paths = output_paths(output_dir, str(row["subject"]), modalities, output_layout_of(row, output_layout))
+        files[str(row["subject"])] = {m: paths[m] for m in modalities}
+    table, agree, generated, real = cohort_ratio_table(Path(dataset_dir) / "datalist.json", files)
+    print_ratio_table(
+        f"Mean intensity of a region over white matter in the {len(files)} generated subject(s), "
+        "real scans of the same subjects in brackets (CSF bright on T2w, dark on T1w / FLAIR; edema bright on "
+        "T2w / FLAIR; enhancing tumour bright on T1ce):",
+        table,
+        agree,
+    )
+    return {"generated": generated, "real": real, "agree": agree}
