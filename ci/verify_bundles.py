@@ -722,6 +722,21 @@ def install_engine_probe() -> None:
             return None
         return float(sum(p.detach().double().abs().sum() for p in network.parameters()))
 
+    def describe(engine) -> dict | None:
+        """What the engine's network was built as: acceleration wrappers, fused attention, memory format."""
+        network = getattr(engine, "network", None) or getattr(engine.state, "g_network", None)
+        if not isinstance(network, torch.nn.Module):
+            return None
+        modules = list(network.modules())
+        five_d = next((p for p in network.parameters() if p.ndim == 5), None)
+        return {
+            "checkpoint_wrappers": sum(type(m).__name__ == "CheckpointWrapper" for m in modules),
+            "flash_attention_blocks": sum(bool(getattr(m, "use_flash_attention", False)) for m in modules),
+            "channels_last_3d": None
+            if five_d is None
+            else bool(five_d.is_contiguous(memory_format=torch.channels_last_3d) and not five_d.is_contiguous()),
+        }
+
     def counting_run(engine, *args, **kwargs):
         trains = any(
             k.endswith("optimizer") and v is not None  # AdversarialTrainer keeps them in its state
@@ -752,6 +767,7 @@ def install_engine_probe() -> None:
         finally:
             engine.remove_event_handler(count, Events.ITERATION_COMPLETED)
             record["weights_checksum"] = checksum(engine)
+            record["network"] = describe(engine)
             write()
 
     def counting_save(obj, f, *args, **kwargs):

@@ -7,6 +7,8 @@ the template (nilearn's MNI ICBM152) is loaded once.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -294,15 +296,45 @@ def test_generate_cohort_reuses_refuses_and_resumes(tmp_path):
     assert not np.array_equal(np.asarray(nib.load(image).dataobj), before)
 
 
-def test_concurrent_requests_for_the_same_cohort_both_succeed(tmp_path):
-    """Two bundles asking for the same demo cohort at once: one builds it, the other waits and reuses it."""
-    from concurrent.futures import ThreadPoolExecutor
+def _request_cohort(out, log, barrier, queue):
+    """One process asking for a cohort; every subject it simulates is logged (slowed, so requests overlap)."""
+    import time
 
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(generate_cohort, tmp_path / "shared", 2, 3, **COARSE) for _ in range(2)]
-        results = [f.result() for f in futures]
-    assert results[0] == results[1] == tmp_path / "shared" / "datalist.json"
-    assert len(json.loads(results[0].read_text())["training"]) == 1
+    import brainsynth.cohort.layout as layout
+
+    simulate = layout.simulate_subject
+
+    def slow_logged(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        return simulate(*args, **kwargs)
+
+    layout.simulate_subject = slow_logged
+    barrier.wait()
+    queue.put(str(layout.generate_cohort(out, 2, 3, **COARSE)))
+
+
+def test_concurrent_requests_for_the_same_cohort_both_succeed(tmp_path):
+    """Two processes asking for the same demo cohort at the same moment: one builds it, the other waits for the
+    lock and reuses it. Without the lock both would simulate (4 subjects logged) or collide."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue, log = ctx.Barrier(2), ctx.Queue(), tmp_path / "simulated.log"
+    procs = [
+        ctx.Process(target=_request_cohort, args=(tmp_path / "shared", log, barrier, queue)) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(queue.get(timeout=5) for _ in range(2))
+    assert results[0] == results[1] == str(tmp_path / "shared" / "datalist.json")
+    simulated_by = log.read_text().split()
+    assert len(simulated_by) == 2 and len(set(simulated_by)) == 1, f"subjects simulated by {simulated_by}"
+    assert len(json.loads(Path(results[0]).read_text())["training"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDPMScheduler
 
 from brainsynth.schedulers.ddim import ExactDDIMScheduler
 
@@ -80,11 +80,3 @@ def test_fast_sampler_previous_timesteps_are_exact(steps):
         torch.testing.assert_close(x_prev, ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("steps,wrong", [(50, 4), (10, 9)])
-def test_monai_ddim_stride_disagrees_where_the_exact_sampler_is_needed(steps, wrong):
-    """Why the bundle does not use MONAI's DDIMScheduler for T = 250 (FACTS.md section 5)."""
-    monai_ddim = DDIMScheduler(num_train_timesteps=250, schedule="cosine")
-    monai_ddim.set_timesteps(steps)
-    seq = monai_ddim.timesteps.tolist()
-    stride = 250 // steps  # what DDIMScheduler.step assumes
-    assert sum(a - stride != b for a, b in zip(seq, seq[1:])) == wrong
