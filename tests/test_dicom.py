@@ -147,3 +147,57 @@ def test_writer_never_replaces_an_existing_series_unless_asked(tmp_path):
     write_dicom_series(np.full(SHAPE, 3, np.int16), np.eye(4), folder, overwrite=True)
     assert read_dicom_series(folder)[0].max() == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary folder left behind
+
+
+def _write_series_by_hand(folder: Path, pixels: np.ndarray, row_cos, col_cos, spacing_rc, step, origin, slope, icept):
+    """A series written with pydicom alone, tag by tag from the DICOM standard (not with the project's writer):
+    ``pixels[k, r, c]`` stored values of slice k, row r, column c. Files are named in shuffled order."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir()
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    normal = np.cross(row_cos, col_cos)
+    order = np.random.default_rng(0).permutation(pixels.shape[0])
+    for k in range(pixels.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"im{order[k]:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.InstanceNumber = "MR", int(order[k]) + 1
+        ds.ImageOrientationPatient = [float(v) for v in (*row_cos, *col_cos)]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * step * normal]
+        ds.PixelSpacing = [float(spacing_rc[0]), float(spacing_rc[1])]  # row spacing, column spacing
+        ds.SliceThickness = float(step)
+        ds.Rows, ds.Columns = pixels.shape[1], pixels.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = slope, icept
+        ds.PixelData = pixels[k].astype("<i2").tobytes()
+        ds.save_as(str(folder / f"im{order[k]:03d}.dcm"), enforce_file_format=True)
+
+
+def test_series_from_another_writer_reads_with_the_geometry_the_standard_defines(tmp_path):
+    """Reference independent of the project's writer: a pydicom-built oblique series, its RAS affine worked out
+    by hand from ImagePositionPatient / ImageOrientationPatient / PixelSpacing (DICOM PS3.3 C.7.6.2.1.1)."""
+    rows, cols, slices = 6, 5, 4
+    pixels = np.arange(slices * rows * cols, dtype=np.int16).reshape(slices, rows, cols) * 3 - 40
+    a = 0.25
+    row_cos = np.array([np.cos(a), np.sin(a), 0.0])  # direction of increasing column index (LPS)
+    col_cos = np.array([0.0, 0.0, -1.0])  # direction of increasing row index: a coronal-ish tilted plane
+    spacing_rc, step, origin = (1.5, 0.8), 3.0, np.array([-12.5, 40.25, 60.0])
+    _write_series_by_hand(tmp_path / "series", pixels, row_cos, col_cos, spacing_rc, step, origin, 0.5, -7.0)
+
+    array, affine = read_dicom_series(tmp_path / "series")
+    # voxel (i = column, j = row, k = slice) sits at origin + i * dc * row_cos + j * dr * col_cos + k * step * n
+    normal = np.cross(row_cos, col_cos)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row_cos * spacing_rc[1], col_cos * spacing_rc[0], normal * step
+    lps[:3, 3] = origin
+    expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    np.testing.assert_allclose(affine, expected, atol=1e-4)
+    assert array.shape == (cols, rows, slices)
+    np.testing.assert_allclose(array, pixels.transpose(2, 1, 0) * 0.5 - 7.0)  # rescale applied, every voxel
