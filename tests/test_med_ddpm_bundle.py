@@ -309,8 +309,10 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
 @pytest.mark.parametrize(
     "overlays,io,millions",
     [
-        ([], (8, 4), 57.563),  # BraTS variant: authors' 57.6 M parameters
-        (["single_modality.json"], (3, 1), 40.226),  # whole-head variant: authors' 40.2 M parameters
+        # the authors' counts, from their network classes (../shared/reference/FACTS.md, section 1), to the
+        # precision they are known: BraTS variant 57.6 M, whole-head variant 40.2 M
+        ([], (8, 4), 57.6),
+        (["single_modality.json"], (3, 1), 40.2),
     ],
 )
 def test_paper_networks_match_the_authors_size(overlays, io, millions):
@@ -320,7 +322,7 @@ def test_paper_networks_match_the_authors_size(overlays, io, millions):
     parser.read_config([str(BUNDLE / "configs" / c) for c in ["train.json", *overlays]])
     net = parser.get_parsed_content("network_def")
     assert (net.in_channels, net.out_channels) == io
-    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=1e-3)
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
     cond = parser.get_parsed_content("conditioning")
     assert cond.num_channels + len(parser["modalities"]) == io[0]
 
