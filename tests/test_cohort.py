@@ -322,9 +322,7 @@ def test_concurrent_requests_for_the_same_cohort_both_succeed(tmp_path):
 
     ctx = multiprocessing.get_context("fork")
     barrier, queue, log = ctx.Barrier(2), ctx.Queue(), tmp_path / "simulated.log"
-    procs = [
-        ctx.Process(target=_request_cohort, args=(tmp_path / "shared", log, barrier, queue)) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=_request_cohort, args=(tmp_path / "shared", log, barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -78,5 +78,3 @@ def test_fast_sampler_previous_timesteps_are_exact(steps):
         x_prev, _ = scheduler.step(eps, t, x_t)
         ab_prev = ab[prev] if prev >= 0 else torch.tensor(1.0)
         torch.testing.assert_close(x_prev, ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps, atol=2e-5, rtol=1e-4)
-
-

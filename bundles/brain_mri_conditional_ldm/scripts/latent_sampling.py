@@ -429,7 +429,8 @@ def print_demo_ratios(
 
     def to_grid(mode: str) -> Compose:
         labels = [["L", "R"], ["P", "A"], ["I", "S"]]
-        return Compose([Orientation("RAS", labels=labels), Spacing(pixdim, mode=mode), ResizeWithPadOrCrop(spatial_size)])
+        steps = [Orientation("RAS", labels=labels), Spacing(pixdim, mode=mode), ResizeWithPadOrCrop(spatial_size)]
+        return Compose(steps)
 
     load = LoadImage(image_only=True, ensure_channel_first=True)
     votes: dict[str, np.ndarray] = {}
