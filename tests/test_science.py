@@ -92,6 +92,18 @@ def _train_on(trainer, batches, steps):
     trainer.run()
 
 
+def _crop_around_tumour(condition: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Each item's ``size`` crop centred on its tumour (channels 0-2), kept inside the volume."""
+    out = []
+    for item in condition:
+        where = torch.nonzero(item[:3].amax(0) > 0.5).float().mean(0).round().long()
+        starts = [int(min(max(c - n // 2, 0), d - n)) for c, n, d in zip(where, size, item.shape[1:])]
+        out.append(
+            item[:, starts[0] : starts[0] + size[0], starts[1] : starts[1] + size[1], starts[2] : starts[2] + size[2]]
+        )
+    return torch.stack(out)
+
+
 def test_med_ddpm_generates_what_its_mask_asks_for(tmp_path):
     """Toy task: every modality is bright (+0.8) inside the tumour and dark (-0.8) elsewhere in the brain. After
     training, each generated volume is bright where its own mask has tumour, and a second mask moves the bright
@@ -105,10 +117,11 @@ def test_med_ddpm_generates_what_its_mask_asks_for(tmp_path):
         torch.manual_seed(0)
         batches = []
         for batch in parser.get_parsed_content("train#dataloader"):
-            tumour = batch["condition"][:, :3].amax(1, keepdim=True) > 0.5  # necrotic core, edema, enhancing
-            brain = batch["condition"].amax(1, keepdim=True) > 0.5
-            image = torch.where(tumour, 0.8, torch.where(brain, -0.8, -1.0)).expand_as(batch["image"]).clone()
-            batches.append({**batch, "image": image})
+            condition = _crop_around_tumour(batch["condition"], (16, 16, 8))  # 4x fewer voxels: seconds, not minutes
+            tumour = condition[:, :3].amax(1, keepdim=True) > 0.5  # necrotic core, edema, enhancing
+            brain = condition.amax(1, keepdim=True) > 0.5
+            image = torch.where(tumour, 0.8, torch.where(brain, -0.8, -1.0)).expand(-1, 4, -1, -1, -1).clone()
+            batches.append({"image": image, "condition": condition})
             if len(batches) == 2:
                 break
         trainer = parser.get_parsed_content("train#trainer")
