@@ -416,9 +416,10 @@ def print_demo_ratios(
     truth resampled as the training data are: RAS, ``pixdim``, padded / cropped to ``spatial_size``)."""
     import json
 
+    import nibabel as nib
     import numpy as np
     from monai.data import MetaTensor
-    from monai.transforms import Compose, LoadImage, Orientation, ResizeWithPadOrCrop, Spacing
+    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
 
     from brainsynth.cohort import subject_regions
     from brainsynth.metrics.contrast import mean_ratios, print_ratio_table, ratio_table, region_ratios
@@ -432,7 +433,10 @@ def print_demo_ratios(
         steps = [Orientation("RAS", labels=labels), Spacing(pixdim, mode=mode), ResizeWithPadOrCrop(spatial_size)]
         return Compose(steps)
 
-    load = LoadImage(image_only=True, ensure_channel_first=True)
+    def load(path) -> MetaTensor:  # nibabel, not MONAI's reader chain (whose optional codecs warn on a CPU)
+        image = nib.load(str(path))
+        return MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None]), affine=image.affine)
+
     votes: dict[str, np.ndarray] = {}
     real: dict[str, list] = {}
     for row in reference:
