@@ -72,7 +72,14 @@ def _train(bundle, configs, overlay_path, root, epochs, epoch_keys):
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", list(CASES))
+#: the default suite resumes one diffusion trainer per kind (Med-DDPM's 3D, D3M's 2D with slice sampling); the
+#: LDM stages and gradient accumulation repeat the same machinery at a minute each: opt-in (-m slow)
+DEFAULT_CASES = ("med_ddpm", "d3m")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in DEFAULT_CASES else [pytest.mark.slow]) for n in CASES]
+)
 def test_stop_and_resume_equals_the_uninterrupted_run(name, tmp_path):
     bundle, configs, tiny, epoch_keys, ckpt = CASES[name]
     overlay = tmp_path / "tiny.json"

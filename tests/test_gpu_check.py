@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
 
@@ -16,6 +18,7 @@ import benchmark  # noqa: E402
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow  # two minutes; tests/test_every_config.py runs the benchmark harness tiny in the default suite
 def test_tiny_mode_measures_every_case(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "ci" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
