@@ -16,27 +16,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny_bundles import TINY as TINY_BUNDLES  # noqa: E402
 
 from brainsynth.data.provenance import read_provenance, sha256_file
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_d3m_cemri"
 
-TINY = {
-    "demo_cohort": {"n_subjects": 4, "seed": 0, "spacing": 6, "shape": [32, 32, 24], "pathologies": ["glioblastoma"]},
-    "spatial_size": [32, 32],
-    "channels": [16, 32],
-    "attention_levels": [False, True],
-    "num_res_blocks": 1,
-    "num_head_channels": [16, 32],
-    "norm_num_groups": 8,
-    "deformer_features": [4, 4, 8, 8, 8, 4],
-    "batch_size": 4,
-    "slices_per_volume": 2,
-    "epoch_length": 1,
-    "max_epochs": 2,
-    "ema_start_step": 0,
-    "num_inference_steps": 3,
-}
+TINY = {k: v for k, v in TINY_BUNDLES["brats_mri_d3m_cemri"]["overlay"].items() if k != "progress"}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from tiny_bundles import TINY as TINY_BUNDLES  # noqa: E402
 
 from brainsynth.data.provenance import read_provenance, sha256_file
 from brainsynth.engine.bundle_code import bundle_scripts
@@ -47,29 +48,7 @@ SHARED_KEYS = [
     "network_def",
 ]
 
-TINY = {
-    "demo_cohort": {"n_subjects": 8, "spacing": 6.0, "seed": 0},
-    "pixdim": [12.0, 12.0, 12.0],
-    "spatial_size": [16, 16, 16],
-    "ae_channels": [4, 8, 8],
-    "ae_norm_num_groups": 4,
-    "disc_channels": 4,
-    "ae_batch_size": 4,
-    "ae_epoch_length": 2,
-    "ae_max_epochs": 1,
-    "scale_factor_batches": 1,
-    "condition_embedding_dim": 8,
-    "unet_channels": [8, 16],
-    "unet_num_head_channels": 8,
-    "unet_norm_num_groups": 4,
-    "diffusion_batch_size": 4,
-    "diffusion_epoch_length": 2,
-    "diffusion_max_epochs": 1,
-    "num_inference_steps": 2,
-    "batch_size": 2,
-    "preview_every": 2,
-    "preview_steps": 2,
-}
+TINY = {k: v for k, v in TINY_BUNDLES["brain_mri_conditional_ldm"]["overlay"].items() if k != "progress"}
 
 
 def _merged(files: list[str]) -> dict:

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny_bundles import TINY as TINY_BUNDLES
 
 from brainsynth.conditioning.semantic_mask import BRATS_CLASSES, MaskError, SemanticMaskConditioning
 from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
@@ -20,23 +21,12 @@ from brainsynth.data.provenance import MARKER, read_provenance, sha256_file
 from brainsynth.engine.io import load_checkpoint, save_nifti
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_med_ddpm"
-COHORT = {"n_subjects": 5, "spacing": 10.0, "seed": 0, "pathologies": ["glioblastoma"]}
-TINY = {  # a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seconds per run on one core
+# a 24 x 24 x 16 grid (the 10 mm cohort's) and a two-level U-Net: seconds per run on one core (tests/tiny_bundles.py)
+COHORT = TINY_BUNDLES["brats_mri_med_ddpm"]["overlay"]["demo_cohort"]
+TINY = {
+    **TINY_BUNDLES["brats_mri_med_ddpm"]["overlay"],
     "dataset_dir": "demo",
-    "demo_cohort": COHORT,
-    "spatial_size": [24, 24, 16],
-    "channels": [8, 16],
-    "attention_levels": [False, False],
-    "num_res_blocks": 1,
-    "norm_num_groups": 8,
-    "batch_size": 2,
-    "epoch_length": 2,
-    "max_epochs": 1,
     "num_workers": 0,
-    "cache_rate": 0.0,
-    "ema_start_step": 1,
-    "sampler": "ddim",
-    "num_inference_steps": 2,
     "progress": False,
     "split": "test",
 }

@@ -103,9 +103,9 @@ def runner_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def run(bundle: str, run_id: str, configs: list[str], overlay: Path, root: Path, *args: str, extra=(), launcher=()):
-    """``python -m monai.bundle run RUN_ID`` (or under ``launcher``, e.g. torchrun) from the bundle folder."""
-    cmd = [
+def runner_command(bundle, run_id, configs, overlay, root, *args, extra=(), launcher=()) -> list[str]:
+    """``python -m monai.bundle run RUN_ID ...`` (or under ``launcher``, e.g. torchrun), run from the bundle."""
+    return [
         *(launcher or [sys.executable]),
         "-m",
         "monai.bundle",
@@ -117,6 +117,11 @@ def run(bundle: str, run_id: str, configs: list[str], overlay: Path, root: Path,
         str(root),
         *map(str, args),
     ]
+
+
+def run(bundle: str, run_id: str, configs: list[str], overlay: Path, root: Path, *args: str, extra=(), launcher=()):
+    """Run ``runner_command`` from the bundle folder; a failure shows the end of its output."""
+    cmd = runner_command(bundle, run_id, configs, overlay, root, *args, extra=extra, launcher=launcher)
     proc = subprocess.run(cmd, cwd=BUNDLES / bundle, env=runner_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

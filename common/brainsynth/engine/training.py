@@ -246,9 +246,9 @@ class ResumableCheckpoint:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    from .sharding import rank_and_world  # one definition: torch.distributed's, else torchrun's environment
+
+    return rank_and_world()
 
 
 class TrainingLock:
