@@ -21,8 +21,10 @@ from brainsynth.metrics.distribution import (
 from brainsynth.metrics.feature_network import (
     FeatureExtractor,
     PathologyModalityNet,
+    confusion_matrix,
     load_feature_network,
     prepare_volumes,
+    random_pose,
     robust_rescale,
     train_feature_network,
 )
@@ -157,8 +159,15 @@ def test_feature_network_trains_saves_and_reloads_identically(tmp_path):
         block_inplanes=(4, 8, 16, 32),
     )
     ckpt = torch.load(out, weights_only=True)  # loads with weights_only: no code in the file
-    assert set(ckpt["validation"]) == {"pathology_accuracy", "modality_accuracy", "n_scans"}
-    assert ckpt["validation"]["n_scans"] == 4
+    v = ckpt["validation"]
+    assert set(v) == {
+        "pathology_accuracy", "modality_accuracy", "n_scans", "pathology_confusion", "modality_confusion", "classes"
+    }  # fmt: skip
+    assert v["n_scans"] == 4
+    for key in ("pathology", "modality"):  # the stored matrix is the accuracy's own count, not a separate guess
+        m = np.asarray(v[f"{key}_confusion"])
+        assert m.shape == (len(v["classes"][key]),) * 2 and m.sum() == 4
+        assert np.trace(m) / 4 == pytest.approx(v[f"{key}_accuracy"])
     extractor = load_feature_network(out)
     vols = [nib.load(r["image"]).get_fdata() for r in rows[8:]]
     feats = extractor.extract(vols)
@@ -171,6 +180,22 @@ def test_feature_network_trains_saves_and_reloads_identically(tmp_path):
     assert len(preds["pathology"]) == 4 and set(preds["modality"]) <= {"t1w", "t1ce", "t2w", "flair", "pd"}
     with pytest.raises(FileExistsError):
         train_feature_network(rows[:8], out, epochs=1)
+
+
+def test_confusion_matrix_counts_each_pair():
+    assert confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3) == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+
+
+def test_random_pose_moves_voxels_but_keeps_the_brain_and_is_seeded():
+    x = torch.zeros(4, 1, 16, 16, 16)
+    x[:, :, 4:12, 5:11, 6:10] = 1.0
+    a = random_pose(x, torch.Generator().manual_seed(3))
+    b = random_pose(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # reproducible from the generator
+    assert not torch.allclose(a, x)  # something moved
+    # a small pose change keeps roughly the same amount of "brain" (scale within 10 %, intensity within 10 %)
+    ratio = a.flatten(1).sum(1) / x.flatten(1).sum(1)
+    assert ((ratio > 0.6) & (ratio < 1.5)).all()
 
 
 def test_feature_network_rejects_unknown_labels_naming_the_file(tmp_path):

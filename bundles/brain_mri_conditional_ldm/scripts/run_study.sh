@@ -20,4 +20,15 @@ run() {  # label, run id, configs, extra args
 [ -f "$out/models/model_autoencoder.pt" ] || run "stage 1 (autoencoder)" training "'configs/train_autoencoder.json'"
 [ -f "$out/models/model.pt" ] || run "stage 2 (latent U-Net)" training "'configs/train_autoencoder.json','configs/train_diffusion.json'"
 [ "${STAGES:-all}" = train ] && exit 0
-echo "evaluation steps follow in a later version of this script" >&2
+# every setting samples the same requests (same seeds) and is scored by the same judge (trained by the first)
+settings="guidance_1:per_condition:1 per_condition_3:per_condition:3 joint_3:joint:3 per_condition_6:per_condition:6"
+for s in $settings; do
+    IFS=: read -r name mode scale <<< "$s"
+    [ -f "$out/eval/$name/metrics.json" ] && { echo "$name: already evaluated, skipped"; continue; }
+    run "sampling and scoring, $name" evaluating "'configs/inference.json','configs/evaluate.json'" \
+        --guidance_mode "$mode" --guidance_scale "$scale" --eval_dir "$out/eval/$name" \
+        --feature_network_path "$out/judge/feature_network.pt" --montage false --progress false
+done
+python scripts/study_report.py "$out" --out "$out/study" \
+    --config_file "['configs/inference.json','configs/evaluate.json'$overlays]" \
+    --settings "[$(for s in $settings; do printf "'%s'," "${s%%:*}"; done)]"

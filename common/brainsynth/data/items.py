@@ -77,10 +77,14 @@ def split_items(
 
 
 def select_split(
-    items: Iterable[dict[str, Any]], split: str | Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS
+    items: Iterable[dict[str, Any]],
+    split: str | Sequence[str],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    allow_empty: bool = False,
 ) -> list[dict[str, Any]]:
     """The rows a run works on, by the one ``split`` key every bundle takes: ``"all"`` (every row), one of
-    "training" / "validation" / "test", or a list of those. An empty result is an error naming the choice."""
+    "training" / "validation" / "test", or a list of those. An empty result is an error naming the choice,
+    unless ``allow_empty`` (for optional extras such as a validation measurement)."""
     items = list(items)
     names = [split] if isinstance(split, str) else list(split)
     unknown = [n for n in names if n != "all" and n not in SPLITS]
@@ -91,7 +95,7 @@ def select_split(
             raise DatasetError("no subjects found (split 'all'); check dataset_dir")
         return items
     chosen = [row for row in items if split_of(row, fractions) in names]
-    if not chosen:
+    if not chosen and not allow_empty:
         raise DatasetError(
             f"no subjects in split {split!r} ({len(items)} rows in all); use split 'all' for a folder of your own "
             "subjects, give rows a 'split', or add subjects"
