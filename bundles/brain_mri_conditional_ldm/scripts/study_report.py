@@ -241,7 +241,7 @@ def _grid_figure(path: Path, folder: Path, pathologies, modalities, held_out, ti
     return save_figure(fig, path, overwrite=True)
 
 
-def main(run_dir: str, config_file: str, out: str | None = None, settings: Sequence[str] | None = None) -> dict:
+def main(run_dir: str, config_file: str, out: str | None = None, settings: Sequence[str] | None = None) -> None:
     import torch
     from monai.bundle import ConfigParser
 
@@ -342,7 +342,6 @@ def main(run_dir: str, config_file: str, out: str | None = None, settings: Seque
     atomic_write_text(out_dir / "study.json", json.dumps(report, indent=2), overwrite=True)
     atomic_write_text(out_dir / "study.md", markdown(report), overwrite=True)
     print(markdown(report))
-    return report
 
 
 def goals(report: dict) -> dict[str, Any]:
