@@ -26,6 +26,8 @@ from brainsynth.engine.study import run_context
 #: FACTS.md section 6), so a scan without enhancing tissue cannot show which of the two it is
 SAME_WITHOUT_CONTRAST = ("t1w", "t1ce")
 GOALS = {"judge_modality": 0.98, "judge_pathology": 0.90, "seen_joint": 0.90, "held_out_joint": 0.90, "frechet": 1.5}
+#: median intensity below which a generated volume counts as degenerate (real ones: about 0, the background)
+DEGENERATE_MEDIAN = -0.1
 NAME = re.compile(r"^(?P<pathology>[a-z]+)_(?P<modality>[a-z0-9]+)_(?P<sample>\d+)\.nii(\.gz)?$")
 
 
@@ -76,6 +78,9 @@ def generated_predictions(extractor, folder: Path) -> list[dict[str, Any]]:
                 "modality": asked["modality"],
                 "predicted_pathology": predicted["pathology"][i],
                 "predicted_modality": predicted["modality"][i],
+                # training images lie in [0, 1] with a black background: a negative median means the decoded
+                # latent left the autoencoder's range (over-guided), whatever the judge makes of it
+                "degenerate": bool(np.median(volumes[i]) < DEGENERATE_MEDIAN),
             }
         )
     return rows
@@ -98,6 +103,10 @@ def score(rows: Sequence[dict], held_out: set[tuple[str, str]], pathologies, mod
         ]
         out[group] = {
             "n": len(part),
+            "degenerate": int(sum(bool(r.get("degenerate")) for r in part)),
+            "degenerate_by_modality": {
+                m: sum(bool(r.get("degenerate")) and r["modality"] == m for r in part) for m in modalities
+            },
             "pathology_accuracy": accuracy(mp),
             "modality_accuracy": accuracy(mm),
             "modality_accuracy_t1_merged": merged_accuracy(mm, modalities),
@@ -428,11 +437,13 @@ def markdown(report: dict) -> str:
         "",
         "## Generated scans, per guidance setting",
         "",
-        "Recognised = the judge's answer equals the request. 'T1 merged': T1w and T1ce counted as one modality.",
+        "Recognised = the judge's answer equals the request. 'T1 merged': T1w and T1ce counted as one modality. "
+        f"Degenerate: volumes whose median intensity is below {DEGENERATE_MEDIAN} (the decoded latent left the "
+        "autoencoder's range; they are black in the grid figure and still counted in every column).",
         "",
-        "| setting | combinations | n | pathology | modality | modality (T1 merged) | both | both (T1 merged) "
-        "| Frechet distance (judge features) | MS-SSIM generated | MS-SSIM real |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | combinations | n | degenerate | pathology | modality | modality (T1 merged) | both "
+        "| both (T1 merged) | Frechet distance (judge features) | MS-SSIM generated | MS-SSIM real |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["settings"].items():
         for group in ("seen", "held-out"):
@@ -440,7 +451,7 @@ def markdown(report: dict) -> str:
             if not c:
                 continue
             out.append(
-                f"| {name} | {group} | {c['n']} | {_f(c['pathology_accuracy'], True)} "
+                f"| {name} | {group} | {c['n']} | {c['degenerate']} | {_f(c['pathology_accuracy'], True)} "
                 f"| {_f(c['modality_accuracy'], True)} "
                 f"| {_f(c['modality_accuracy_t1_merged'], True)} | {_f(c['joint_accuracy'], True)} "
                 f"| {_f(c['joint_accuracy_t1_merged'], True)} "
@@ -448,7 +459,7 @@ def markdown(report: dict) -> str:
                 f"| {_f(d.get('ms_ssim_generated'))} | {_f(d.get('ms_ssim_real'))} |"
             )
         out.append(
-            f"| {name} | held-out Frechet / seen | | | | | | "
+            f"| {name} | held-out Frechet / seen | | | | | | | "
             f"| {_f(s['distribution'].get('held_out_frechet_over_seen'))} | | |"
         )
     best = report["best_setting"]
