@@ -4,6 +4,7 @@ of generated scans, on inputs whose answers are known."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -103,3 +104,18 @@ def test_report_relates_held_out_frechet_to_the_seen_mean():
     assert d["seen"]["frechet_mean"] == pytest.approx(3.0)
     assert d["held_out_frechet_over_seen"] == pytest.approx(3.0)
     assert np.isclose(report.merged_accuracy([[1, 1, 0], [1, 1, 0], [0, 0, 2]], MODALITIES), 1.0)
+
+
+def test_study_step_runs_the_bundle_and_reports_its_time_and_status(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_conditional_ldm"
+    command = [sys.executable, "-m", "brainsynth.engine.study", "step", str(tmp_path), "listing", "settings"]
+    configs = "['configs/train_autoencoder.json','configs/demo.json']"
+    ok = subprocess.run(command + [configs], cwd=folder, capture_output=True, text=True)
+    assert ok.returncode == 0 and "--ae_channels" in ok.stdout
+    assert re.search(r"^listing: [\d.]+ s wall, [\d.]+ s user CPU, \d+ KB max RSS$", ok.stderr, re.M)
+    bad = subprocess.run(command + ["['configs/no_such.json']"], cwd=folder, capture_output=True, text=True)
+    assert bad.returncode != 0 and re.search(r"^listing: .* s wall", bad.stderr, re.M)

@@ -11,12 +11,7 @@ set -euo pipefail
 out=${1:?output directory}; shift
 overlays=""
 for f in "$@"; do overlays+=",'$f'"; done
-run() {  # label, run id, configs, extra args
-    local label=$1 id=$2 configs=$3; shift 3
-    /usr/bin/time -f "$label: %e s wall, %U s user CPU, %M KB max RSS" \
-        python -m monai.bundle run "$id" --bundle_root "$out" --logging_file configs/logging.conf \
-        --config_file "[$configs$overlays]" "$@"
-}
+run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }  # label, id, configs, args
 [ -f "$out/models/model_autoencoder.pt" ] || run "stage 1 (autoencoder)" training "'configs/train_autoencoder.json'"
 [ -f "$out/models/model.pt" ] || run "stage 2 (latent U-Net)" training "'configs/train_autoencoder.json','configs/train_diffusion.json'"
 [ "${STAGES:-all}" = train ] && exit 0

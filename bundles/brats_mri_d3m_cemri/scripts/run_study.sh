@@ -12,12 +12,7 @@ set -euo pipefail
 out=${1:?output directory}; shift
 overlays=""
 for f in "$@"; do overlays+=",'$f'"; done
-run() {  # label, run id, configs, extra args
-    local label=$1 id=$2 configs=$3; shift 3
-    /usr/bin/time -f "$label: %e s wall, %U s user CPU, %M KB max RSS" \
-        python -m monai.bundle run "$id" --bundle_root "$out" --logging_file configs/logging.conf \
-        --config_file "[$configs$overlays]" "$@"
-}
+run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }  # label, id, configs, args
 eval_configs="'configs/inference.json','configs/evaluate.json'"
 for variant in ${VARIANTS:-d3m no_mssdm no_dsimd palette}; do
     extra=""

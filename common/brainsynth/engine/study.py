@@ -46,3 +46,29 @@ def run_context() -> dict[str, Any]:
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
     }
+
+
+def timed_step(bundle_root: str, label: str, run_id: str, config_file: str, *extra: str) -> int:
+    """One step of a bundle's study script: ``python -m monai.bundle run RUN_ID`` in the current folder (the bundle's),
+    writing into ``bundle_root``, then ``LABEL: W s wall, U s user CPU, M KB max RSS`` on stderr (the line the study
+    results quote). Returns the step's exit status."""
+    import resource
+
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", bundle_root]
+    command += ["--logging_file", "configs/logging.conf", "--config_file", config_file, *extra]
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    status = subprocess.call(command)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        f"{label}: {time.perf_counter() - start:.2f} s wall, {after.ru_utime - before.ru_utime:.2f} s user CPU, "
+        f"{after.ru_maxrss} KB max RSS",
+        file=sys.stderr,
+        flush=True,
+    )
+    return status
+
+
+if __name__ == "__main__":  # python -m brainsynth.engine.study step OUT LABEL RUN_ID CONFIG_FILE [EXTRA ...]
+    if len(sys.argv) < 6 or sys.argv[1] != "step":
+        sys.exit("usage: python -m brainsynth.engine.study step OUT LABEL RUN_ID CONFIG_FILE [EXTRA ...]")
+    sys.exit(timed_step(*sys.argv[2:]))
