@@ -138,7 +138,7 @@ def distribution(metrics: dict, held_out: set[tuple[str, str]]) -> dict[str, Any
     return out
 
 
-def contrast_fidelity(parser, n_scans: int = 40) -> dict[str, Any]:
+def contrast_fidelity(parser) -> dict[str, Any]:
     """The autoencoder's reconstruction of test scans: CSF / WM and GM / WM per modality, scan beside
     reconstruction, in each subject's own ground-truth regions (simulated cohort). If the reconstruction flattens
     a modality's contrast, no diffusion model on its latents can show it."""
@@ -169,7 +169,7 @@ def contrast_fidelity(parser, n_scans: int = 40) -> dict[str, Any]:
     labels = [["L", "R"], ["P", "A"], ["I", "S"]]
     to_grid = Compose([Orientation("RAS", labels=labels), Spacing(pixdim, mode="nearest"), ResizeWithPadOrCrop(size)])
     subjects = split_items(parser.get_parsed_content("subjects"), "test")
-    scans = expand_scans(subjects, parser.get_parsed_content("modalities"))[: int(n_scans) * 5]
+    scans = expand_scans(subjects, parser.get_parsed_content("modalities"))
     import nibabel as nib
 
     regions: dict[str, dict] = {}
@@ -243,7 +243,7 @@ def _grid_figure(path: Path, folder: Path, pathologies, modalities, held_out, ti
                     side.set_edgecolor("red")
                     side.set_linewidth(3)
             if i == 0:
-                ax.set_title(m + (" " if True else ""), fontsize=9)
+                ax.set_title(m, fontsize=9)
             if j == 0:
                 ax.set_ylabel(p, fontsize=9)
     fig.suptitle(title, fontsize=9)
