@@ -183,6 +183,34 @@ def test_training_concatenates_condition_after_noisy_image():
     torch.testing.assert_close(x[:, 4:], batch["condition"])
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_follows_the_schedulers_prediction_type(prediction_type):
+    # whatever the target, the clean image must be recoverable from it and the noisy input the network sees
+    torch.manual_seed(1)
+    scheduler = DDPMScheduler(num_train_timesteps=250, schedule="cosine", prediction_type=prediction_type)
+    batch = {"image": torch.rand(3, 2, 5, 5, 5) * 2 - 1, "condition": torch.zeros(3, 4, 5, 5, 5)}
+    images, target, _, kwargs = MaskConditionedPrepareBatch(250, scheduler=scheduler)(batch)
+    t, noise = kwargs["timesteps"], kwargs["noise"]
+    x_t = scheduler.add_noise(images, noise, t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        x0 = (x_t - (1 - a).sqrt() * target) / a.sqrt()
+        # ill-conditioned at the noisiest steps: compare where alpha_bar is not tiny
+        keep = a.flatten() > 1e-2
+        torch.testing.assert_close(x0[keep], images[keep], atol=1e-3, rtol=0)
+    elif prediction_type == "v_prediction":
+        torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * target, images, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(target, images)
+
+
+def test_training_target_refuses_an_unknown_prediction_type():
+    scheduler = DDPMScheduler(num_train_timesteps=250, schedule="cosine")
+    scheduler.prediction_type = "score"
+    with pytest.raises(ValueError, match="prediction_type 'score'.*epsilon, v_prediction, sample"):
+        MaskConditionedPrepareBatch(250, scheduler=scheduler)
+
+
 @pytest.mark.parametrize(
     "scheduler,steps",
     [
