@@ -121,6 +121,7 @@ def test_train_resume_sample_end_to_end(workspace):
             assert record["source"] == "sidecar" and record["bundle"] == BUNDLE.name
             assert record["weights_sha256"] == sha256_file(root / "run" / "models" / "model.pt")
             assert record["seed"] == 0 and record["sampler"] == "ddim" and record["num_inference_steps"] == 2
+            assert record["settings"]["prediction_type"] == "v_prediction"  # the demo overlay's, recorded
             assert len(record["conditions"]["mask_sha256"]) == 64
             assert record["conditions"]["label_convention"] == row["label_convention"] == "brats2023"
             assert out.header["descrip"].tobytes().startswith(MARKER.encode())
@@ -253,6 +254,7 @@ def test_train_and_inference_configs_agree_on_the_model():
         "num_res_blocks",
         "norm_num_groups",
         "num_train_timesteps",
+        "prediction_type",
         "conditioning",
         "network_def",
         "network",
@@ -262,6 +264,10 @@ def test_train_and_inference_configs_agree_on_the_model():
     for key in shared:
         assert train[key] == infer[key], key
     assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
+    # every scheduler on both sides follows the one prediction_type key
+    schedulers = [train["train"]["scheduler"], train["train"]["preview_sampler"]["scheduler"]]
+    schedulers += [infer[k] for k in ("ancestral_scheduler", "fast_scheduler", "solver_scheduler")]
+    assert all(s["prediction_type"] == "@prediction_type" for s in schedulers)
 
 
 @pytest.mark.slow
