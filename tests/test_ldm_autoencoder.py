@@ -9,6 +9,7 @@ import torch
 from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
 from monai.engines import AdversarialTrainer
 from monai.networks.nets import PatchDiscriminator
+from monai.networks.schedulers import DDPMScheduler
 
 from brainsynth.engine.io import load_checkpoint, save_checkpoint
 
@@ -170,6 +171,30 @@ def test_latent_prepare_batch_trains_on_scaled_latents_and_decoding_undoes_the_s
     assert kwargs["noise"].shape == latents.shape and torch.equal(target, kwargs["noise"])
     assert torch.equal(kwargs["condition"], cond) and kwargs["timesteps"].shape == (2,)
     assert torch.allclose(decode_latents(stub, latents), images)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_latent_prepare_batch_targets_what_the_training_scheduler_predicts(prediction_type):
+    # a network trained on the noise but sampled as a velocity model draws garbage: the target follows the scheduler
+    stub = _ScaledIdentity()
+    stub.latent_scale_factor.fill_(0.25)
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    prep = LatentDiffusionPrepareBatch(stub, num_train_timesteps=100, condition_name="condition", scheduler=scheduler)
+    torch.manual_seed(0)
+    latents, target, _, kwargs = prep({"image": torch.rand(3, 1, 4, 4, 4), "condition": torch.zeros(3, 2).long()})
+    noise, t = kwargs["noise"], kwargs["timesteps"]
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    expected = {
+        "epsilon": noise,
+        "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * latents,
+        "sample": latents,
+    }[prediction_type]
+    assert torch.allclose(target, expected, atol=1e-6)
+    if prediction_type == "v_prediction":  # the clean latent comes back from the noisy one and the target
+        noisy = scheduler.add_noise(latents, noise, t)
+        assert torch.allclose(alpha.sqrt() * noisy - (1 - alpha).sqrt() * target, latents, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type 'x0' is not one of"):
+        LatentDiffusionPrepareBatch(stub, 100, scheduler=type("S", (), {"prediction_type": "x0"})())
 
 
 def test_autoencoder_stage_runs_in_monai_adversarial_trainer_and_resumes_its_counters():

@@ -1,6 +1,7 @@
 """Shared training pieces: EMA, resumable checkpoints, strict overrides."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -251,3 +252,40 @@ def test_each_rank_resumes_its_own_random_stream_under_ddp(tmp_path):
         epoch2 = [v for i, v in rank["whole"] if i > 2]
         assert [v for i, v in rank["resumed"] if i > 2] == epoch2 and len(epoch2) == 2
     assert draws[0]["whole"] != draws[1]["whole"]  # the ranks' streams differ, and each got its own back
+
+
+def _fake_stat(path, total: int, idle: int) -> None:
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice (jiffies)
+    busy = total - idle
+    path.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+
+
+@pytest.mark.parametrize("busy_share, expected", [(0.0, 4), (0.25, 3), (0.5, 2), (1.0, 1)])
+def test_idle_cores_counts_the_cores_nobody_is_using(tmp_path, monkeypatch, busy_share, expected):
+    import time
+
+    from brainsynth.engine.training import idle_cores
+
+    stat = tmp_path / "stat"
+    _fake_stat(stat, total=1000, idle=500)
+    # the interval passes: 400 jiffies over all four cores, busy_share of them busy
+    monkeypatch.setattr(time, "sleep", lambda s: _fake_stat(stat, total=1400, idle=500 + round(400 * (1 - busy_share))))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert idle_cores(stat_path=str(stat)) == expected
+
+
+def test_num_threads_takes_a_count_idle_or_null_and_refuses_anything_else():
+    from brainsynth.engine.training import set_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert 1 <= set_num_threads("idle") <= usable
+        assert set_num_threads(1) == 1 and set_num_threads("1") == 1
+        assert set_num_threads(None) == 1  # null leaves torch as it is
+        for bad in (0, -2, 2.5, "two", True):
+            with pytest.raises(ValueError, match="whole number >= 1, 'idle' or null"):
+                set_num_threads(bad)
+    finally:
+        torch.set_num_threads(before)

@@ -26,15 +26,17 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from monai.engines import DiffusionPrepareBatch, PrepareBatch
+from monai.engines import PrepareBatch
 from monai.engines.utils import default_prepare_batch
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL
+from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys
 from torch import nn
 
 from brainsynth.engine.training import unwrap
+from brainsynth.schedulers.targets import SchedulerTargetPrepareBatch
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +230,20 @@ class LatentScaleFactor:
         engine.add_event_handler(Events.COMPLETED, self)
 
 
-class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+class LatentDiffusionPrepareBatch(SchedulerTargetPrepareBatch):
     """MONAI ``DiffusionPrepareBatch`` on latents: images are encoded by the frozen autoencoder and multiplied
     by its latent scale factor first, so noise, timesteps and targets are drawn in latent space and MONAI's
-    ``DiffusionInferer`` / ``SupervisedTrainer`` train the latent U-Net unchanged."""
+    ``DiffusionInferer`` / ``SupervisedTrainer`` train the latent U-Net unchanged. The target follows the
+    training ``scheduler``'s ``prediction_type`` (noise, velocity or clean latent)."""
 
-    def __init__(self, autoencoder: nn.Module, num_train_timesteps: int, condition_name: str | None = None) -> None:
-        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        num_train_timesteps: int,
+        condition_name: str | None = None,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name, scheduler=scheduler)
         self.autoencoder = autoencoder
 
     @torch.no_grad()

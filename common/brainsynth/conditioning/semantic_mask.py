@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import MapTransform, ResizeWithPadOrCrop
 
 from brainsynth.conventions import LABEL_VALUES
 from brainsynth.engine.acceleration import autocast
+from brainsynth.schedulers.targets import SchedulerTargetPrepareBatch
 
 #: tumour labels summarised by the class name "tumour"
 TUMOUR_LABELS: tuple[int, ...] = (LABEL_VALUES["necrotic_core"], LABEL_VALUES["edema"], LABEL_VALUES["enhancing"])
@@ -433,30 +433,17 @@ class MaskOneHotd(MapTransform):
 
 
 # --- training and sampling with MONAI's DiffusionInferer --------------------------------------------------------
-class MaskConditionedPrepareBatch(DiffusionPrepareBatch):
+class MaskConditionedPrepareBatch(SchedulerTargetPrepareBatch):
     """MONAI's DiffusionPrepareBatch that also asks DiffusionInferer to concatenate the condition (mode="concat").
 
     The batch's ``condition_name`` entry (one-hot mask channels) is concatenated after the noisy image on the
     channel axis by the inferer, so the SupervisedTrainer loop itself is MONAI's. The loss target follows the
-    training ``scheduler``'s ``prediction_type``: the noise (``epsilon``, the authors'), the velocity
-    (``v_prediction``, via the scheduler as MONAI's VPredictionPrepareBatch does) or the clean image (``sample``);
-    without a scheduler, the noise.
+    training ``scheduler``'s ``prediction_type`` (``brainsynth.schedulers.targets``): the noise (``epsilon``, the
+    authors'), the velocity (``v_prediction``) or the clean image (``sample``); without a scheduler, the noise.
     """
 
     def __init__(self, num_train_timesteps: int, condition_name: str = "condition", scheduler: Scheduler | None = None):
-        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
-        self.prediction_type = getattr(scheduler, "prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
-                f"prediction_type {self.prediction_type!r} is not one of epsilon, v_prediction, sample; set the "
-                "bundle's prediction_type key to one of them"
-            )
-        self.scheduler = scheduler
-
-    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(images, noise, timesteps)
-        return images if self.prediction_type == "sample" else noise
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name, scheduler=scheduler)
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
         if self.condition_name not in batchdata:

@@ -573,13 +573,46 @@ def install_last_line_hook() -> None:
     sys.excepthook = hook
 
 
-def set_num_threads(num_threads: int | None) -> int:
-    """CPU threads torch uses for this run (None: leave torch's default, which OMP_NUM_THREADS sets). On a shared
-    CPU, threads that outnumber the free cores spin against other processes; one thread degrades gracefully."""
+def idle_cores(interval: float = 0.5, stat_path: str = "/proc/stat") -> int:
+    """Cores this process may use that are idle now: the usable cores minus the busy share of all cores, measured
+    over ``interval`` seconds from the kernel's CPU counters (Linux); at least 1. Where the counters are missing,
+    the usable cores minus the one-minute load average."""
+    import time
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def counters() -> tuple[int, int]:
+        with open(stat_path) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already inside user
+
+    try:
+        total0, idle0 = counters()
+        time.sleep(interval)
+        total1, idle1 = counters()
+        busy_share = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+        busy = busy_share * (os.cpu_count() or usable)
+    except (OSError, ValueError, IndexError):
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(usable, usable - round(busy)))
+
+
+def set_num_threads(num_threads: int | str | None) -> int:
+    """CPU threads torch uses for this run (None: leave torch's default, which OMP_NUM_THREADS sets; ``"idle"``: the
+    cores idle when the run starts, see :func:`idle_cores`). On a shared CPU, threads that outnumber the free cores
+    spin against other processes; one thread degrades gracefully."""
+    if num_threads == "idle":
+        num_threads = idle_cores()
+        logging.getLogger(__name__).info("num_threads idle: %d core(s) idle, using as many threads", num_threads)
     if num_threads is not None:
-        if int(num_threads) < 1:
-            raise ValueError(f"num_threads must be >= 1 or null, got {num_threads}")
-        torch.set_num_threads(int(num_threads))
+        try:
+            count = int(num_threads)
+        except (TypeError, ValueError):
+            count = 0
+        if count < 1 or str(num_threads) != str(count):
+            raise ValueError(f"num_threads must be a whole number >= 1, 'idle' or null, got {num_threads!r}")
+        torch.set_num_threads(count)
     return torch.get_num_threads()
 
 
