@@ -189,6 +189,7 @@ def test_ldm_conditions_and_guidance_choose_the_modality():
     from monai.inferers import DiffusionInferer
 
     from brainsynth.conditioning.categorical import GuidedDenoiser
+    from brainsynth.schedulers.targets import SchedulerTargetPrepareBatch
 
     bundle = "brain_mri_conditional_ldm"
     with bundle_scripts(BUNDLES / bundle):
@@ -198,6 +199,7 @@ def test_ldm_conditions_and_guidance_choose_the_modality():
         cond = parser.get_parsed_content("conditioning")
         network = parser.get_parsed_content("network_def")
         scheduler = parser.get_parsed_content("scheduler")
+    targets = SchedulerTargetPrepareBatch(scheduler.num_train_timesteps, scheduler=scheduler)
     torch.manual_seed(0)
     modalities = ["t1w", "t2w"]
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
@@ -211,7 +213,8 @@ def test_ldm_conditions_and_guidance_choose_the_modality():
         x0 = torch.where(labels[:, None, None, None, None] == 0, 1.0, -1.0).expand(8, 2, 4, 4, 4)
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.num_train_timesteps, (8,))
-        loss = torch.nn.functional.mse_loss(network(scheduler.add_noise(x0, noise, t), t, idx), noise)
+        target = targets.get_target(x0, noise, t)  # what the demo's scheduler expects (the velocity)
+        loss = torch.nn.functional.mse_loss(network(scheduler.add_noise(x0, noise, t), t, idx), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
