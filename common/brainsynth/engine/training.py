@@ -576,7 +576,8 @@ def install_last_line_hook() -> None:
 def idle_cores(interval: float = 0.5, stat_path: str = "/proc/stat") -> int:
     """Cores this process may use that are idle now: the usable cores minus the busy share of all cores, measured
     over ``interval`` seconds from the kernel's CPU counters (Linux); at least 1. Where the counters are missing,
-    the usable cores minus the one-minute load average."""
+    the usable cores minus the one-minute load average. Processes started together (DDP ranks on a CPU) each see
+    the same idle cores: give those a count instead."""
     import time
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
