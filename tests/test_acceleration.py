@@ -256,3 +256,37 @@ def test_bundle_trained_with_switches_on_loads_into_the_plain_network(tmp_path):
     plain.load_state_dict(ema)  # strict
     last = load_checkpoint(tmp_path / "run" / "runs" / "train" / "checkpoint_last.pt")
     assert list(last["network"]) == list(ema) and last["trainer"]["iteration"] == 2
+
+
+def test_cpu_bf16_units_are_read_from_the_kernel_flags(tmp_path):
+    from brainsynth.engine.acceleration import cpu_has_bf16_units
+
+    def cpuinfo(flags):
+        path = tmp_path / f"cpuinfo_{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {' '.join(flags)}\n\nprocessor\t: 1\n")
+        return str(path)
+
+    assert cpu_has_bf16_units(cpuinfo(["fpu", "avx2", "avx512f", "avx512_bf16"]))
+    assert cpu_has_bf16_units(cpuinfo(["fpu", "amx_tile", "amx_bf16"]))
+    # AVX-512 without bf16 arithmetic emulates it (slower than fp32); a name that only contains the flag is not it
+    assert not cpu_has_bf16_units(cpuinfo(["fpu", "avx2", "avx512f", "avx512bw", "avx512_bf16x"]))
+    assert not cpu_has_bf16_units(str(tmp_path / "missing"))
+
+
+def test_d3m_demo_autocasts_in_its_inferer_on_a_cpu_and_leaves_monai_amp_to_cuda():
+    """The D3M demo's ``amp``: on a CPU with bf16 units the training inferer autocasts (MONAI's trainer would only
+    autocast on CUDA and warn), elsewhere fp32; the trainer's own amp stays off without CUDA."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    import brainsynth.deformation.mssdm  # noqa: F401  (the config's _target_ modules)
+    import brainsynth.schedulers.sigmoid  # noqa: F401
+    from brainsynth.engine.acceleration import cpu_has_bf16_units
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "brats_mri_d3m_cemri" / "configs"
+    parser = ConfigParser(globals={"brainsynth": brainsynth, "torch": torch})
+    parser.read_config([str(configs / "train.json"), str(configs / "demo.json")])
+    expected = torch.cuda.is_available() or cpu_has_bf16_units()
+    assert parser.get_parsed_content("train#inferer").amp == expected
+    assert parser.get_parsed_content("train#trainer#amp") == torch.cuda.is_available()

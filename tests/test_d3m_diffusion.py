@@ -134,6 +134,38 @@ def test_the_deformer_sees_a_clamped_mask_estimate_in_training_as_in_sampling():
     assert raw.abs().max() > 1.0  # the input would have left the range without the clamp
 
 
+def test_amp_on_a_cpu_runs_the_network_in_bf16_and_returns_float32_close_to_full_precision():
+    """``amp`` on a CPU: the inferer autocasts the network call in bf16 (MONAI's trainer autocasts on CUDA only),
+    the loss sees float32 close to the fp32 result, gradients reach the float32 weights, and the sampler agrees."""
+    net = tiny_d3m()
+    dtypes = []
+    net.denoiser.conv_in.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    target = torch.rand(4, 2, 16, 16) * 2 - 1
+    noise, cond = torch.randn_like(target), torch.randn(4, 3, 16, 16)
+    t = torch.tensor([5, 300, 600, 990])
+    full = MSSDMInferer(d3m_scheduler(), amp=False)(target, net, noise=noise, timesteps=t, condition=cond)
+    half = MSSDMInferer(d3m_scheduler(), amp=True)(target, net, noise=noise, timesteps=t, condition=cond)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    for key in ("pred", "field"):
+        assert half[key].dtype == torch.float32
+        scale = full[key].abs().max()
+        assert 0 < (half[key] - full[key]).abs().max() < 0.05 * scale, key  # bf16 rounding, not a different result
+    WeightedDiffusionLoss()(half, target).backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
+    assert net.deformer.unet.final_conv.weight.grad.abs().sum() > 0
+
+    sample_noise, sample_cond = _noise_and_condition()
+    samples = [
+        MSSDMInferer(d3m_scheduler(), num_inference_steps=4, amp=amp).sample(
+            sample_noise, net, conditioning=sample_cond, verbose=False
+        )
+        for amp in (False, True)
+    ]
+    assert samples[1].dtype == torch.float32 and len(dtypes) == 2 + 2 * 4
+    assert dtypes[2:6] == [torch.float32] * 4 and dtypes[6:] == [torch.bfloat16] * 4
+    assert 0 < (samples[1] - samples[0]).abs().max() < 0.1
+
+
 # --- sampler ------------------------------------------------------------------------------------------------
 def _noise_and_condition(seed=5):
     gen = torch.Generator().manual_seed(seed)
