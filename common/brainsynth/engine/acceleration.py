@@ -91,7 +91,7 @@ def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: to
 
 def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, read from the kernel's CPU flags), so bf16
-    autocast speeds it up; elsewhere (no flag, or no /proc/cpuinfo) False, since emulated bf16 is slower than fp32."""
+    autocast speeds it up; elsewhere (no flag, or no /proc/cpuinfo) False: emulated bf16 would not pay."""
     try:
         with open(cpuinfo) as f:
             for line in f:

@@ -30,7 +30,7 @@ GLOSSARY: dict[str, str] = {
     "seed": "random seed (weights init, data order, sampling noise)",
     "spatial_size": "network grid (voxels or pixels); inputs are cropped / padded to it and restored on output",
     "num_workers": "data-loading worker processes",
-    "amp": "mixed precision (bf16 / fp16 autocast) on a GPU",
+    "amp": "mixed precision: bf16 / fp16 autocast on a GPU; on a CPU, bf16 in the samplers and in D3M's training",
     "use_flash_attention": "fused scaled-dot-product attention in the U-Net attention blocks",
     "channels_last": "channels-last memory format (GPU speed switch)",
     "activation_checkpointing": "recompute activations in the backward pass: less memory, slower",
