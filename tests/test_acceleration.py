@@ -268,7 +268,7 @@ def test_cpu_bf16_units_are_read_from_the_kernel_flags(tmp_path):
 
     assert cpu_has_bf16_units(cpuinfo(["fpu", "avx2", "avx512f", "avx512_bf16"]))
     assert cpu_has_bf16_units(cpuinfo(["fpu", "amx_tile", "amx_bf16"]))
-    # AVX-512 without bf16 arithmetic emulates it (slower than fp32); a name that only contains the flag is not it
+    # AVX-512 without bf16 arithmetic has no bf16 units; a name that only contains the flag is not it
     assert not cpu_has_bf16_units(cpuinfo(["fpu", "avx2", "avx512f", "avx512bw", "avx512_bf16x"]))
     assert not cpu_has_bf16_units(str(tmp_path / "missing"))
 
@@ -290,3 +290,6 @@ def test_d3m_demo_autocasts_in_its_inferer_on_a_cpu_and_leaves_monai_amp_to_cuda
     expected = torch.cuda.is_available() or cpu_has_bf16_units()
     assert parser.get_parsed_content("train#inferer").amp == expected
     assert parser.get_parsed_content("train#trainer#amp") == torch.cuda.is_available()
+    parser["amp"] = True  # the same wiring on any CPU, whatever its flags
+    assert parser.get_parsed_content("train#inferer", lazy=False).amp is True
+    assert parser.get_parsed_content("train#trainer#amp", lazy=False) == torch.cuda.is_available()
