@@ -25,7 +25,7 @@ from monai.inferers import Inferer, LatentDiffusionInferer
 from monai.transforms import MapTransform
 
 from brainsynth.conditioning.categorical import CategoricalConditioning, all_combinations
-from brainsynth.engine.acceleration import autocast
+from brainsynth.engine.acceleration import Float32Output, autocast
 from brainsynth.engine.io import atomic_write_text, save_nifti
 from brainsynth.engine.training import unwrap
 
@@ -131,11 +131,13 @@ class LatentSampler(Inferer):
         # fails on CUDA otherwise (found by ci/gpu_check.sh); it moves each timestep to the input's device itself
         self.scheduler.set_timesteps(self.num_inference_steps)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
+        # the decoder runs under this autocast; the denoiser's output comes back float32, so the scheduler's
+        # arithmetic stays float32 (elementwise operations are not autocast)
         with autocast(inputs, self.amp):
             images = inferer.sample(
                 input_noise=inputs,
                 autoencoder_model=ae,
-                diffusion_model=network,
+                diffusion_model=Float32Output(network, inputs, self.amp),
                 scheduler=self.scheduler,
                 conditioning=conditioning,
                 mode="crossattn",

@@ -143,16 +143,17 @@ class CategoricalConditioning(nn.Module):
     def drop(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace all conditions by null (-1) together with ``joint_dropout_prob``, then each condition
         independently with its own probability."""
-        indices = indices.clone()
+        # torch.where, not boolean indexing: no host synchronisation per training step on a GPU
         if self.joint_dropout_prob > 0:
             u = torch.rand(indices.shape[0], generator=generator, device="cpu").to(indices.device)
-            indices[u < self.joint_dropout_prob] = -1
+            indices = torch.where((u < self.joint_dropout_prob)[:, None], -1, indices)
+        columns = list(indices.unbind(1))
         for j, n in enumerate(self.names):
             p = self.dropout_prob[n]
             if p > 0:
                 u = torch.rand(indices.shape[0], generator=generator, device="cpu").to(indices.device)
-                indices[u < p, j] = -1
-        return indices
+                columns[j] = torch.where(u < p, -1, columns[j])
+        return torch.stack(columns, dim=1)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, n_conditions) indices (< 0 = null) -> (B, n_conditions, embedding_dim) tokens.
@@ -171,8 +172,14 @@ class CategoricalConditioning(nn.Module):
                 f"condition indices must have shape (B, {len(self.names)}) for {list(self.names)}, "
                 f"got {tuple(indices.shape)}"
             )
+        # on a CPU the check names the bad index; elsewhere it is asynchronous (reading the indices back to the host
+        # in every forward would stall the GPU and break a compiled graph)
+        precise = indices.device.type == "cpu" and not torch.compiler.is_compiling()
         for j, n in enumerate(self.names):
-            if (indices[:, j] >= len(self.vocabularies[n])).any():
+            too_large = indices[:, j] >= len(self.vocabularies[n])
+            if not precise:
+                torch._assert_async(~too_large.any(), f"{n} index out of range for vocabulary {self.vocabularies[n]}")
+            elif too_large.any():
                 raise ValueError(
                     f"{n} index {int(indices[:, j].max())} out of range for vocabulary {self.vocabularies[n]}"
                 )
@@ -264,10 +271,12 @@ class ConditionalDenoiser(nn.Module):
 def guidance_combination(
     unconditional: torch.Tensor, conditionals: Sequence[torch.Tensor], scales: Sequence[float]
 ) -> torch.Tensor:
-    """eps(0) + sum_i g_i (eps_i - eps(0)): the classifier-free guidance combination (one term for ``joint``)."""
+    """eps(0) + sum_i g_i (eps_i - eps(0)): the classifier-free guidance combination (one term for ``joint``), in
+    float32: the branches' differences are small, and bf16 predictions (autocast) would lose them."""
+    unconditional = unconditional.float()
     out = unconditional.clone()
     for eps, g in zip(conditionals, scales, strict=True):
-        out = out + float(g) * (eps - unconditional)
+        out = out + float(g) * (eps.float() - unconditional)
     return out
 
 
@@ -322,8 +331,12 @@ class GuidedDenoiser(nn.Module):
             branches, scales = [context], [g]
         else:
             branches, scales = [], []
+            # which conditions the request names: read on a CPU; elsewhere every condition gets its branch, since
+            # reading the request back at every step would stall the GPU, and a null condition's branch is eps(0)
+            # itself, so its term is zero
+            on_cpu = context.device.type == "cpu" and not torch.compiler.is_compiling()
             for j, n in enumerate(cond.names):
-                if bool((context[:, j] >= 0).any()):
+                if not on_cpu or bool((context[:, j] >= 0).any()):
                     only = null.clone()
                     only[:, j] = context[:, j]
                     branches.append(only)

@@ -30,7 +30,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import MapTransform, ResizeWithPadOrCrop
 
 from brainsynth.conventions import LABEL_VALUES
-from brainsynth.engine.acceleration import autocast
+from brainsynth.engine.acceleration import Float32Output
 from brainsynth.schedulers.targets import SchedulerTargetPrepareBatch
 
 #: tumour labels summarised by the class name "tumour"
@@ -530,15 +530,15 @@ class MaskConditionedSampler(Inferer):
         was_training = network.training
         network.eval()
         try:
-            with autocast(condition, self.amp):
-                image = self.inferer.sample(
-                    input_noise=noise,
-                    diffusion_model=network,
-                    scheduler=self.scheduler,
-                    conditioning=condition,
-                    mode="concat",
-                    verbose=self.progress,
-                )
+            # only the network call is autocast: the scheduler's arithmetic and noise stay float32
+            image = self.inferer.sample(
+                input_noise=noise,
+                diffusion_model=Float32Output(network, condition, self.amp),
+                scheduler=self.scheduler,
+                conditioning=condition,
+                mode="concat",
+                verbose=self.progress,
+            )
             image = image.float()
             if self.mask_background:
                 inside = (condition > self.inside_threshold).any(dim=1, keepdim=True)

@@ -220,7 +220,7 @@ class MSSDMInferer(DiffusionInferer):
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         alpha_bar = self.scheduler.alphas_cumprod.to(inputs.device, inputs.dtype)[timesteps]
         x = torch.cat([noisy, condition], dim=1)
-        with autocast(x, self.amp and not x.is_cuda):
+        with autocast(x, self.amp and not torch.is_autocast_enabled(x.device.type)):  # inside MONAI's, keep it
             if getattr(_bare(diffusion_model), "has_deformer", False):
                 pred, field = diffusion_model(x, timesteps=timesteps, alpha_bar=alpha_bar)
             else:
@@ -258,7 +258,7 @@ class MSSDMInferer(DiffusionInferer):
         if cfg is not None:
             raise ValueError("classifier-free guidance is not part of D3M")
         scheduler = scheduler or self.sample_scheduler
-        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps, device=input_noise.device)
+        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps)  # on the CPU: no per-step sync
         network = _bare(diffusion_model)
         if x0_transform is None and self.use_mssdm and getattr(network, "has_deformer", False):
             x0_transform = network.deform

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,11 +84,32 @@ def compile_network(network: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: torch.dtype = torch.bfloat16):
-    """``torch.autocast`` for the network calls of a sampler on ``device`` (a tensor gives its own device)."""
+    """``torch.autocast`` for the network calls of a sampler on ``device`` (a tensor gives its own device).
+
+    Not enabled, it changes nothing: an autocast the caller opened (MONAI's trainer autocasts its step on CUDA)
+    stays on, where ``torch.autocast(enabled=False)`` would switch it off for the block."""
     if isinstance(device, torch.Tensor):
         device = device.device
     device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=dtype, enabled=bool(enabled) and device_type in ("cuda", "cpu"))
+    if not enabled or device_type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+class Float32Output:
+    """``network`` called under ``autocast(device, amp, dtype)``, its output returned in float32.
+
+    What a sampler hands to a scheduler: the network runs in mixed precision, and everything the scheduler does with
+    its output stays float32 (MONAI's ``DDPMScheduler`` draws its noise in the output's dtype, diffusers' solvers
+    cast each step to it)."""
+
+    def __init__(self, network: Any, device: torch.device | str | torch.Tensor, amp: bool, dtype=torch.bfloat16):
+        self.network, self.device, self.amp, self.dtype = network, device, bool(amp), dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(self.device, self.amp, self.dtype):
+            output = self.network(*args, **kwargs)
+        return output.float()
 
 
 def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -73,20 +73,26 @@ class DiffusersSolver:
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """``device`` is accepted for MONAI's interface and ignored: the timesteps stay on the CPU, because MONAI's
+        ``DiffusionInferer.sample`` concatenates them with a CPU tensor (a CUDA copy fails on the next volume), and
+        each step receives its timestep as a number anyway."""
         if not 1 <= int(num_inference_steps) <= self.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {num_inference_steps}"
             )
-        self.solver.set_timesteps(int(num_inference_steps), device=device)
+        self.solver.set_timesteps(int(num_inference_steps), device="cpu")
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = self.solver.timesteps.long()
 
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
-        """One solver step; calls must follow ``timesteps`` in order (the solver keeps its previous outputs)."""
+        """One solver step; calls must follow ``timesteps`` in order (the solver keeps its previous outputs).
+
+        The arithmetic is float32 whatever the network's output dtype: diffusers casts each step's result to the
+        model output's dtype, which under bf16 autocast would carry the whole trajectory in bf16."""
         t = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
         if t == int(self.timesteps[0]):  # a new trajectory: forget the previous one's history
-            self.set_timesteps(self.num_inference_steps or len(self.timesteps), device=sample.device)
-        prev = self.solver.step(model_output, t, sample, return_dict=False)[0]
+            self.set_timesteps(self.num_inference_steps or len(self.timesteps))
+        prev = self.solver.step(model_output.float(), t, sample.float(), return_dict=False)[0]
         return prev, None

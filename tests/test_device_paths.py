@@ -1,0 +1,202 @@
+"""What a CPU run cannot see but every GPU user runs (issue 33), shown on a CPU:
+
+- every bundle's every sampler, called twice, on tensors on the ``meta`` device: a stand-in for "not the CPU" that
+  raises on any mix of devices and on any read of a value back to the host (so it also shows per-step syncs);
+- the dtype the networks run in under each amp setting, with an autocast opened by the caller as MONAI's trainer
+  opens one on CUDA;
+- scheduler arithmetic in float32 under bf16 autocast (diffusers' solver step, MONAI's DDPM noise, guidance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bundle_code import bundle_scripts  # noqa: E402  (tests/ is on sys.path)
+from monai.bundle import ConfigParser
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+
+import brainsynth.schedulers.sigmoid  # noqa: F401  (registers "sigmoid_alpha_bar")
+from brainsynth.conditioning.categorical import CategoricalConditioning, ConditionalDenoiser, GuidedDenoiser
+from brainsynth.deformation.estimation import DeformationUNet
+from brainsynth.deformation.mssdm import DeformableDenoiser, MSSDMInferer
+from brainsynth.engine.acceleration import Float32Output, autocast
+from brainsynth.schedulers.ddim import ExactDDIMScheduler
+from brainsynth.schedulers.solvers import DiffusersSolver
+
+REPO = Path(__file__).resolve().parents[1]
+META = torch.device("meta")
+UNET = dict(channels=(8, 8), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+
+bundle_scripts("brats_mri_d3m_cemri")
+bundle_scripts("brain_mri_conditional_ldm")
+from brain_mri_conditional_ldm_scripts.latent_autoencoder import LatentAutoencoderKL  # noqa: E402
+from brain_mri_conditional_ldm_scripts.latent_sampling import LatentSampler  # noqa: E402
+from brats_mri_d3m_cemri_scripts.dual_stream_unet import DualStreamDiffusionUNet  # noqa: E402
+
+
+def med_ddpm_inferer(sampler: str, amp: bool = False):
+    """The Med-DDPM bundle's own ``inferer`` (inference.json) for ``sampler``, on a 6-step schedule."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "brats_mri_med_ddpm" / "configs" / "inference.json"))
+    parser.update(
+        {"sampler": sampler, "num_train_timesteps": 6, "num_inference_steps": 3, "progress": False, "amp": amp}
+    )
+    return parser.get_parsed_content("inferer")
+
+
+MED_DDPM_SAMPLERS = ["ddpm", "ddim", "dpmpp", "unipc"]
+
+
+# --- every sampler twice on a device that is not the CPU ----------------------------------------------------
+@pytest.mark.parametrize("sampler", MED_DDPM_SAMPLERS)
+def test_med_ddpm_samplers_run_twice_off_the_cpu(sampler):
+    """The second volume is where MONAI's inferer met CUDA timesteps left by the solver (issue 33, finding 1)."""
+    inferer = med_ddpm_inferer(sampler)
+    network = DiffusionModelUNet(3, in_channels=4 + 5, out_channels=4, **UNET).to(META)
+    condition = torch.zeros(1, 5, 8, 8, 8, device=META)
+    for _ in range(2):
+        image = inferer(condition, network)
+        assert image.device == META and image.shape == (1, 4, 8, 8, 8) and image.dtype == torch.float32
+    assert inferer.scheduler.timesteps.device.type == "cpu"
+
+
+def test_d3m_sampler_runs_twice_off_the_cpu():
+    torch.manual_seed(0)
+    denoiser = DualStreamDiffusionUNet(2, in_channels=5, out_channels=2, num_decoders=2, **UNET)
+    network = DeformableDenoiser(denoiser, DeformationUNet(2, features=(4, 4, 8, 8, 8, 4))).to(META)
+    inferer = MSSDMInferer(
+        DDPMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction"), num_inference_steps=3
+    )
+    for _ in range(2):
+        out = inferer.sample(
+            torch.zeros(2, 2, 16, 16, device=META), network, conditioning=torch.zeros(2, 3, 16, 16, device=META)
+        )
+        assert out.device == META and out.shape == (2, 2, 16, 16)
+
+
+def test_ldm_sampler_runs_twice_off_the_cpu():
+    conditioning = CategoricalConditioning({"pathology": ["healthy", "glioblastoma"], "modality": ["t1w"]}, 8)
+    unet = DiffusionModelUNet(
+        3, in_channels=3, out_channels=3, with_conditioning=True, cross_attention_dim=8, num_head_channels=8, **UNET
+    )
+    network = GuidedDenoiser(ConditionalDenoiser(unet, conditioning), 3.0, "per_condition").to(META)
+    autoencoder = LatentAutoencoderKL(
+        3, in_channels=1, out_channels=1, channels=(4, 4), latent_channels=3, num_res_blocks=(1, 1),
+        norm_num_groups=4, attention_levels=(False, False),
+    ).to(META)  # fmt: skip
+    autoencoder.latent_scale_factor = torch.tensor(1.0)  # a trained autoencoder's scale (read once per call)
+    sampler = LatentSampler(autoencoder, ExactDDIMScheduler(10, schedule="scaled_linear_beta"), 3, verbose=False)
+    request = torch.tensor([[1, 0]], device=META)
+    for _ in range(2):
+        out = sampler(torch.zeros(1, 3, 4, 4, 4, device=META), network, conditioning=request)
+        assert out.device == META and out.shape == (1, 1, 8, 8, 8) and out.dtype == torch.float32
+
+
+def test_conditioning_reads_nothing_back_to_the_host_off_the_cpu():
+    """Training-time condition dropout and the index check of every forward stay on the device (torch.compile
+    would break its graph there, and a GPU would wait for each read)."""
+    conditioning = CategoricalConditioning({"pathology": ["a", "b"], "modality": ["x"]}, 8, 0.5, 0.1)
+    # on the CPU the check names the bad index; off it the same condition is an asynchronous assertion
+    with pytest.raises(ValueError, match="pathology index 5 out of range"):
+        conditioning.tokens(torch.tensor([[5, 0]]))
+    conditioning.to(META)
+    tokens = conditioning(torch.zeros(4, 2, dtype=torch.long, device=META))  # training mode: dropout
+    assert tokens.shape == (4, 2, 8) and tokens.device == META
+
+
+# --- dtypes under each amp setting --------------------------------------------------------------------------
+@pytest.mark.parametrize("outer", [False, True], ids=["no caller autocast", "caller autocast"])
+@pytest.mark.parametrize("amp", [False, True], ids=["amp off", "amp on"])
+def test_d3m_training_network_runs_in_the_autocast_it_is_given(amp, outer):
+    """MONAI's trainer opens an autocast around the training step (on CUDA, fp16 with a GradScaler); the D3M
+    inferer must not switch it off (issue 33, finding 2: the network ran fp32 under an active scaler). A CPU
+    autocast opened by the test stands in for the trainer's: the inferer's code path is the same."""
+    torch.manual_seed(0)
+    denoiser = DualStreamDiffusionUNet(2, in_channels=5, out_channels=2, num_decoders=2, **UNET)
+    network = DeformableDenoiser(denoiser, DeformationUNet(2, features=(4, 4, 8, 8, 8, 4)))
+    seen = []
+    denoiser.conv_in.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    network.deformer.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    inferer = MSSDMInferer(DDPMScheduler(1000, schedule="sigmoid_alpha_bar", prediction_type="v_prediction"), amp=amp)
+    target = torch.zeros(2, 2, 16, 16)
+    caller = torch.autocast("cpu", dtype=torch.bfloat16) if outer else autocast("cpu", False)
+    with caller:
+        out = inferer(target, network, noise=torch.randn_like(target), timesteps=torch.tensor([3, 500]),
+                      condition=torch.zeros(2, 3, 16, 16))  # fmt: skip
+    expected = torch.bfloat16 if (amp or outer) else torch.float32
+    assert seen == [expected, expected]  # the U-Net and the deformer
+    assert out["pred"].dtype == torch.float32 and out["field"].dtype == torch.float32
+
+
+def test_a_disabled_autocast_leaves_the_callers_autocast_on():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", False):
+            assert torch.is_autocast_enabled("cpu")
+            assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+# --- float32 scheduler arithmetic under bf16 autocast -------------------------------------------------------
+@pytest.mark.parametrize("solver", ["dpmsolver++", "unipc"])
+def test_solver_steps_in_float32_whatever_the_network_output(solver):
+    """diffusers casts each step's result to the model output's dtype; the adapter hands it float32."""
+    gen = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(1, 1, 8, 8, generator=gen), torch.randn(1, 1, 8, 8, generator=gen)
+    half = output.bfloat16()
+    results = []
+    for model_output in (half, half.float()):
+        scheduler = DiffusersSolver(solver, num_train_timesteps=50)
+        scheduler.set_timesteps(5)
+        x = sample
+        for t in scheduler.timesteps:
+            x, _ = scheduler.step(model_output, t, x)
+        results.append(x)
+    assert results[0].dtype == torch.float32
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler", MED_DDPM_SAMPLERS)
+def test_med_ddpm_scheduler_sees_float32_while_the_network_runs_bf16(sampler):
+    """Under amp the network runs bf16; the scheduler receives float32 (MONAI's DDPMScheduler draws its noise in the
+    model output's dtype, so bf16 outputs meant bf16 noise)."""
+    inferer = med_ddpm_inferer(sampler, amp=True)
+    network = DiffusionModelUNet(3, in_channels=4 + 5, out_channels=4, **UNET)
+    seen_network, seen_step = [], []
+    network.conv_in.register_forward_hook(lambda m, a, out: seen_network.append(out.dtype))
+    step = inferer.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        seen_step.append((model_output.dtype, sample.dtype))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    inferer.scheduler.step = recording_step
+    inferer(torch.zeros(1, 5, 8, 8, 8), network)
+    assert seen_network and set(seen_network) == {torch.bfloat16}
+    assert set(seen_step) == {(torch.float32, torch.float32)}
+
+
+def test_guidance_combines_bf16_branches_in_float32():
+    conditioning = CategoricalConditioning({"pathology": ["a", "b"], "modality": ["x", "y"]}, 8).eval()
+    unet = DiffusionModelUNet(
+        2, in_channels=1, out_channels=1, with_conditioning=True, cross_attention_dim=8, num_head_channels=8, **UNET
+    )
+    torch.nn.init.normal_(unet.out[-1].conv.weight, std=0.1)
+    denoiser = ConditionalDenoiser(unet, conditioning).eval()
+    guided = GuidedDenoiser(denoiser, {"pathology": 3.0, "modality": 2.0}, "per_condition")
+    x, t, request = torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.tensor([[1, 0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        combined = guided(x, t, request)
+        null = denoiser(x, t, torch.tensor([[-1, -1]]))
+        branches = [denoiser(x, t, torch.tensor([[1, -1]])), denoiser(x, t, torch.tensor([[-1, 0]]))]
+    assert combined.dtype == torch.float32 and null.dtype == torch.bfloat16
+    expected = null.float() + 3.0 * (branches[0].float() - null.float()) + 2.0 * (branches[1].float() - null.float())
+    torch.testing.assert_close(combined, expected, rtol=0, atol=0)
+
+
+def test_float32_output_runs_the_network_in_mixed_precision_and_returns_float32():
+    linear = torch.nn.Linear(4, 4)
+    wrapped = Float32Output(linear, "cpu", amp=True)
+    assert wrapped(torch.ones(1, 4)).dtype == torch.float32
+    assert torch.allclose(wrapped(torch.ones(1, 4)), linear(torch.ones(1, 4)).bfloat16().float(), atol=0.05)
