@@ -200,3 +200,99 @@ def test_float32_output_runs_the_network_in_mixed_precision_and_returns_float32(
     wrapped = Float32Output(linear, "cpu", amp=True)
     assert wrapped(torch.ones(1, 4)).dtype == torch.float32
     assert torch.allclose(wrapped(torch.ones(1, 4)), linear(torch.ones(1, 4)).bfloat16().float(), atol=0.05)
+
+
+# --- training state on a GPU: determinism setting, loss scaler, random states, host memory under DDP ---------
+def test_deterministic_defaults_to_exact_on_a_cpu_and_fast_with_cuda(monkeypatch):
+    from brainsynth.engine import training
+
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False: calls.append(mode))
+    for flag in ("deterministic", "benchmark"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))  # restored after
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    training.seed_everything(0)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark and calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what initialize sees on a GPU machine
+    training.seed_everything(0)
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark and calls == [False]
+    training.seed_everything(0, deterministic=True)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark and calls == [False, True]
+    assert torch.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+@pytest.mark.parametrize("config", ["brats_mri_med_ddpm/configs/train.json", "brats_mri_d3m_cemri/configs/train.json",
+                                    "brain_mri_conditional_ldm/configs/train_autoencoder.json"])  # fmt: skip
+def test_every_bundle_seeds_with_its_deterministic_setting(config, monkeypatch):
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / config))
+    assert parser.get_parsed_content("deterministic") is (not torch.cuda.is_available())
+    assert any("seed_everything(@seed, @deterministic)" in str(line) for line in parser["initialize"])
+
+
+def test_loss_scaler_state_travels_in_the_checkpoint(tmp_path):
+    """A resumed fp16 run continues with the scale it had reached (MONAI's trainers: ``scaler``; the adversarial
+    trainer: ``state.g_scaler`` / ``state.d_scaler``); a GradScaler on the CPU stands in for CUDA's."""
+    from ignite.engine import Engine
+
+    from brainsynth.engine.training import ResumableCheckpoint
+
+    def engine_with_scalers(scale=None):
+        engine = Engine(lambda e, b: None)
+        engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        engine.state.g_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        if scale is not None:
+            for scaler in (engine.scaler, engine.state.g_scaler):
+                scaler.scale(torch.ones(1))  # the scale exists from the first scaled loss on
+                scaler.update(new_scale=scale)
+        return engine
+
+    first = engine_with_scalers(scale=8.0)
+    ResumableCheckpoint(tmp_path, {"trainer": first}).attach(first)
+    first.run(range(1), max_epochs=1)
+    resumed = engine_with_scalers()
+    ResumableCheckpoint(tmp_path, {"trainer": resumed}).attach(resumed)
+    resumed.run(range(1), max_epochs=2)
+    assert resumed.scaler.get_scale() == 8.0 and resumed.state.g_scaler.get_scale() == 8.0
+
+
+def test_resume_with_fewer_visible_gpus_restores_the_devices_both_have(monkeypatch, caplog):
+    """A job saved on two GPUs and resumed on one: torch.cuda.set_rng_state_all would address a device that is not
+    there (simulated: the state list of two devices, one visible device that refuses any other index)."""
+    from brainsynth.engine import training
+
+    state = training.get_rng_state()
+    saved = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = []
+
+    def set_device_state(new_state, device=0):
+        if int(device) >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored.append((int(new_state[0]), int(device)))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_device_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_device_state)
+    training.set_rng_state({**state, "cuda": saved})
+    assert restored == [(1, 0)]
+    assert "saved with 2 visible GPU(s), this run has 1" in caplog.text
+
+
+def test_d3m_ranks_cache_disjoint_shares_of_the_training_volumes(monkeypatch):
+    """Under DDP each D3M rank caches its own share (issue 33, finding 6: every rank cached every volume)."""
+    import torch.distributed as dist
+
+    shares = []
+    for rank in range(2):
+        parser = ConfigParser()
+        configs = REPO / "bundles" / "brats_mri_d3m_cemri" / "configs"
+        parser.read_config([str(configs / "train.json"), str(configs / "multi_gpu_train.json")])
+        parser["train#items"] = [{"image": f"subject{i}"} for i in range(7)]
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        shares.append([row["image"] for row in parser.get_parsed_content("train#dataset#data")])
+    assert len(shares[0]) == len(shares[1]) == 4  # 7 volumes, padded to 2 x 4
+    assert set(shares[0]) | set(shares[1]) == {f"subject{i}" for i in range(7)}
+    assert len(set(shares[0]) & set(shares[1])) == 1  # the one padding repeat

@@ -24,14 +24,30 @@ logger = logging.getLogger("brainsynth.engine.training")
 CHECKPOINT_LAST = "checkpoint_last.pt"
 
 
-def seed_everything(seed: int) -> int:
-    """Seed python, numpy and torch (all devices) and make MONAI transforms deterministic."""
+def seed_everything(seed: int, deterministic: bool | None = None) -> int:
+    """Seed python, numpy and torch (all devices), make MONAI transforms deterministic, and choose the kernels.
+
+    ``deterministic`` (the bundles' key of that name; None: true on a machine without CUDA, false with it):
+    - true: cuDNN's deterministic convolutions, no autotuning, and on CUDA torch's deterministic algorithms where
+      they exist (``warn_only``: CUDA has no deterministic backward for 3D upsampling, ``grid_sample`` or embedding
+      gradients, so these still vary in their last bits from run to run). On a CPU a resumed training ends
+      bit-identical to an uninterrupted one; on CUDA it continues from the same state, but not bit-identically.
+    - false: cuDNN autotunes each convolution shape (``benchmark``), the fast choice for 3D networks on a GPU.
+    """
     from monai.utils import set_determinism
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    set_determinism(seed=seed)
+    set_determinism(seed=seed)  # also switches cuDNN to deterministic / no autotuning; the setting decides below
+    if deterministic is None:
+        deterministic = not torch.cuda.is_available()
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    if torch.cuda.is_available():
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+        torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
     return seed
 
 
@@ -154,6 +170,23 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_every), self.save)
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
+    @staticmethod
+    def grad_scalers(engine: Any) -> dict[str, Any]:
+        """The engine's active mixed-precision loss scalers (MONAI's SupervisedTrainer: ``scaler``; its
+        AdversarialTrainer: ``state.g_scaler`` / ``state.d_scaler``): their scale and growth counters are training
+        state, so they travel in the checkpoint (a resumed fp16 run would otherwise restart at scale 65536)."""
+        found = {}
+        state = getattr(engine, "state", None)
+        for key, owner, attr in (
+            ("grad_scaler", engine, "scaler"),
+            ("grad_scaler_generator", state, "g_scaler"),
+            ("grad_scaler_discriminator", state, "d_scaler"),
+        ):
+            scaler = getattr(owner, attr, None)
+            if scaler is not None and hasattr(scaler, "is_enabled") and scaler.is_enabled():
+                found[key] = scaler
+        return found
+
     def _object_state(self, obj: Any) -> Any:
         if isinstance(obj, torch.nn.Module):
             return unwrap(obj).state_dict()
@@ -182,6 +215,13 @@ class ResumableCheckpoint:
                 f"{max_epochs}; raise max_epochs to train further"
             )
         engine.state.max_epochs = max_epochs
+        for name, scaler in self.grad_scalers(engine).items():
+            if name in ckpt:
+                scaler.load_state_dict(ckpt[name])
+            else:
+                logger.warning(
+                    "%s has no %s state (saved without mixed precision): it starts afresh", self.last_path, name
+                )
         # the rest of the run replays the uninterrupted one: the random streams as they were at the save, and the
         # data order from the same position (a ResumableRandomSampler continues where the run stopped)
         if "rng" in ckpt:
@@ -227,6 +267,8 @@ class ResumableCheckpoint:
             return
         per_rank = self._epoch_end_rng[1]
         state = {k: self._object_state(v) for k, v in self.save_dict.items()}
+        if engine is not None:
+            state.update({k: v.state_dict() for k, v in self.grad_scalers(engine).items()})
         save_checkpoint({**state, "rng": per_rank[0], "rng_per_rank": per_rank}, self.last_path)
 
     def _capture_rng(self, engine) -> None:
@@ -355,9 +397,21 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what ``get_rng_state`` took. A job resumed with another number of visible GPUs restores the devices
+    both have (the first ones); a device it did not have keeps its seed, one it has no more is dropped, and the
+    difference is logged (the run continues, not bit-identically)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = list(state["cuda"]), torch.cuda.device_count()
+        if len(saved) != visible:
+            logger.warning(
+                "the random state was saved with %d visible GPU(s), this run has %d: the first %d are restored",
+                len(saved),
+                visible,
+                min(len(saved), visible),
+            )
+        for index, device_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(device_state, index)
     np.random.set_state(_numpy_tuple(state["numpy"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
