@@ -296,3 +296,39 @@ def test_d3m_ranks_cache_disjoint_shares_of_the_training_volumes(monkeypatch):
     assert len(shares[0]) == len(shares[1]) == 4  # 7 volumes, padded to 2 x 4
     assert set(shares[0]) | set(shares[1]) == {f"subject{i}" for i in range(7)}
     assert len(set(shares[0]) & set(shares[1])) == 1  # the one padding repeat
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------
+def test_compiled_network_takes_metatensors_as_plain_tensors():
+    """MONAI's transforms hand the network MetaTensors (Med-DDPM's masks); the compiled code sees plain tensors."""
+    from monai.data import MetaTensor
+
+    from brainsynth.engine.acceleration import compile_network
+
+    torch._dynamo.reset()
+    seen = []
+    network = torch.nn.Conv3d(2, 2, 1)
+    compiled = compile_network(network, backend="eager")
+    compiled.register_forward_pre_hook(lambda m, args: seen.append(type(args[0])))  # runs after the stripping hook
+    out = compiled(MetaTensor(torch.ones(1, 2, 2, 2, 2), affine=torch.eye(4) * 2))
+    assert seen == [torch.Tensor] and type(out) is torch.Tensor
+    torch.testing.assert_close(out, network(torch.ones(1, 2, 2, 2, 2)))
+
+
+def test_ddp_wrapper_is_compiled_last(tmp_path):
+    import torch.distributed as dist
+
+    from brainsynth.engine.acceleration import distributed
+    from brainsynth.engine.training import unwrap
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        network = torch.nn.Linear(3, 3)
+        settings = {"activation_checkpointing": False, "channels_last": False}
+        plain = distributed(network, {**settings, "compile": False})
+        compiled = distributed(network, {**settings, "compile": True})
+        assert isinstance(plain, torch.nn.parallel.DistributedDataParallel)
+        assert isinstance(compiled._orig_mod, torch.nn.parallel.DistributedDataParallel)
+        assert unwrap(compiled) is network and unwrap(plain) is network
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ import functools
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
 #: block types whose activations are worth recomputing (MONAI diffusion U-Net, autoencoder and D3M blocks)
@@ -75,12 +76,35 @@ def _add_compiled_prefix(module, state_dict, prefix, *args):
             state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
+def _plain_tensors(module, args, kwargs):
+    """Forward pre-hook: MONAI MetaTensors (what MONAI's transforms and evaluators hand the network) become plain
+    tensors before the compiled code, as MONAI's own trainers strip them: a tensor subclass would make dynamo trace
+    its ``__torch_function__`` and carry metadata through every operation, or break the graph."""
+
+    def plain(value):
+        return value.as_tensor() if isinstance(value, MetaTensor) else value
+
+    return tuple(plain(a) for a in args), {k: plain(v) for k, v in kwargs.items()}
+
+
 def compile_network(network: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile(network)`` whose ``state_dict`` / ``load_state_dict`` use the plain network's keys."""
+    """``torch.compile(network)`` whose ``state_dict`` / ``load_state_dict`` use the plain network's keys and that
+    takes MetaTensors as plain tensors."""
     compiled = torch.compile(network, **compile_kwargs)
     compiled.register_state_dict_post_hook(_strip_compiled_prefix)
     compiled.register_load_state_dict_pre_hook(_add_compiled_prefix)
+    compiled.register_forward_pre_hook(_plain_tensors, with_kwargs=True)
     return compiled
+
+
+def distributed(network: nn.Module, acceleration: dict, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel`` around ``accelerate(network, ...)``, with ``compile`` applied last, to the wrapper:
+    PyTorch compiles DDP models that way (its DDP optimiser splits the graph at the gradient buckets, so the
+    all-reduce overlaps the backward pass); compiling inside the wrapper hides the buckets from the compiler."""
+    settings = dict(acceleration)
+    compile = settings.pop("compile", False)
+    wrapped = torch.nn.parallel.DistributedDataParallel(accelerate(network, **settings), **ddp_kwargs)
+    return compile_network(wrapped) if compile else wrapped
 
 
 def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: torch.dtype = torch.bfloat16):
