@@ -84,9 +84,15 @@ def test_ldm_sampler_runs_twice_off_the_cpu():
     )
     network = GuidedDenoiser(ConditionalDenoiser(unet, conditioning), 3.0, "per_condition").to(META)
     autoencoder = LatentAutoencoderKL(
-        3, in_channels=1, out_channels=1, channels=(4, 4), latent_channels=3, num_res_blocks=(1, 1),
-        norm_num_groups=4, attention_levels=(False, False),
-    ).to(META)  # fmt: skip
+        3,
+        in_channels=1,
+        out_channels=1,
+        channels=(4, 4),
+        latent_channels=3,
+        num_res_blocks=(1, 1),
+        norm_num_groups=4,
+        attention_levels=(False, False),
+    ).to(META)
     autoencoder.latent_scale_factor = torch.tensor(1.0)  # a trained autoencoder's scale (read once per call)
     sampler = LatentSampler(autoencoder, ExactDDIMScheduler(10, schedule="scaled_linear_beta"), 3, verbose=False)
     request = torch.tensor([[1, 0]], device=META)
@@ -124,8 +130,13 @@ def test_d3m_training_network_runs_in_the_autocast_it_is_given(amp, outer):
     target = torch.zeros(2, 2, 16, 16)
     caller = torch.autocast("cpu", dtype=torch.bfloat16) if outer else autocast("cpu", False)
     with caller:
-        out = inferer(target, network, noise=torch.randn_like(target), timesteps=torch.tensor([3, 500]),
-                      condition=torch.zeros(2, 3, 16, 16))  # fmt: skip
+        out = inferer(
+            target,
+            network,
+            noise=torch.randn_like(target),
+            timesteps=torch.tensor([3, 500]),
+            condition=torch.zeros(2, 3, 16, 16),
+        )
     expected = torch.bfloat16 if (amp or outer) else torch.float32
     assert seen == [expected, expected]  # the U-Net and the deformer
     assert out["pred"].dtype == torch.float32 and out["field"].dtype == torch.float32
@@ -222,8 +233,14 @@ def test_deterministic_defaults_to_exact_on_a_cpu_and_fast_with_cuda(monkeypatch
     assert torch.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
-@pytest.mark.parametrize("config", ["brats_mri_med_ddpm/configs/train.json", "brats_mri_d3m_cemri/configs/train.json",
-                                    "brain_mri_conditional_ldm/configs/train_autoencoder.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        "brats_mri_med_ddpm/configs/train.json",
+        "brats_mri_d3m_cemri/configs/train.json",
+        "brain_mri_conditional_ldm/configs/train_autoencoder.json",
+    ],
+)
 def test_every_bundle_seeds_with_its_deterministic_setting(config, monkeypatch):
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / config))

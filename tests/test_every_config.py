@@ -17,17 +17,8 @@ import numpy as np
 import pytest
 from tiny_bundles import REPO, TINY, run, runner_env
 
-
-def _numbers(obj) -> list[float]:
-    if isinstance(obj, bool):
-        return []
-    if isinstance(obj, (int, float)):
-        return [float(obj)]
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _numbers(v)]
-    if isinstance(obj, list):
-        return [x for v in obj for x in _numbers(v)]
-    return []
+sys.path.insert(0, str(REPO / "ci"))
+from gpu_check import numbers_in as _numbers  # noqa: E402  (ci/ is not a package)
 
 
 def _check_synthesis(folder: Path, suffix: str, varied: bool = True) -> None:
