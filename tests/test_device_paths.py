@@ -349,3 +349,24 @@ def test_ddp_wrapper_is_compiled_last(tmp_path):
         assert unwrap(compiled) is network and unwrap(plain) is network
     finally:
         dist.destroy_process_group()
+
+
+def test_guidance_off_the_cpu_runs_every_branch_with_the_same_result(monkeypatch):
+    """Off the CPU (and under compile) per-condition guidance does not read the request back to choose branches: it
+    runs every condition's branch, and a condition the request leaves null adds eps(0) - eps(0) = 0."""
+    torch.manual_seed(0)
+    conditioning = CategoricalConditioning({"pathology": ["a", "b"], "modality": ["x", "y"]}, 8).eval()
+    unet = DiffusionModelUNet(
+        2, in_channels=1, out_channels=1, with_conditioning=True, cross_attention_dim=8, num_head_channels=8, **UNET
+    )
+    torch.nn.init.normal_(unet.out[-1].conv.weight, std=0.1)
+    guided = GuidedDenoiser(ConditionalDenoiser(unet, conditioning).eval(), 3.0, "per_condition")
+    x, t, request = torch.randn(2, 1, 8, 8), torch.tensor([10, 10]), torch.tensor([[1, -1], [0, -1]])
+    calls = []
+    unet.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        chosen = guided(x, t, request)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path a GPU / compiled graph takes
+        every = guided(x, t, request)
+    assert calls == [2 * 2, 3 * 2]  # null + pathology branch; then null + both condition branches
+    torch.testing.assert_close(every, chosen, rtol=0, atol=1e-6)
