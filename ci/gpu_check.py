@@ -420,7 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default=str(REPO / "ci" / "results" / "gpu_check"))
-    ap.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 8 min)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="wall-clock seconds for everything (default: 480, the 8 minutes of a lent GPU; with --device cpu 7200)",
+    )
     ap.add_argument("--step-timeout", type=float, default=None, help="seconds per step (default: the budget left)")
     ap.add_argument("--only", default="", help="comma-separated substrings of the step names to run")
     ap.add_argument("--override", action="append", default=[], help="KEY=VALUE added to every bundle run")
@@ -436,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "ci/gpu_check.py: no CUDA device is visible; run it on a GPU machine, or add --device cpu for the CPU mode"
         )
+    if args.budget is None:
+        args.budget = 480.0 if args.device == "cuda" else 7200.0
     for kv in args.override:
         if "=" not in kv:
             raise SystemExit(f"--override {kv!r}: expected KEY=VALUE")
