@@ -258,7 +258,7 @@ class MSSDMInferer(DiffusionInferer):
         if cfg is not None:
             raise ValueError("classifier-free guidance is not part of D3M")
         scheduler = scheduler or self.sample_scheduler
-        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps)  # on the CPU: no per-step sync
+        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps, device=input_noise.device)
         network = _bare(diffusion_model)
         if x0_transform is None and self.use_mssdm and getattr(network, "has_deformer", False):
             x0_transform = network.deform

@@ -45,8 +45,11 @@ class ExactDDIMScheduler(DDIMScheduler):
         self.eta = float(eta)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """``device`` is accepted for MONAI's interface and ignored: the timesteps stay on the CPU, where MONAI's
+        ``DiffusionInferer.sample`` concatenates them with a CPU tensor and where reading each one (``step`` takes
+        it as a number) costs no wait for a GPU."""
         self.num_inference_steps = num_inference_steps
-        self.timesteps = exact_timesteps(self.num_train_timesteps, num_inference_steps, device=device)
+        self.timesteps = exact_timesteps(self.num_train_timesteps, num_inference_steps)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep that follows ``timestep`` in the current sequence; -1 means the clean image."""
