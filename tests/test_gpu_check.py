@@ -37,7 +37,7 @@ def test_a_failing_step_makes_the_check_exit_non_zero(tmp_path):
     assert "1 of 1 steps failed" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow  # about 20 minutes on a shared 2-core CPU: every bundle's runs at the tiny size
+@pytest.mark.slow  # 13 minutes on a shared 2-core CPU (ci/results/gpu_check/README.md): every bundle's runs
 def test_cpu_mode_runs_every_step_and_exits_zero(tmp_path):
     proc = _check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
