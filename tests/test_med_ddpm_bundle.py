@@ -263,7 +263,7 @@ def test_train_and_inference_configs_agree_on_the_model():
     ]
     for key in shared:
         assert train[key] == infer[key], key
-    assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
+    assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine_float64"
     # every scheduler on both sides follows the one prediction_type key
     schedulers = [train["train"]["scheduler"], train["train"]["preview_sampler"]["scheduler"]]
     schedulers += [infer[k] for k in ("ancestral_scheduler", "fast_scheduler", "solver_scheduler")]
