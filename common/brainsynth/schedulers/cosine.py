@@ -8,6 +8,9 @@ that; the schedulers cast the coefficients to the sample's dtype when they apply
 
 Importing this module (bundle configs list it in ``imports``) makes the name usable by every MONAI scheduler:
 ``DDPMScheduler(250, schedule="cosine_float64")``.
+
+Used by one bundle (Med-DDPM); kept in common because it is a noise schedule for MONAI's schedulers, not Med-DDPM
+code: any bundle's config can name it once this module is imported.
 """
 
 from __future__ import annotations
