@@ -314,9 +314,12 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
 def test_paper_networks_match_the_authors_size(overlays, io, millions):
     from monai.bundle import ConfigParser
 
+    from brainsynth.engine.bundle_code import bundle_scripts
+
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in ["train.json", *overlays]])
-    net = parser.get_parsed_content("network_def")
+    with bundle_scripts(BUNDLE):  # network_def is the bundle's own class (scripts.network)
+        net = parser.get_parsed_content("network_def")
     assert (net.in_channels, net.out_channels) == io
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
     cond = parser.get_parsed_content("conditioning")
