@@ -89,16 +89,20 @@ def test_train_resume_sample_end_to_end(workspace):
     import monai.bundle
 
     copy = root / "bundle_copy" / BUNDLE.name
-    shutil.copytree(BUNDLE / "configs", copy / "configs", dirs_exist_ok=True)
+    for folder in ("configs", "scripts"):  # the network class is the bundle's own (scripts/network.py)
+        shutil.copytree(BUNDLE / folder, copy / folder, dirs_exist_ok=True)
     (copy / "models").mkdir(exist_ok=True)
     shutil.copy(root / "run" / "models" / "model.pt", copy / "models" / "model.pt")
     tiny_net = {k: TINY[k] for k in ("channels", "attention_levels", "num_res_blocks", "norm_num_groups")}
-    net = monai.bundle.load(
-        name=BUNDLE.name,
-        bundle_dir=str(copy.parent),
-        device="cpu",
-        net_override={**tiny_net, "num_head_channels": TINY["channels"]},
-    )
+    from brainsynth.engine.bundle_code import bundle_scripts
+
+    with bundle_scripts(copy):  # the bundle folder on sys.path, as its README says for monai.bundle.load
+        net = monai.bundle.load(
+            name=BUNDLE.name,
+            bundle_dir=str(copy.parent),
+            device="cpu",
+            net_override={**tiny_net, "num_head_channels": TINY["channels"]},
+        )
     ema = load_checkpoint(root / "run" / "models" / "model.pt")
     assert all(torch.equal(ema[k], v) for k, v in net.state_dict().items())
     assert any(not torch.equal(ema[k], second["network"][k]) for k in ema)  # EMA weights, not the live ones
