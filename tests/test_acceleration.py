@@ -248,9 +248,12 @@ def test_bundle_trained_with_switches_on_loads_into_the_plain_network(tmp_path):
     assert built["flash_attention_blocks"] > 0, built
     assert built["channels_last_3d"] is True, built
 
+    from brainsynth.engine.bundle_code import bundle_scripts
+
     parser = ConfigParser()
     parser.read_config(configs)
-    plain = parser.get_parsed_content("network_def")  # every switch at its default (off)
+    with bundle_scripts(bundle):  # network_def is the bundle's own class (scripts.network)
+        plain = parser.get_parsed_content("network_def")  # every switch at its default (off)
     assert not any(type(m).__name__ == "CheckpointWrapper" for m in plain.modules())
     ema = load_checkpoint(tmp_path / "run" / "models" / "model.pt")
     plain.load_state_dict(ema)  # strict

@@ -89,16 +89,20 @@ def test_train_resume_sample_end_to_end(workspace):
     import monai.bundle
 
     copy = root / "bundle_copy" / BUNDLE.name
-    shutil.copytree(BUNDLE / "configs", copy / "configs", dirs_exist_ok=True)
+    for folder in ("configs", "scripts"):  # the network class is the bundle's own (scripts/network.py)
+        shutil.copytree(BUNDLE / folder, copy / folder, dirs_exist_ok=True)
     (copy / "models").mkdir(exist_ok=True)
     shutil.copy(root / "run" / "models" / "model.pt", copy / "models" / "model.pt")
     tiny_net = {k: TINY[k] for k in ("channels", "attention_levels", "num_res_blocks", "norm_num_groups")}
-    net = monai.bundle.load(
-        name=BUNDLE.name,
-        bundle_dir=str(copy.parent),
-        device="cpu",
-        net_override={**tiny_net, "num_head_channels": TINY["channels"]},
-    )
+    from brainsynth.engine.bundle_code import bundle_scripts
+
+    with bundle_scripts(copy):  # the bundle folder on sys.path, as its README says for monai.bundle.load
+        net = monai.bundle.load(
+            name=BUNDLE.name,
+            bundle_dir=str(copy.parent),
+            device="cpu",
+            net_override={**tiny_net, "num_head_channels": TINY["channels"]},
+        )
     ema = load_checkpoint(root / "run" / "models" / "model.pt")
     assert all(torch.equal(ema[k], v) for k, v in net.state_dict().items())
     assert any(not torch.equal(ema[k], second["network"][k]) for k in ema)  # EMA weights, not the live ones
@@ -263,7 +267,7 @@ def test_train_and_inference_configs_agree_on_the_model():
     ]
     for key in shared:
         assert train[key] == infer[key], key
-    assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine"
+    assert train["train"]["scheduler"]["schedule"] == infer["ancestral_scheduler"]["schedule"] == "cosine_float64"
     # every scheduler on both sides follows the one prediction_type key
     schedulers = [train["train"]["scheduler"], train["train"]["preview_sampler"]["scheduler"]]
     schedulers += [infer[k] for k in ("ancestral_scheduler", "fast_scheduler", "solver_scheduler")]
@@ -314,9 +318,12 @@ def test_multi_gpu_overlay_on_cpu_with_gloo(workspace, tmp_path):
 def test_paper_networks_match_the_authors_size(overlays, io, millions):
     from monai.bundle import ConfigParser
 
+    from brainsynth.engine.bundle_code import bundle_scripts
+
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in ["train.json", *overlays]])
-    net = parser.get_parsed_content("network_def")
+    with bundle_scripts(BUNDLE):  # network_def is the bundle's own class (scripts.network)
+        net = parser.get_parsed_content("network_def")
     assert (net.in_channels, net.out_channels) == io
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
     cond = parser.get_parsed_content("conditioning")

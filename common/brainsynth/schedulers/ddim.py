@@ -68,7 +68,9 @@ class ExactDDIMScheduler(DDIMScheduler):
         self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 estimate, noise estimate) from the network output at ``timestep``, for any prediction type."""
-        ab = self._alpha_bar(int(timestep)).to(sample.device, sample.dtype)
+        # coefficients in the schedule's precision (float64 schedules stay exact where alpha-bar is near 1); a 0-dim
+        # tensor does not promote the sample, so results keep the sample's dtype
+        ab = self._alpha_bar(int(timestep)).to(sample.device)
         a, s = ab.sqrt(), (1 - ab).sqrt()
         if self.prediction_type == DDIMPredictionType.EPSILON:
             return (sample - s * model_output) / a, model_output
@@ -91,8 +93,8 @@ class ExactDDIMScheduler(DDIMScheduler):
         eta = self.eta if eta is None else float(eta)
         t = int(timestep)
         prev_t = self.previous_timestep(t)
-        ab_t = self._alpha_bar(t).to(sample.device, sample.dtype)
-        ab_prev = self._alpha_bar(prev_t).to(sample.device, sample.dtype)
+        ab_t = self._alpha_bar(t).to(sample.device)
+        ab_prev = self._alpha_bar(prev_t).to(sample.device)
 
         x0, eps = self.split_prediction(model_output, t, sample)
         if self.clip_sample:
