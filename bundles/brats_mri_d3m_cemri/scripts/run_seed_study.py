@@ -11,8 +11,9 @@ A unit is one seed of either
   evaluate it, and with its deformation off (``x0_deformer_warp_off``: must equal no_mssdm, the same denoiser).
 Its tables (``<method>_per_{slice,volume}.csv``), the diagnostics (``diagnostics_<variant>.jsonl``: mask estimate
 and field inside the tumour over training), wall times and ``unit.json`` (seed, commit, commands) land in
-``RESULTS/seed<S>/<unit>/``, which is committed when the unit ends. A unit whose ``unit.json`` exists is skipped; an
-interrupted unit restarts (its trainings resume from their checkpoints while RUN_ROOT survives). Training seeds vary;
+``RESULTS/seed<S>/<unit>/``, committed after each evaluation and when the unit ends. A unit whose ``unit.json``
+exists is skipped; an interrupted unit restarts after its last finished step (trainings resume from their
+checkpoints) while RUN_ROOT survives, from its first step otherwise. Training seeds vary;
 the data, split and evaluation noise (seed 0) are the same for every run, so slices pair within and across seeds.
 ``--report`` (or the last unit) writes the report: scripts/seed_study_report.py.
 """
@@ -124,35 +125,50 @@ def commit(paths: list[Path], message: str) -> None:
     print(f"could not commit {rel}; commit them by hand", file=sys.stderr, flush=True)
 
 
-def run_unit(unit: str, seed: int, run_root: Path, results: Path, scale: list[str] = SCALE, threads: int = 1) -> None:
-    root = run_root / f"seed{seed}"
-    out = results / f"seed{seed}" / unit.replace("+", "_and_")
-    out.mkdir(parents=True, exist_ok=True)
-    commands, times = [], []
-    for label, run_id, configs, extra, product in unit_steps(unit, seed, scale):
-        args = ["--cache_dir", str(run_root / "cache"), "--num_threads", str(threads), *extra]
-        if (root / product).exists():
-            print(f"seed {seed}: {label}: done earlier ({root / product})", flush=True)
-            continue
-        commands.append(f"python -m monai.bundle run {run_id} --bundle_root {root} --config_file \"{configs}\" "
-                        + " ".join(args))  # fmt: skip
-        stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr):
-            status = timed_step(str(root), label, run_id, configs, *args)
-        times.append(stderr.getvalue().strip())
-        print(f"seed {seed}: {times[-1]}", flush=True)
-        if status:
-            raise RuntimeError(f"seed {seed}, {label}: exit status {status} (see the log above)")
+def collect(unit: str, root: Path, out: Path) -> list[str]:
+    """Copy what the unit's steps have produced so far (tables, diagnostics) from the run folder into the results;
+    returns the methods with tables."""
     for variant in _variants(unit):
         diagnostics = root / "runs" / variant / "tensorboard" / "diagnostics.jsonl"
         if diagnostics.exists():
             (out / f"diagnostics_{variant}.jsonl").write_text(diagnostics.read_text())
-    methods = _variants(unit) + [f"{v}_warp_off" for v in _variants(unit) if v != "no_mssdm"]
-    for method in methods:
-        for table in ("slice", "volume"):
-            name = f"{method}_per_{table}.csv"
-            (out / name).write_text((root / "eval" / name).read_text())
-    (out / "wall_times.txt").write_text("\n".join(times) + "\n")
+    methods = []
+    for method in _variants(unit) + [f"{v}_warp_off" for v in _variants(unit) if v != "no_mssdm"]:
+        if (root / "eval" / f"{method}_per_slice.csv").exists():
+            methods.append(method)
+            for table in ("slice", "volume"):
+                name = f"{method}_per_{table}.csv"
+                (out / name).write_text((root / "eval" / name).read_text())
+    return methods
+
+
+def run_unit(unit: str, seed: int, run_root: Path, results: Path, scale: list[str] = SCALE, threads: int = 1) -> None:
+    """Run the unit's steps not done yet; each evaluation's tables are committed as they land (the unit's report
+    entry is marked partial until ``unit.json`` is written at the end)."""
+    root = run_root / f"seed{seed}"
+    out = results / f"seed{seed}" / unit.replace("+", "_and_")
+    out.mkdir(parents=True, exist_ok=True)
+    commands = []
+    for label, run_id, configs, extra, product in unit_steps(unit, seed, scale):
+        args = ["--cache_dir", str(run_root / "cache"), "--num_threads", str(threads), *extra]
+        commands.append(f"python -m monai.bundle run {run_id} --bundle_root {root} --config_file \"{configs}\" "
+                        + " ".join(args))  # fmt: skip
+        if (root / product).exists():
+            print(f"seed {seed}: {label}: done earlier ({root / product})", flush=True)
+            continue
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            status = timed_step(str(root), label, run_id, configs, *args)
+        timing = stderr.getvalue().strip()
+        print(f"seed {seed}: {timing}", flush=True)
+        with open(out / "wall_times.txt", "a") as f:
+            f.write(timing + "\n")
+        if status:
+            raise RuntimeError(f"seed {seed}, {label}: exit status {status} (see the log above)")
+        if run_id == "evaluating":
+            collect(unit, root, out)
+            commit([out], f"D3M seed study: seed {seed}, {label} (partial unit)")
+    methods = collect(unit, root, out)
     record = {"seed": seed, "unit": unit, "methods": methods, "commit": git_commit(BUNDLE), "commands": commands,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     (out / "unit.json").write_text(json.dumps(record, indent=1) + "\n")  # last: its presence marks the unit done

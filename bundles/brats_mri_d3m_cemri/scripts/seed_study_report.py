@@ -42,15 +42,21 @@ def _scale(metric: str, values):
 
 
 def load(results: Path) -> tuple[dict[int, dict[str, list[dict]]], dict[int, dict[str, dict]], list[dict]]:
-    """({seed: {method: per-slice rows}}, {seed: {variant: diagnostics}}, unit records) of every finished unit."""
+    """({seed: {method: per-slice rows}}, {seed: {variant: diagnostics}}, unit records) of every unit with tables;
+    a unit without ``unit.json`` (still running) is recorded as partial."""
     tables: dict[int, dict[str, list[dict]]] = {}
     diagnostics: dict[int, dict[str, dict]] = {}
     units = []
-    for record_path in sorted(results.glob("seed*/*/unit.json")):
-        record = json.loads(record_path.read_text())
+    for folder in sorted(p for p in results.glob("seed*/*") if p.is_dir()):
+        seed = int(folder.parent.name.removeprefix("seed"))
+        record_path = folder / "unit.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"seed": seed, "unit": folder.name}
+        record["partial"] = not record_path.exists()
+        methods = [p.name.removesuffix("_per_slice.csv") for p in sorted(folder.glob("*_per_slice.csv"))]
+        if not methods:
+            continue
         units.append(record)
-        seed, folder = int(record["seed"]), record_path.parent
-        for method in record["methods"]:
+        for method in methods:
             tables.setdefault(seed, {})[method] = read_csv(folder / f"{method}_per_slice.csv")
         for path in folder.glob("diagnostics_*.jsonl"):
             diagnostics.setdefault(seed, {})[path.stem.removeprefix("diagnostics_")] = read_diagnostics(path)
@@ -143,7 +149,9 @@ def _p(p: float) -> str:
 def markdown(result: dict) -> str:
     lines = [
         f"# D3M seed study\n\nCommand: `{result['context']['command']}`; commit {result['context']['commit']}; "
-        f"{result['context']['machine']}. Seeds with results: {result['seeds']}.\n",
+        f"{result['context']['machine']}. Seeds with results: {result['seeds']}. Units: "
+        + ", ".join(f"seed {u['seed']} {u['unit']}" + (" (partial)" if u["partial"] else "") for u in result["units"])
+        + ".\n",
         "## Per method: mean +- sd over training seeds of the per-seed slice means\n",
         "| method | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),
@@ -232,7 +240,7 @@ def figures(result: dict, means, out: Path) -> None:
 def write_report(results: Path, out: Path, overwrite: bool = False) -> dict:
     tables, diagnostics, units = load(results)
     if not tables:
-        raise SystemExit(f"{results}: no finished unit (seed*/*/unit.json); run scripts/run_seed_study.py first")
+        raise SystemExit(f"{results}: no unit has tables yet (seed*/*/*_per_slice.csv); run scripts/run_seed_study.py")
     if out.exists() and (out / "study.json").exists() and not overwrite:
         raise SystemExit(f"{out}/study.json exists; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +270,8 @@ def write_report(results: Path, out: Path, overwrite: bool = False) -> dict:
         "field_in_tumour": fields,
         "field_timesteps": timesteps,
     }
-    atomic_write_text(out / "study.json", json.dumps(result, indent=1, default=float))
-    atomic_write_text(out / "study.md", markdown(result))
+    atomic_write_text(out / "study.json", json.dumps(result, indent=1, default=float), overwrite)
+    atomic_write_text(out / "study.md", markdown(result), overwrite)
     figures(result, means, out)
     return result
 
