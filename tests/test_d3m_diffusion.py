@@ -295,4 +295,5 @@ def test_diagnostics_of_a_network_that_predicts_zero_velocity():
     for t, e in out.items():
         assert e["mask_dice"] == e["noisy_mask_dice"]
         assert e["field_mean_px"] == pytest.approx(5.0, abs=1e-5) and e["field_smoothness"] == pytest.approx(0.0)
+        assert e["field_tumour_mean_px"] == pytest.approx(5.0, abs=1e-5)
     assert out[50]["mask_dice"] > 0.9 and out[600]["mask_dice"] < out[50]["mask_dice"] - 0.2  # noise erodes it

@@ -47,6 +47,47 @@ def test_d3m_ablation_and_baseline_overlays_train_and_synthesise(variant, tmp_pa
     assert bool(masks) == config.get("mask_stream", True), f"{variant}: mask files {masks}"
 
 
+def test_d3m_x0_deformer_overlay_trains_only_the_deformer_on_the_no_mssdm_denoiser(tmp_path):
+    """The working deformation's second phase: the no_mssdm model's denoiser is loaded and frozen, so the final
+    x0_deformer model holds exactly that denoiser beside a trained deformer, and it synthesises."""
+    import torch
+
+    bundle = "brats_mri_d3m_cemri"
+    root = tmp_path / "run"
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({**TINY[bundle]["overlay"], "cache_dir": str(tmp_path / "cache"), "max_epochs": 1}))
+    run(bundle, "training", ["train.json"], overlay, root, extra=["no_mssdm.json"])
+    run(bundle, "training", ["train.json"], overlay, root, extra=["x0_deformer.json"])
+    first = torch.load(root / "models" / "model_no_mssdm.pt", weights_only=True)
+    second = torch.load(root / "models" / "model_x0_deformer.pt", weights_only=True)
+    assert set(first) < set(second) and any(k.startswith("deformer.") for k in second)
+    for key, value in first.items():
+        assert torch.equal(second[key], value), f"{key}: the frozen denoiser changed"
+    run(bundle, "inference", ["inference.json"], overlay, root, extra=["x0_deformer.json"])
+    _check_synthesis(root / "outputs" / "x0_deformer", "-t1c.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "overlay",
+    ["no_mssdm.json", "no_dsimd.json", "palette.json", "x0_deformer.json", "study_cpu.json", "cpu_experiment.json"],
+)
+def test_d3m_variant_and_scale_overlays_set_only_keys_the_bundle_defines(overlay):
+    """An overlay key that no base config defines would be silently added by MONAI's parser (a typo trains with the
+    default); variant and scale overlays may only change existing settings."""
+    configs = REPO / "bundles" / "brats_mri_d3m_cemri" / "configs"
+    known = set()
+    for base in ("train.json", "inference.json", "evaluate.json", "demo.json"):
+        known |= set(json.loads((configs / base).read_text()))
+    keys = [k for k in json.loads((configs / overlay).read_text()) if not k.startswith("_")]
+    assert keys and not [k for k in keys if k.split("#")[0] not in known], overlay
+
+
+def test_every_d3m_config_is_named_by_a_test():
+    tests = "\n".join(p.read_text() for p in (REPO / "tests").glob("*.py"))
+    configs = sorted((REPO / "bundles" / "brats_mri_d3m_cemri" / "configs").glob("*.json"))
+    assert configs and not [p.name for p in configs if f'"{p.name}"' not in tests and f"'{p.name}'" not in tests]
+
+
 def test_d3m_evaluate_writes_finite_metrics(tiny_trained, tmp_path):
     bundle = "brats_mri_d3m_cemri"
     root, overlay = tiny_trained(bundle)

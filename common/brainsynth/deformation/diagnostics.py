@@ -41,7 +41,8 @@ def mask_estimate_diagnostics(
 ) -> dict[int, dict[str, float]]:
     """Per noise level t: ``mask_dice`` (x0 mask > 0 vs target mask > 0, over all slices together),
     ``noisy_mask_dice`` (the noisy input's mask channel > 0, the no-skill reference) and, with a deformer,
-    ``field_mean_px`` / ``field_max_px`` / ``field_smoothness``.
+    ``field_mean_px`` / ``field_max_px`` / ``field_smoothness`` and ``field_tumour_mean_px`` (mean magnitude inside
+    the true mask).
 
     ``target`` (B, C, H, W) is the clean target in the diffusion range (T1ce, mask), ``condition`` (B, Cc, H, W);
     the same ``seed`` gives the same noise, so values logged at different iterations are comparable.
@@ -72,6 +73,8 @@ def mask_estimate_diagnostics(
                 magnitude = field.norm(dim=1)
                 entry.update(
                     field_mean_px=float(magnitude.mean()),
+                    # where a correction of the enhancement has to happen
+                    field_tumour_mean_px=float(magnitude[true_mask].mean()) if true_mask.any() else 0.0,
                     field_max_px=float(magnitude.max()),
                     field_smoothness=float(smoothness_loss(field)),
                 )

@@ -70,6 +70,7 @@ class DeformationUNet(nn.Module):
         if integration_steps:
             with _quiet_native_warp():
                 self.integrate = DVF2DDF(num_steps=integration_steps, padding_mode="border")
+            self.integrate.warp_layer = make_warp("bilinear", "border")  # its squaring steps in float32 too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
@@ -90,14 +91,28 @@ def _quiet_native_warp():
         yield
 
 
+class Float32Warp(Warp):
+    """MONAI's Warp, computed in float32 whatever the autocast around it and the inputs' dtypes.
+
+    Warp builds its reference grid in the field's dtype and adds the displacement to it: with a bf16 field (a
+    deformer's output under autocast) a 0.05 px displacement moves pixels by 0.05-0.11 px, and coordinates near 200
+    cannot hold 0.1 px at all. Here image and field are cast to float32 and autocast is off inside; the result is
+    float32.
+    """
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(image.device.type, enabled=False):
+            return super().forward(image.float(), ddf.float())
+
+
 def make_warp(mode: str = "bilinear", padding_mode: str = "border") -> Warp:
-    """MONAI's Warp (quietly constructed).
+    """MONAI's Warp in float32 (``Float32Warp``, quietly constructed).
 
     ``padding_mode="border"`` repeats edge values, so background (-1 after scaling) stays background when content
     is pulled in from outside the image; zero padding would inject mid-grey.
     """
     with _quiet_native_warp():
-        return Warp(mode=mode, padding_mode=padding_mode)
+        return Float32Warp(mode=mode, padding_mode=padding_mode)
 
 
 def smoothness_loss(ddf: torch.Tensor, weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:

@@ -63,6 +63,31 @@ def predict_x0(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def prediction_from_x0(
+    x0: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prediction_type: str = DDPMPredictionType.V_PREDICTION,
+) -> torch.Tensor:
+    """The network output that a clean estimate ``x0`` implies at ``sample`` (the inverse of ``predict_x0``), as the
+    DDIM sampler re-derives the noise from a deformed estimate.
+
+    v-prediction: v = (sqrt(ab) x_t - x0) / sqrt(1 - ab); epsilon: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab).
+    """
+    ab = _per_sample(alpha_bar.to(sample.dtype), sample.ndim)
+    if prediction_type == DDPMPredictionType.V_PREDICTION:
+        return (ab.sqrt() * sample - x0) / (1 - ab).sqrt()
+    if prediction_type == DDPMPredictionType.EPSILON:
+        return (sample - ab.sqrt() * x0) / (1 - ab).sqrt()
+    if prediction_type == DDPMPredictionType.SAMPLE:
+        return x0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+#: what the training forward warps: D3M's predicted velocity, or (as the sampler does) the clean estimate x0
+WARP_TARGETS = ("prediction", "x0")
+
+
 class DeformableDenoiser(nn.Module):
     """Denoiser + optional deformation estimator, as one network.
 
@@ -77,6 +102,9 @@ class DeformableDenoiser(nn.Module):
         warp_mode, padding_mode: MONAI Warp interpolation and padding.
         max_timestep: deform only samples whose training timestep is at most this (low noise only; None: every
             timestep, as D3M). The sampler takes the same limit (MSSDMInferer ``mssdm_max_timestep``).
+        warp_target: "prediction" warps the network output in training (D3M, authors' code: the velocity holds the
+            noisy input, which already lines up with the target, so this cannot correct a misplaced x0); "x0" warps
+            the clamped clean estimate and re-derives the output from it, exactly as the sampler does.
     """
 
     def __init__(
@@ -89,10 +117,14 @@ class DeformableDenoiser(nn.Module):
         warp_mode: str = "bilinear",
         padding_mode: str = "border",
         max_timestep: int | None = None,
+        warp_target: str = "prediction",
     ):
         super().__init__()
         if deformer is not None and not 0 <= mask_channel < target_channels:
             raise ValueError(f"mask_channel {mask_channel} is not one of the {target_channels} target channels")
+        if warp_target not in WARP_TARGETS:
+            raise ValueError(f"warp_target must be one of {WARP_TARGETS}, got {warp_target!r}")
+        self.warp_target = warp_target
         self.denoiser = denoiser
         self.deformer = deformer
         self.target_channels = target_channels
@@ -134,7 +166,39 @@ class DeformableDenoiser(nn.Module):
         field = self.estimate_field(clean_estimate)
         if self.max_timestep is not None:  # no displacement (identity warp) above the limit
             field = field * _per_sample((timesteps <= self.max_timestep).to(field.dtype), field.ndim)
+        if self.warp_target == "x0":
+            warped = self.warp(clean_estimate, field)
+            return prediction_from_x0(warped, noisy_target.float(), alpha_bar.float(), self.prediction_type), field
         return self.warp(output, field), field
+
+
+def freeze_trained_denoiser(network: nn.Module, weights_path: str | None) -> nn.Module:
+    """Load a trained model's denoiser weights (e.g. the no_mssdm model: same denoiser, no deformer) into
+    ``network`` and freeze them, so training updates the deformer only; returns ``network`` (unchanged when
+    ``weights_path`` is None: everything trains).
+
+    This is the deformer's phase of a two-phase training: the denoiser cannot absorb the misplacement the deformer
+    is meant to learn (trained jointly it does, within ~80 iterations, and the field collapses).
+    """
+    from brainsynth.engine.io import load_checkpoint
+
+    if weights_path is None:
+        return network
+    bare = _bare(network)
+    if not getattr(bare, "has_deformer", False):
+        raise ValueError("freeze_trained_denoiser: the network has no deformer to train (use_mssdm is false)")
+    state = load_checkpoint(weights_path, map_location=next(bare.parameters()).device, require_record=True)
+    denoiser_state = {k[len("denoiser.") :]: v for k, v in state.items() if k.startswith("denoiser.")}
+    if not denoiser_state:
+        raise ValueError(f"{weights_path}: holds no denoiser weights (keys 'denoiser.*'); give a trained model file")
+    try:
+        bare.denoiser.load_state_dict(denoiser_state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{weights_path}: its denoiser does not fit this network ({e}); train it with the same network settings"
+        ) from e
+    bare.denoiser.requires_grad_(False)
+    return network
 
 
 def _bare(network: nn.Module) -> nn.Module:
