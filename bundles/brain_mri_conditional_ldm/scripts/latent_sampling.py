@@ -290,9 +290,9 @@ def check_output_dir(
 
 
 def _load_volume(path: str | os.PathLike) -> np.ndarray:
-    import nibabel as nib
+    from brainsynth.data.reader import read_nifti
 
-    return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+    return read_nifti(str(path), np.float32)[0]
 
 
 def evaluate_conditions(
@@ -416,12 +416,12 @@ def print_demo_ratios(
     truth resampled as the training data are: RAS, ``pixdim``, padded / cropped to ``spatial_size``)."""
     import json
 
-    import nibabel as nib
     import numpy as np
     from monai.data import MetaTensor
     from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
 
     from brainsynth.cohort import subject_regions
+    from brainsynth.data.reader import nifti_voxels, open_nifti
     from brainsynth.metrics.contrast import mean_ratios, print_ratio_table, ratio_table, region_ratios
 
     ratios = (("csf", "wm"), ("gm", "wm"))
@@ -434,8 +434,8 @@ def print_demo_ratios(
         return Compose(steps)
 
     def load(path) -> MetaTensor:  # nibabel, not MONAI's reader chain (whose optional codecs warn on a CPU)
-        image = nib.load(str(path))
-        return MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None]), affine=image.affine)
+        image = open_nifti(path)
+        return MetaTensor(torch.from_numpy(nifti_voxels(image, path, np.float32)[None]), affine=image.affine)
 
     votes: dict[str, np.ndarray] = {}
     real: dict[str, list] = {}

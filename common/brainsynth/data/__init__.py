@@ -27,11 +27,13 @@ from brainsynth.data.items import (
     split_items,
     split_of,
 )
+from brainsynth.data.reader import describe_unreadable, nifti_voxels, open_nifti, read_nifti
 
 
 def __getattr__(name):
     # the MONAI transform stack is imported only when a pipeline needs it, keeping the CLI quick to start
-    if name in ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels"):
+    transforms_names = ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels")
+    if name in (*transforms_names, "GuardedNibabelReader", "GuardedLoadImaged"):
         from brainsynth.data import transforms
 
         return getattr(transforms, name)
@@ -44,6 +46,8 @@ def __getattr__(name):
 
 __all__ = [
     "DatasetError",
+    "GuardedLoadImaged",
+    "GuardedNibabelReader",
     "InvertWithBackgroundd",
     "LoadSubjectd",
     "SPLITS",
@@ -51,6 +55,7 @@ __all__ = [
     "available_modalities",
     "check_items",
     "check_row",
+    "describe_unreadable",
     "discover",
     "expand_scans",
     "image_source",
@@ -65,6 +70,9 @@ __all__ = [
     "split_of",
     "subject_from_path",
     "layout_of_files",
+    "nifti_voxels",
+    "open_nifti",
+    "read_nifti",
     "validate_items",
     "write_dicom_series",
 ]
