@@ -2,9 +2,10 @@
 
 One row of the evaluator's dataset is one requested volume ``{"pathology", "modality", "condition", "seed",
 "name"}`` (``condition_requests``: one combination, or the whole pathology x modality grid). For each batch
-``NoisePrepareBatch`` draws the starting latent noise from each row's own seed (so a volume does not depend
-on the batch size), ``LatentSampler`` runs MONAI's ``LatentDiffusionInferer.sample`` with the guided denoiser
-and decodes with the autoencoder's stored scale factor, ``SaveGeneratedd`` writes each volume as NIfTI
+``NoisePrepareBatch`` draws the starting latent noise from each row's own seed, ``item_seed(seed, name)``
+(``brainsynth.engine.seeding``: a volume depends on the run seed and its name alone, not on the batch size, the
+other requests or the shard), ``LatentSampler`` runs MONAI's ``LatentDiffusionInferer.sample`` with the guided
+denoiser and decodes with the autoencoder's stored scale factor, ``SaveGeneratedd`` writes each volume as NIfTI
 (atomically, never over an earlier output) and ``SampleMontage`` writes a PNG grid when the run completes.
 ``evaluate_conditions`` scores the generated volumes per combination against real scans.
 """
@@ -27,6 +28,7 @@ from monai.transforms import MapTransform
 from brainsynth.conditioning.categorical import CategoricalConditioning, all_combinations
 from brainsynth.engine.acceleration import autocast
 from brainsynth.engine.io import atomic_write_text, save_nifti
+from brainsynth.engine.seeding import is_stochastic, item_noise, item_seed, item_step_noise
 from brainsynth.engine.training import unwrap
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,8 @@ def condition_requests(
                     **{n: (resolved[n] or "any") for n in names},
                     "condition": idx,
                     "sample": k,
-                    # a distinct, reproducible seed per volume, independent of batch size and order
-                    "seed": int(seed) * 1_000_003 + len(rows),
+                    # the volume's seed: (run seed, name) alone, whatever else is requested, batched or sharded
+                    "seed": item_seed(seed, f"{label}_{k:03d}"),
                     "name": f"{label}_{k:03d}",
                 }
             )
@@ -91,11 +93,9 @@ class NoisePrepareBatch(PrepareBatch):
         **kwargs: Any,
     ):
         seeds = torch.as_tensor(batchdata[self.seed_key]).reshape(-1).tolist()
-        noise = torch.stack(
-            [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        ).to(device)
+        noise = item_noise(self.latent_shape, seeds, device)
         condition = torch.as_tensor(batchdata[self.condition_name]).long().to(device)
-        return noise, None, (), {"conditioning": condition}
+        return noise, None, (), {"conditioning": condition, "item_seeds": [int(s) for s in seeds]}
 
 
 class LatentSampler(Inferer):
@@ -124,19 +124,25 @@ class LatentSampler(Inferer):
         network: torch.nn.Module,
         *args: Any,
         conditioning: torch.Tensor | None = None,
+        item_seeds: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        """``item_seeds``: one per volume (``NoisePrepareBatch`` passes the rows' seeds); a stochastic scheduler
+        (DDIM with eta > 0) draws each volume's per-step noise from its own (``brainsynth.engine.seeding``)."""
         ae = unwrap(self.autoencoder).eval()
         # timesteps stay on the CPU: MONAI 1.6.1's DiffusionInferer.sample concatenates them with a CPU tensor and
         # fails on CUDA otherwise (found by ci/gpu_check.sh); it moves each timestep to the input's device itself
         self.scheduler.set_timesteps(self.num_inference_steps)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
+        if item_seeds is None and is_stochastic(self.scheduler):
+            raise ValueError("a stochastic scheduler needs item_seeds (one per volume) to draw its per-step noise")
+        scheduler = item_step_noise(self.scheduler, item_seeds) if item_seeds is not None else self.scheduler
         with autocast(inputs, self.amp):
             images = inferer.sample(
                 input_noise=inputs,
                 autoencoder_model=ae,
                 diffusion_model=network,
-                scheduler=self.scheduler,
+                scheduler=scheduler,
                 conditioning=conditioning,
                 mode="crossattn",
                 verbose=self.verbose,
