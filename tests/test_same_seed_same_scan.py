@@ -23,7 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 #: per bundle: the items to generate and the settings every run of the test shares
 ARGS = {
-    "brats_mri_med_ddpm": ["--split", "all", "--ddim_eta", "1.0", "--preview", "false"],
+    "brats_mri_med_ddpm": ["--split", "all", "--ddim_eta", "1.0", "--preview", "False"],
     "brats_mri_d3m_cemri": ["--split", "all"],
     "brain_mri_conditional_ldm": [
         "--combinations",
@@ -31,7 +31,7 @@ ARGS = {
         "--num_samples",
         "2",
         "--montage",
-        "false",
+        "False",
     ],
 }
 

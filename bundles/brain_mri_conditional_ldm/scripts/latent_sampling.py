@@ -136,18 +136,21 @@ class LatentSampler(Inferer):
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
         if item_seeds is None and is_stochastic(self.scheduler):
             raise ValueError("a stochastic scheduler needs item_seeds (one per volume) to draw its per-step noise")
-        scheduler = item_step_noise(self.scheduler, item_seeds) if item_seeds is not None else self.scheduler
-        with autocast(inputs, self.amp):
-            images = inferer.sample(
-                input_noise=inputs,
-                autoencoder_model=ae,
-                diffusion_model=network,
-                scheduler=scheduler,
-                conditioning=conditioning,
-                mode="crossattn",
-                verbose=self.verbose,
-            )
-        return images.float()
+
+        def one(i: int, seed: int | None) -> torch.Tensor:  # each volume alone (brainsynth.engine.seeding)
+            with autocast(inputs, self.amp):
+                return inferer.sample(
+                    input_noise=inputs[i : i + 1],
+                    autoencoder_model=ae,
+                    diffusion_model=network,
+                    scheduler=self.scheduler if seed is None else item_step_noise(self.scheduler, [seed]),
+                    conditioning=None if conditioning is None else conditioning[i : i + 1],
+                    mode="crossattn",
+                    verbose=self.verbose,
+                ).float()
+
+        seeds = [None] * inputs.shape[0] if item_seeds is None else [int(s) for s in item_seeds]
+        return torch.cat([one(i, seed) for i, seed in enumerate(seeds)])
 
 
 def pixdim_affine(pixdim: Sequence[float], shape: Sequence[int]) -> np.ndarray:

@@ -257,7 +257,8 @@ class SliceSynthesisInferer(Inferer):
     ``ItemSeedsPrepareBatch``: ``item_seed(seed, subject)``; ``item_seed(seed, str(i))`` for item ``i`` of a call
     without them, e.g. MONAI Label's), so a subject's synthesis depends on the seed and its id alone: not on the
     slice batch size, the other slices or subjects, the number of ranks or a resume
-    (``brainsynth.engine.seeding``).
+    (``brainsynth.engine.seeding``). Each slice is sampled alone; ``slice_batch_size`` slices share the trip into
+    the network's grid and back and one progress step.
     """
 
     def __init__(
@@ -344,13 +345,18 @@ class SliceSynthesisInferer(Inferer):
             stack = stack.as_tensor() if isinstance(stack, MetaTensor) else torch.as_tensor(stack)
             stack = stack.permute(3, 0, 1, 2).contiguous().float()  # (n, C, S, S)
             images, masks = [], []
+            steps = {"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}
             for k in range(self.num_samples):
-                sample = self.diffusion_inferer.sample(
-                    self._noise(zs, k, volume_seed, device),
-                    network,
-                    conditioning=stack,
-                    verbose=False,
-                    **({"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}),
+                noise = self._noise(zs, k, volume_seed, device)
+                # each slice sampled alone: batched convolutions round a slice differently beside others
+                # (brainsynth.engine.seeding), so a slice would depend on the batch size
+                sample = torch.cat(
+                    [
+                        self.diffusion_inferer.sample(
+                            noise[j : j + 1], network, conditioning=stack[j : j + 1], verbose=False, **steps
+                        )
+                        for j in range(len(zs))
+                    ]
                 )
                 back = _resize_back(sample.permute(1, 2, 3, 0), (h, w), self.inplane_mode, self.background)
                 images.append(back[0])

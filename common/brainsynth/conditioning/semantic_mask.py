@@ -533,21 +533,23 @@ class MaskConditionedSampler(Inferer):
             item_seeds = [item_seed(self.seed, str(i)) for i in range(condition.shape[0])]
         if len(item_seeds) != condition.shape[0]:
             raise ValueError(f"{len(item_seeds)} item seeds for a batch of {condition.shape[0]} conditions")
-        noise = item_noise((self.out_channels, *condition.shape[2:]), item_seeds, condition.device, condition.dtype)
-        scheduler = item_step_noise(self.scheduler, item_seeds)
+        shape = (self.out_channels, *condition.shape[2:])
+
+        def one(i: int, seed: int) -> torch.Tensor:  # each item alone, from its own noise
+            with autocast(condition, self.amp):
+                return self.inferer.sample(
+                    input_noise=item_noise(shape, [seed], condition.device, condition.dtype),
+                    diffusion_model=network,
+                    scheduler=item_step_noise(self.scheduler, [seed]),
+                    conditioning=condition[i : i + 1],
+                    mode="concat",
+                    verbose=self.progress,
+                ).float()
+
         was_training = network.training
         network.eval()
         try:
-            with autocast(condition, self.amp):
-                image = self.inferer.sample(
-                    input_noise=noise,
-                    diffusion_model=network,
-                    scheduler=scheduler,
-                    conditioning=condition,
-                    mode="concat",
-                    verbose=self.progress,
-                )
-            image = image.float()
+            image = torch.cat([one(i, int(seed)) for i, seed in enumerate(item_seeds)])
             if self.mask_background:
                 inside = (condition > self.inside_threshold).any(dim=1, keepdim=True)
                 image = torch.where(inside.to(image.device), image, torch.full_like(image, self.background))
