@@ -299,26 +299,17 @@ class SliceSynthesisInferer(Inferer):
         return item_noise((self.target_channels, *self.spatial_size), seeds, device)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        inputs: torch.Tensor,
-        network: torch.nn.Module,
-        *args: Any,
-        item_seeds: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        from brainsynth.engine.seeding import item_seed
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, item_seeds=None, **kwargs: Any) -> torch.Tensor:
+        """(B, 3, H, W, D) syntheses of the (B, C_cond, H, W, D) ``inputs``; ``item_seeds``: one int per volume."""
+        from brainsynth.engine.seeding import seeds_of_batch
 
         if inputs.ndim != 5:
             raise ValueError(f"SliceSynthesisInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}")
-        if item_seeds is None:
-            item_seeds = [item_seed(self.seed, str(i)) for i in range(inputs.shape[0])]
-        if len(item_seeds) != inputs.shape[0]:
-            raise ValueError(f"{len(item_seeds)} item seeds for a batch of {inputs.shape[0]} volumes")
+        item_seeds = seeds_of_batch(item_seeds, inputs.shape[0], self.seed)
         was_training = network.training
         network.eval()
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        volumes = [self._one_volume(v, network, int(s)) for v, s in zip(plain, item_seeds)]
+        volumes = [self._one_volume(v, network, s) for v, s in zip(plain, item_seeds)]
         network.train(was_training)
         out = torch.stack(volumes)
         if isinstance(inputs, MetaTensor):

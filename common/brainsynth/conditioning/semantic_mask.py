@@ -526,13 +526,10 @@ class MaskConditionedSampler(Inferer):
     ) -> torch.Tensor:
         """Sample images for the one-hot ``inputs`` (B, classes, *spatial); item ``i``'s noise comes from
         ``item_seeds[i]`` alone (see ``seed``)."""
-        from brainsynth.engine.seeding import item_noise, item_seed, item_step_noise
+        from brainsynth.engine.seeding import item_noise, item_step_noise, seeds_of_batch
 
         condition = torch.as_tensor(inputs)
-        if item_seeds is None:
-            item_seeds = [item_seed(self.seed, str(i)) for i in range(condition.shape[0])]
-        if len(item_seeds) != condition.shape[0]:
-            raise ValueError(f"{len(item_seeds)} item seeds for a batch of {condition.shape[0]} conditions")
+        item_seeds = seeds_of_batch(item_seeds, condition.shape[0], self.seed)
         shape = (self.out_channels, *condition.shape[2:])
 
         def one(i: int, seed: int) -> torch.Tensor:  # each item alone, from its own noise
@@ -549,7 +546,7 @@ class MaskConditionedSampler(Inferer):
         was_training = network.training
         network.eval()
         try:
-            image = torch.cat([one(i, int(seed)) for i, seed in enumerate(item_seeds)])
+            image = torch.cat([one(i, seed) for i, seed in enumerate(item_seeds)])
             if self.mask_background:
                 inside = (condition > self.inside_threshold).any(dim=1, keepdim=True)
                 image = torch.where(inside.to(image.device), image, torch.full_like(image, self.background))

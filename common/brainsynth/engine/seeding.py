@@ -40,6 +40,16 @@ def batch_item_ids(batch: Mapping[str, Any], key: str) -> list[str]:
     return [str(ids)] if isinstance(ids, (str, int)) else [str(i) for i in ids]
 
 
+def seeds_of_batch(item_seeds: Sequence[int] | None, batch_size: int, seed: int) -> list[int]:
+    """The seeds of a batch's items: ``item_seeds`` (from ``ItemSeedsPrepareBatch``), checked against the batch;
+    without them (MONAI Label's request, a preview) ``item_seed(seed, str(i))`` for item ``i``."""
+    if item_seeds is None:
+        return [item_seed(seed, str(i)) for i in range(batch_size)]
+    if len(item_seeds) != batch_size:
+        raise ValueError(f"{len(item_seeds)} item seeds for a batch of {batch_size}")
+    return [int(s) for s in item_seeds]
+
+
 def item_noise(
     shape: Sequence[int], seeds: Sequence[int], device: Any = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
