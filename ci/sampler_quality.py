@@ -105,9 +105,9 @@ def run_spec(
 
 
 def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
-    import nibabel as nib
     import torch
 
+    from brainsynth.data.reader import read_nifti
     from brainsynth.metrics.distribution import ms_ssim
 
     ours, ref = _volumes(folder / "generated", patterns), _volumes(reference / "generated", patterns)
@@ -116,8 +116,8 @@ def compare(folder: Path, reference: Path, patterns: list[str]) -> dict:
         raise RuntimeError(f"{folder}: no volume with the same name as one of {reference}")
     mse, msssim = [], []
     for name in common:
-        a = np.asarray(nib.load(ours[name]).get_fdata(), np.float32)
-        b = np.asarray(nib.load(ref[name]).get_fdata(), np.float32)
+        a = read_nifti(ours[name], np.float32)[0]
+        b = read_nifti(ref[name], np.float32)[0]
         a, b = (a[..., None] if a.ndim == 3 else a), (b[..., None] if b.ndim == 3 else b)
         for c in range(a.shape[-1]):  # one modality at a time
             mse.append(float(np.mean((a[..., c] - b[..., c]) ** 2)))

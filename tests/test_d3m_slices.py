@@ -102,7 +102,7 @@ def test_whole_volume_synthesis_geometry_batching_and_determinism():
     out = inferer(meta_in, net)
     assert isinstance(out, MetaTensor) and out.shape == (1, 3, 20, 18, 7)
     torch.testing.assert_close(out.affine, meta_in.affine)
-    assert fake.calls == [2, 2, 2, 2, 2, 2, 1, 1, 1]  # 5 brain slices in batches of 2, 3 samples each
+    assert fake.calls == [1] * 15  # 5 brain slices x 3 samples, each slice sampled alone
     # empty slices (0 and 6) are background and were never sampled; the image follows the condition
     assert (out[0, 0, ..., 0] == -1).all() and (out[0, 0, ..., 6] == -1).all()
     # outside the head (every condition channel at background) the output is background too, with no spread
@@ -110,11 +110,14 @@ def test_whole_volume_synthesis_geometry_batching_and_determinism():
     inside = out[0, 0, 4:16, 3:15, 1:6]
     assert (inside - cond[0, 0, 4:16, 3:15, 1:6]).abs().max() < 0.5
     assert (out[0, 2, 4:16, 3:15, 1:6] > 0).all()  # spread over 3 samples of different noise
-    # the same synthesis whatever the batch size (noise is seeded per slice and sample)
+    # the same synthesis whatever the batch size (noise is seeded per volume, slice and sample), bit for bit
     again = SliceSynthesisInferer(
         _FakeSampler(), spatial_size=(32, 32), slice_batch_size=5, num_samples=3, progress=False
     )(cond, net)
-    torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(out))
+    assert torch.equal(torch.as_tensor(again), torch.as_tensor(out))
+    # a volume's seed comes with the batch (item_seed(seed, subject)); another seed, another synthesis
+    other = inferer(meta_in, net, item_seeds=[12345])
+    assert not torch.equal(torch.as_tensor(other), torch.as_tensor(out))
 
 
 def test_save_synthesis_writes_in_reference_geometry_and_never_overwrites(tmp_path):

@@ -47,6 +47,19 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) - 200])
 
 
+def _cut(path: Path, fraction: float) -> None:
+    """Keep only the first ``fraction`` of the file (a download stopped early, header included)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def _uncompressed_cut(path: Path) -> None:
+    """The file stored as an uncompressed .nii (same name, gzip's magic absent) cut short inside its voxels."""
+    data = gzip.decompress(path.read_bytes())
+    path.unlink()
+    path.with_name(path.name[: -len(".gz")]).write_bytes(data[: len(data) - 100])
+
+
 def _set_voxels(path: Path, fn) -> None:
     img = nib.load(str(path))
     data = np.asarray(img.dataobj).copy()
@@ -114,8 +127,24 @@ CASES = {
         "t1c",
         "contains 0 NaN and 1 Inf voxels",
     ),
-    "unreadable": (lambda f: file_of(f, "t2f").write_bytes(b"not a nifti file at all"), "t2f", "unreadable"),
-    "truncated": (lambda f: _truncate(file_of(f, "t1n")), "t1n", "truncated or corrupt voxel data"),
+    "not_nifti": (
+        lambda f: file_of(f, "t2f").write_bytes(b"not a nifti file at all"),
+        "t2f",
+        "not a NIfTI file (named .gz, but its bytes are not gzip-compressed)",
+    ),
+    "not_nifti_inside_gzip": (
+        lambda f: file_of(f, "t2w").write_bytes(gzip.compress(b"<html>404</html>" * 40)),
+        "t2w",
+        "not a NIfTI file (gzip-compressed, but no NIfTI-1 / NIfTI-2 header)",
+    ),
+    "empty_file": (lambda f: file_of(f, "t1c").write_bytes(b""), "t1c", "empty file (0 bytes); copy it again"),
+    "truncated": (lambda f: _truncate(file_of(f, "t1n")), "t1n", "truncated gzip ("),
+    "truncated_in_header": (lambda f: _cut(file_of(f, "t1n"), 0.5), "t1n", "truncated gzip ("),
+    "truncated_uncompressed": (
+        lambda f: _uncompressed_cut(file_of(f, "seg")),
+        "seg",
+        "truncated voxel data (Expected",
+    ),
     "all_zeros": (lambda f: _set_voxels(file_of(f, "t1c"), _constant(0)), "t1c", "is empty (all zeros)"),
     "constant": (lambda f: _set_voxels(file_of(f, "t2w"), _constant(7)), "t2w", "is constant (every voxel = 7)"),
     "four_d": (
@@ -272,7 +301,7 @@ def test_cli_runs_as_a_module(tmp_path):
         [sys.executable, "-m", "brainsynth.data", "check", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1, done.stderr
-    assert f"{file_of(folder, 'seg')}: unreadable" in done.stdout
+    assert f"{file_of(folder, 'seg')}: not a NIfTI file (gzip-compressed, but no NIfTI" in done.stdout
     listed = subprocess.run(
         [sys.executable, "-m", "brainsynth.data", "discover", str(tmp_path), "--json"],
         capture_output=True,
@@ -290,7 +319,77 @@ def test_loader_names_a_file_that_check_would_reject(tmp_path):
     _truncate(file_of(folder, "t2w"))
     _set_voxels(file_of(folder, "seg"), lambda d: d.__setitem__((0, 0, 0), 4))
     (row,) = discover(tmp_path)
-    with pytest.raises(DatasetError, match=rf"{file_of(folder, 't2w')}: cannot be loaded"):
+    with pytest.raises(DatasetError, match=rf"{file_of(folder, 't2w')}: truncated gzip \("):
         LoadSubjectd(keys=["t2w"], seg_key=None)(row)
     with pytest.raises(DatasetError, match=rf"{file_of(folder, 'seg')}: label values \[4\] are outside the brats2023"):
         LoadSubjectd(keys=["t1w"])(row)
+
+
+#: the three unreadable files of issue 34, each in its own subject of one BraTS folder
+UNREADABLE = {
+    "BraTS-GLI-00001-000": ("t2f", lambda p: p.write_text("this is not a NIfTI file\n"), "not a NIfTI file"),
+    "BraTS-GLI-00002-000": ("t1n", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    "BraTS-GLI-00003-000": ("t1c", lambda p: _cut(p, 0.5), "truncated gzip ("),
+}
+
+
+def _folder_with_unreadable_files(root: Path) -> dict[str, Path]:
+    for i, subject in enumerate([*UNREADABLE, "BraTS-GLI-00004-000"]):
+        folder = make_subject(root, subject, seed=i)
+        if subject in UNREADABLE:
+            suffix, damage, _ = UNREADABLE[subject]
+            damage(file_of(folder, suffix))
+    return {s: file_of(root / s, UNREADABLE[s][0]) for s in UNREADABLE}
+
+
+def test_cli_names_each_unreadable_file_and_checks_every_other_subject(tmp_path):
+    """Not a NIfTI, empty, truncated gzip: a row naming each file and its problem, the valid subject listed and
+    checked, exit status 1, no traceback (issue 34: the provenance pass once ended the check in one)."""
+    bad = _folder_with_unreadable_files(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "brainsynth.data", "check", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    for subject, path in bad.items():
+        row = lines.index(next(line for line in lines if line.startswith(f"UNUSABLE  {subject}")))
+        assert lines[row + 1] == f"    - {path}: {lines[row + 1].split(': ', 1)[1]}"
+        assert UNREADABLE[subject][2] in lines[row + 1] and not lines[row + 2].startswith("    - ")
+    assert any(line.startswith("OK        BraTS-GLI-00004-000  t1w t1ce t2w flair seg  8x7x6") for line in lines)
+    assert lines[-1] == "4 subjects: 1 usable, 3 unusable"
+    listed = subprocess.run(
+        [sys.executable, "-m", "brainsynth.data", "discover", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert listed.stdout.strip().endswith("4 subjects")
+    assert all(f"UNREADABLE {path} (run check)" in listed.stdout for path in bad.values())
+
+
+def test_every_reader_names_the_unreadable_file(tmp_path):
+    """The loaders bundles use (LoadSubjectd, GuardedLoadImaged (MONAI Label's input), read_nifti, the provenance
+    reader) fail with the data check's own line for each kind of unreadable file."""
+    from brainsynth.data import GuardedLoadImaged, LoadSubjectd, read_nifti
+    from brainsynth.data.provenance import read_provenance
+
+    bad = _folder_with_unreadable_files(tmp_path)
+    bad["BraTS-GLI-00004-000"] = file_of(tmp_path / "BraTS-GLI-00004-000", "t2w")
+    _truncate(bad["BraTS-GLI-00004-000"])  # the header reads, the voxels do not
+    rows = {row["subject"]: row for row in discover(tmp_path)}
+    reports = {r.subject: r for r in check_items(rows.values())}
+    for subject, path in bad.items():
+        (line,) = reports[subject].problems
+        key = {"t2f": "flair", "t1n": "t1w", "t1c": "t1ce", "t2w": "t2w"}[path.name.split("-")[-1][: -len(".nii.gz")]]
+        loaders = [
+            lambda: LoadSubjectd(keys=[key], seg_key=None)(rows[subject]),
+            lambda: GuardedLoadImaged("image", ensure_channel_first=True)({"image": path}),
+            lambda: read_nifti(path),
+        ]
+        if subject in UNREADABLE:  # the provenance mark is in the header, which the fourth file still has
+            loaders.append(lambda: read_provenance(path))
+        for load in loaders:
+            with pytest.raises(DatasetError) as err:
+                load()
+            assert str(err.value).splitlines()[-1] == line

@@ -450,3 +450,28 @@ def test_invert_with_background_pads_with_the_background_value(shape):
     assert torch.all(out["label"][~inside] == 0)  # None: a label map pads with 0
     expected = resize.inverse(resize(torch.zeros(1, *shape)) + pred.as_tensor())  # the prediction where it exists
     assert torch.allclose(out["pred"][inside], torch.as_tensor(expected)[inside], atol=1e-6)
+
+
+def test_output_naming_follows_the_files_of_a_datalist(tmp_path):
+    """One rule for every bundle (brainsynth.data.output_layout_of): a BraTS dataset's layout, else the naming the
+    row's own files follow (a datalist of BraTS 2021 files stays BraTS 2021), else BraTS 2023; a choice wins."""
+    import json
+
+    from monai.data import MetaTensor
+
+    from brainsynth.data import output_layout_of, read_datalist
+
+    rows = [
+        {"subject": "BraTS2021_00001", "t1": "a/BraTS2021_00001_t1.nii.gz", "seg": "a/BraTS2021_00001_seg.nii.gz"},
+        {"subject": "BraTS-GLI-00002-000", "t1n": "b/BraTS-GLI-00002-000-t1n.nii.gz"},
+        {"subject": "p3", "t1w": "c/p3_t1w.nii.gz"},
+        {"subject": "p4", "image": "d/scan.nii.gz", "modality": "t1w"},
+    ]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    listed = read_datalist(tmp_path / "list.json")
+    assert [r["layout"] for r in listed] == ["datalist"] * 4
+    assert [output_layout_of(r) for r in listed] == ["brats2021", "brats2023", "brats2023", "brats2023"]
+    assert output_layout_of(listed[0], "brats2023") == "brats2023"
+    assert output_layout_of({"layout": "brats2021", "t1w": "x/scan.nii.gz"}) == "brats2021"  # a folder scan's word
+    loaded = MetaTensor([0.0], meta={"filename_or_obj": str(tmp_path / "a" / "BraTS2021_00001_t2.nii.gz")})
+    assert output_layout_of({"layout": "datalist", "t2w": loaded}) == "brats2021"  # a loaded input's source file

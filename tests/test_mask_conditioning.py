@@ -228,12 +228,14 @@ def test_sampler_sees_condition_at_every_step(scheduler, steps):
         condition, spy
     )
     expected_steps = 250 if steps is None else steps
-    assert len(spy.seen) == expected_steps
+    # each item is sampled alone (brainsynth.engine.seeding): every step once per item, item after item
+    assert len(spy.seen) == 3 * expected_steps
     assert out.shape == (3, 1, 4, 4, 4) and isinstance(out, MetaTensor)
-    for x, _ in spy.seen:
-        assert x.shape == (3, 3, 4, 4, 4)
-        torch.testing.assert_close(x[:, 1:], condition.as_tensor())
-    assert [int(t) for _, t in spy.seen] == scheduler.timesteps.tolist()
+    for k, (x, _) in enumerate(spy.seen):
+        item = k // expected_steps
+        assert x.shape == (1, 3, 4, 4, 4)
+        torch.testing.assert_close(x[:, 1:], condition.as_tensor()[item : item + 1])
+    assert [int(t) for _, t in spy.seen] == scheduler.timesteps.tolist() * 3
 
 
 def test_sampler_writes_background_where_the_condition_is_background():

@@ -91,3 +91,35 @@ def _has_summaries(event_file: Path) -> bool:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     return any(event.summary.value for event in EventFileLoader(str(event_file)).Load())
+
+
+def test_ldm_stage_overlays_train_under_two_gloo_processes(tiny_trained, tmp_path):
+    """The conditional LDM's two multi-GPU overlays by name, at the tiny settings on two gloo processes:
+    ``multi_gpu_train_autoencoder.json`` trains stage 1, then ``multi_gpu_train_diffusion.json`` trains stage 2 on
+    the autoencoder stage 1 just wrote. In each stage both ranks train their iterations on their own data and end
+    with bit-identical weights, and only rank 0 writes."""
+    from tiny_bundles import BUNDLES, runner_command
+
+    bundle = "brain_mri_conditional_ldm"
+    _, overlay = tiny_trained(bundle)  # the tiny settings (its cohort cache too); the weights are trained here
+    root = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    stages = [
+        (["train_autoencoder.json"], "multi_gpu_train_autoencoder.json", "model_autoencoder.pt"),
+        (["train_autoencoder.json", "train_diffusion.json"], "multi_gpu_train_diffusion.json", "model.pt"),
+    ]
+    for configs, multi_gpu, weights in stages:
+        reports = tmp_path / multi_gpu
+        reports.mkdir()
+        cmd = runner_command(bundle, "training", configs, overlay, root, extra=[multi_gpu], launcher=launcher)
+        env = {**vb.probe_environment(reports, ITERATIONS), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        ranks = {r["rank"]: r for r in vb.read_probe_reports(reports)}
+        assert sorted(ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks.values()), multi_gpu
+        trained = {k: [e for e in r["engines"] if e["trains"]][-1] for k, r in ranks.items()}
+        assert all(t["iterations"] == ITERATIONS for t in trained.values()), (multi_gpu, trained)
+        assert trained[0]["weights_checksum"] == trained[1]["weights_checksum"], f"{multi_gpu}: weights differ"
+        assert trained[0]["losses"] != trained[1]["losses"], f"{multi_gpu}: both ranks saw the same data"
+        assert ranks[1]["saves"] == [], f"{multi_gpu}: rank 1 wrote {ranks[1]['saves']}"
+        assert (root / "models" / weights).is_file(), f"{multi_gpu}: no {weights}"

@@ -2,9 +2,10 @@
 
 One row of the evaluator's dataset is one requested volume ``{"pathology", "modality", "condition", "seed",
 "name"}`` (``condition_requests``: one combination, or the whole pathology x modality grid). For each batch
-``NoisePrepareBatch`` draws the starting latent noise from each row's own seed (so a volume does not depend
-on the batch size), ``LatentSampler`` runs MONAI's ``LatentDiffusionInferer.sample`` with the guided denoiser
-and decodes with the autoencoder's stored scale factor, ``SaveGeneratedd`` writes each volume as NIfTI
+``NoisePrepareBatch`` draws the starting latent noise from each row's own seed, ``item_seed(seed, name)``
+(``brainsynth.engine.seeding``: a volume depends on the run seed and its name alone, not on the batch size, the
+other requests or the shard), ``LatentSampler`` runs MONAI's ``LatentDiffusionInferer.sample`` with the guided
+denoiser and decodes with the autoencoder's stored scale factor, ``SaveGeneratedd`` writes each volume as NIfTI
 (atomically, never over an earlier output) and ``SampleMontage`` writes a PNG grid when the run completes.
 ``evaluate_conditions`` scores the generated volumes per combination against real scans.
 """
@@ -27,6 +28,7 @@ from monai.transforms import MapTransform
 from brainsynth.conditioning.categorical import CategoricalConditioning, all_combinations
 from brainsynth.engine.acceleration import Float32Output, autocast
 from brainsynth.engine.io import atomic_write_text, save_nifti
+from brainsynth.engine.seeding import is_stochastic, item_noise, item_seed, item_step_noise
 from brainsynth.engine.training import unwrap
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,8 @@ def condition_requests(
                     **{n: (resolved[n] or "any") for n in names},
                     "condition": idx,
                     "sample": k,
-                    # a distinct, reproducible seed per volume, independent of batch size and order
-                    "seed": int(seed) * 1_000_003 + len(rows),
+                    # the volume's seed: (run seed, name) alone, whatever else is requested, batched or sharded
+                    "seed": item_seed(seed, f"{label}_{k:03d}"),
                     "name": f"{label}_{k:03d}",
                 }
             )
@@ -91,11 +93,9 @@ class NoisePrepareBatch(PrepareBatch):
         **kwargs: Any,
     ):
         seeds = torch.as_tensor(batchdata[self.seed_key]).reshape(-1).tolist()
-        noise = torch.stack(
-            [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        ).to(device)
+        noise = item_noise(self.latent_shape, seeds, device)
         condition = torch.as_tensor(batchdata[self.condition_name]).long().to(device)
-        return noise, None, (), {"conditioning": condition}
+        return noise, None, (), {"conditioning": condition, "item_seeds": [int(s) for s in seeds]}
 
 
 class LatentSampler(Inferer):
@@ -124,26 +124,37 @@ class LatentSampler(Inferer):
         network: torch.nn.Module,
         *args: Any,
         conditioning: torch.Tensor | None = None,
+        item_seeds: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        """``item_seeds``: one per volume (``NoisePrepareBatch`` passes the rows' seeds); a stochastic scheduler
+        (DDIM with eta > 0) draws each volume's per-step noise from its own (``brainsynth.engine.seeding``)."""
         ae = unwrap(self.autoencoder).eval()
         # timesteps stay on the CPU: MONAI 1.6.1's DiffusionInferer.sample concatenates them with a CPU tensor and
         # fails on CUDA otherwise (found by ci/gpu_check.sh); it moves each timestep to the input's device itself
         self.scheduler.set_timesteps(self.num_inference_steps)
         inferer = LatentDiffusionInferer(self.scheduler, scale_factor=ae.scale_factor())
+        if item_seeds is None and is_stochastic(self.scheduler):
+            raise ValueError("a stochastic scheduler needs item_seeds (one per volume) to draw its per-step noise")
+
         # the decoder runs under this autocast; the denoiser's output comes back float32, so the scheduler's
         # arithmetic stays float32 (elementwise operations are not autocast)
-        with autocast(inputs, self.amp):
-            images = inferer.sample(
-                input_noise=inputs,
-                autoencoder_model=ae,
-                diffusion_model=Float32Output(network, inputs, self.amp),
-                scheduler=self.scheduler,
-                conditioning=conditioning,
-                mode="crossattn",
-                verbose=self.verbose,
-            )
-        return images.float()
+        denoiser = Float32Output(network, inputs, self.amp)
+
+        def one(i: int, seed: int | None) -> torch.Tensor:  # each volume alone (brainsynth.engine.seeding)
+            with autocast(inputs, self.amp):
+                return inferer.sample(
+                    input_noise=inputs[i : i + 1],
+                    autoencoder_model=ae,
+                    diffusion_model=denoiser,
+                    scheduler=self.scheduler if seed is None else item_step_noise(self.scheduler, [seed]),
+                    conditioning=None if conditioning is None else conditioning[i : i + 1],
+                    mode="crossattn",
+                    verbose=self.verbose,
+                ).float()
+
+        seeds = [None] * inputs.shape[0] if item_seeds is None else [int(s) for s in item_seeds]
+        return torch.cat([one(i, seed) for i, seed in enumerate(seeds)])
 
 
 def pixdim_affine(pixdim: Sequence[float], shape: Sequence[int]) -> np.ndarray:
@@ -292,9 +303,9 @@ def check_output_dir(
 
 
 def _load_volume(path: str | os.PathLike) -> np.ndarray:
-    import nibabel as nib
+    from brainsynth.data.reader import read_nifti
 
-    return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+    return read_nifti(str(path), np.float32)[0]
 
 
 def evaluate_conditions(
@@ -418,12 +429,12 @@ def print_demo_ratios(
     truth resampled as the training data are: RAS, ``pixdim``, padded / cropped to ``spatial_size``)."""
     import json
 
-    import nibabel as nib
     import numpy as np
     from monai.data import MetaTensor
     from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
 
     from brainsynth.cohort import subject_regions
+    from brainsynth.data.reader import nifti_voxels, open_nifti
     from brainsynth.metrics.contrast import mean_ratios, print_ratio_table, ratio_table, region_ratios
 
     ratios = (("csf", "wm"), ("gm", "wm"))
@@ -436,8 +447,8 @@ def print_demo_ratios(
         return Compose(steps)
 
     def load(path) -> MetaTensor:  # nibabel, not MONAI's reader chain (whose optional codecs warn on a CPU)
-        image = nib.load(str(path))
-        return MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None]), affine=image.affine)
+        image = open_nifti(path)
+        return MetaTensor(torch.from_numpy(nifti_voxels(image, path, np.float32)[None]), affine=image.affine)
 
     votes: dict[str, np.ndarray] = {}
     real: dict[str, list] = {}

@@ -8,10 +8,8 @@
 # STAGES="train" stops after training (e.g. to evaluate later). Finished steps are skipped when run again.
 # Results: OUTPUT_DIR/study/ (study.md, study.json, PNGs).
 set -euo pipefail
-out=${1:?output directory}; shift
-overlays=""
-for f in "$@"; do overlays+=",'$f'"; done
-run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }  # label, id, configs, args
+# out, overlays and run LABEL RUN_ID CONFIGS [ARGS ...]: the study preamble every bundle shares
+steps=$(python -m brainsynth.engine.study preamble "$@"); eval "$steps"
 [ -f "$out/models/model_autoencoder.pt" ] || run "stage 1 (autoencoder)" training "'configs/train_autoencoder.json'"
 [ -f "$out/models/model.pt" ] || run "stage 2 (latent U-Net)" training "'configs/train_autoencoder.json','configs/train_diffusion.json'"
 [ "${STAGES:-all}" = train ] && exit 0

@@ -61,12 +61,12 @@ def merged_accuracy(m: Sequence[Sequence[int]], classes: Sequence[str]) -> float
 
 def generated_predictions(extractor, folder: Path) -> list[dict[str, Any]]:
     """Every generated volume under ``folder`` with what was asked and what the judge recognises."""
-    import nibabel as nib
+    from brainsynth.data.reader import read_nifti
 
     files = sorted(p for p in folder.iterdir() if NAME.match(p.name))
     if not files:
         raise FileNotFoundError(f"{folder}: no generated volumes named <pathology>_<modality>_<k>.nii.gz")
-    volumes = np.stack([np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in files])
+    volumes = np.stack([read_nifti(str(p), np.float32)[0] for p in files])
     predicted = extractor.classify(volumes)
     rows = []
     for i, p in enumerate(files):
@@ -170,13 +170,13 @@ def contrast_fidelity(parser) -> dict[str, Any]:
     to_grid = Compose([Orientation("RAS", labels=labels), Spacing(pixdim, mode="nearest"), ResizeWithPadOrCrop(size)])
     subjects = split_items(parser.get_parsed_content("subjects"), "test")
     scans = expand_scans(subjects, parser.get_parsed_content("modalities"))
-    import nibabel as nib
+    from brainsynth.data.reader import open_nifti
 
     regions: dict[str, dict] = {}
     per: dict[str, dict[str, list]] = {}
     for scan in scans:
         if scan["subject"] not in regions:
-            affine = nib.load(str(scan["image"])).affine
+            affine = open_nifti(str(scan["image"])).affine
             regions[scan["subject"]] = {
                 k: np.asarray(to_grid(MetaTensor(torch.from_numpy(v[None].astype(np.float32)), affine=affine))[0]) > 0.5
                 for k, v in subject_regions(datalist, scan["subject"], purity=0.5).items()
@@ -223,8 +223,7 @@ def _confusion_figure(path: Path, matrices: dict[str, tuple[list, Sequence[str]]
 
 def _grid_figure(path: Path, folder: Path, pathologies, modalities, held_out, title: str) -> Path:
     """One generated scan per cell (sample 0, axial slice through the centre), held-out cells framed in red."""
-    import nibabel as nib
-
+    from brainsynth.data.reader import read_nifti
     from brainsynth.engine.figures import pyplot, save_figure
 
     plt = pyplot()
@@ -234,7 +233,7 @@ def _grid_figure(path: Path, folder: Path, pathologies, modalities, held_out, ti
             ax = axes[i, j]
             f = folder / f"{p}_{m}_000.nii.gz"
             if f.is_file():
-                v = np.asarray(nib.load(str(f)).dataobj, dtype=np.float32)
+                v = read_nifti(str(f), np.float32)[0]
                 ax.imshow(np.rot90(v[:, :, v.shape[2] // 2]), cmap="gray", vmin=0, vmax=max(float(v.max()), 1e-6))
             ax.set_xticks([])
             ax.set_yticks([])

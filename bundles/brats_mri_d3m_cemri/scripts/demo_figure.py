@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigParser
+
+from brainsynth.data.reader import read_nifti
 
 
 def print_demo_ratios(items, writer, dataset_dir, target_modality: str = "t1ce") -> dict:
@@ -66,16 +67,16 @@ def main() -> None:
     if not synthetic.is_file():
         raise SystemExit(f"{synthetic}: not found; run the inference workflow first")
     volumes = {
-        "T1 (input)": nib.load(row["t1w"]).get_fdata(),
-        "T1ce real": nib.load(row[target]).get_fdata(),
-        "T1ce synthetic": nib.load(synthetic).get_fdata(),
+        "T1 (input)": read_nifti(row["t1w"], np.float64)[0],
+        "T1ce real": read_nifti(row[target], np.float64)[0],
+        "T1ce synthetic": read_nifti(synthetic, np.float64)[0],
     }
     for key, name in (("mask", "mask predicted"), ("sd", "uncertainty (sd)")):
         if names[key].is_file():
-            volumes[name] = nib.load(names[key]).get_fdata()
+            volumes[name] = read_nifti(names[key], np.float64)[0]
     from brainsynth.engine.preview import save_preview
 
-    seg = np.asarray(nib.load(row["seg"]).get_fdata()) if row.get("seg") else None
+    seg = read_nifti(row["seg"], np.float64)[0] if row.get("seg") else None
     out = Path(args.out) if args.out else out_dir.parent / "demo_synthesis.png"
     save_preview(volumes, out, seg=seg, overwrite=args.overwrite)
     print(out)

@@ -9,10 +9,8 @@
 # VARIANTS="d3m no_mssdm" runs a subset (e.g. in two processes); the report is written once all four exist.
 # Results: OUTPUT_DIR/study/ (study.md, study.json, PNGs).
 set -euo pipefail
-out=${1:?output directory}; shift
-overlays=""
-for f in "$@"; do overlays+=",'$f'"; done
-run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }  # label, id, configs, args
+# out, overlays and run LABEL RUN_ID CONFIGS [ARGS ...]: the study preamble every bundle shares
+steps=$(python -m brainsynth.engine.study preamble "$@"); eval "$steps"
 eval_configs="'configs/inference.json','configs/evaluate.json'"
 for variant in ${VARIANTS:-d3m no_mssdm no_dsimd palette}; do
     extra=""

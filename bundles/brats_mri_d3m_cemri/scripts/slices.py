@@ -252,9 +252,13 @@ class SliceSynthesisInferer(Inferer):
     (0 without a mask channel), 2 the voxel-wise standard deviation of the image over samples (0 for one sample).
 
     With ``mask_background`` voxels where every condition channel is background (outside the head) are set to
-    background in the output, as in the input. The initial noise of slice z, sample k is drawn from a generator
-    seeded with (seed, k, z), so results do not
-    depend on the batch size or on which other slices are synthesised.
+    background in the output, as in the input. The initial noise of slice z, sample k of a volume is drawn from a
+    generator seeded ``item_seed(volume seed, "k/z")``, the volume seed being ``item_seeds[i]`` (the evaluator's
+    ``ItemSeedsPrepareBatch``: ``item_seed(seed, subject)``; ``item_seed(seed, str(i))`` for item ``i`` of a call
+    without them, e.g. MONAI Label's), so a subject's synthesis depends on the seed and its id alone: not on the
+    slice batch size, the other slices or subjects, the number of ranks or a resume
+    (``brainsynth.engine.seeding``). Each slice is sampled alone; ``slice_batch_size`` slices share the trip into
+    the network's grid and back and one progress step.
     """
 
     def __init__(
@@ -288,29 +292,31 @@ class SliceSynthesisInferer(Inferer):
         self.mask_background = bool(mask_background)
         self.progress = progress
 
-    def _noise(self, slices: Sequence[int], sample: int, device) -> torch.Tensor:
-        shape = (self.target_channels, *self.spatial_size)
-        out = []
-        for z in slices:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + sample * 10_007 + int(z))
-            out.append(torch.randn(shape, generator=g))
-        return torch.stack(out).to(device)
+    def _noise(self, slices: Sequence[int], sample: int, volume_seed: int, device) -> torch.Tensor:
+        from brainsynth.engine.seeding import item_noise, item_seed
+
+        seeds = [item_seed(volume_seed, f"{sample}/{int(z)}") for z in slices]
+        return item_noise((self.target_channels, *self.spatial_size), seeds, device)
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, item_seeds=None, **kwargs: Any) -> torch.Tensor:
+        """(B, 3, H, W, D) syntheses of the (B, C_cond, H, W, D) ``inputs``; ``item_seeds``: one int per volume."""
+        from brainsynth.engine.seeding import seeds_of_batch
+
         if inputs.ndim != 5:
             raise ValueError(f"SliceSynthesisInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}")
+        item_seeds = seeds_of_batch(item_seeds, inputs.shape[0], self.seed)
         was_training = network.training
         network.eval()
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        volumes = [self._one_volume(v, network) for v in plain]
+        volumes = [self._one_volume(v, network, s) for v, s in zip(plain, item_seeds)]
         network.train(was_training)
         out = torch.stack(volumes)
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return out
 
-    def _one_volume(self, cond: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    def _one_volume(self, cond: torch.Tensor, network: torch.nn.Module, volume_seed: int) -> torch.Tensor:
         _, h, w, depth = cond.shape
         device = cond.device
         todo = brain_slices(cond).nonzero().flatten().tolist() if self.skip_empty_slices else list(range(depth))
@@ -330,13 +336,18 @@ class SliceSynthesisInferer(Inferer):
             stack = stack.as_tensor() if isinstance(stack, MetaTensor) else torch.as_tensor(stack)
             stack = stack.permute(3, 0, 1, 2).contiguous().float()  # (n, C, S, S)
             images, masks = [], []
+            steps = {"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}
             for k in range(self.num_samples):
-                sample = self.diffusion_inferer.sample(
-                    self._noise(zs, k, device),
-                    network,
-                    conditioning=stack,
-                    verbose=False,
-                    **({"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}),
+                noise = self._noise(zs, k, volume_seed, device)
+                # each slice sampled alone: batched convolutions round a slice differently beside others
+                # (brainsynth.engine.seeding), so a slice would depend on the batch size
+                sample = torch.cat(
+                    [
+                        self.diffusion_inferer.sample(
+                            noise[j : j + 1], network, conditioning=stack[j : j + 1], verbose=False, **steps
+                        )
+                        for j in range(len(zs))
+                    ]
                 )
                 back = _resize_back(sample.permute(1, 2, 3, 0), (h, w), self.inplane_mode, self.background)
                 images.append(back[0])
@@ -416,14 +427,11 @@ class SaveSynthesisd(MapTransform):
         self.output_layout = output_layout
 
     def layout(self, row: Mapping[str, Any]) -> str:
-        """The naming the outputs of ``row`` take: the chosen one, else the input's."""
-        from brainsynth.conventions import output_layout
-        from brainsynth.data import layout_of_files
+        """The naming the outputs of ``row`` take: the chosen one, else the input's (the one rule of every bundle,
+        ``brainsynth.data.output_layout_of``)."""
+        from brainsynth.data import output_layout_of
 
-        if self.output_layout:
-            return output_layout(self.output_layout)
-        found = row.get("layout") or layout_of_files(_input_path(row.get(k)) for k in self.condition_keys)
-        return output_layout(found)
+        return output_layout_of(row, self.output_layout)
 
     def paths(self, subject: str, layout: str = "brats2023") -> dict[str, Path]:
         from brainsynth.conventions import layout_file_name

@@ -387,9 +387,9 @@ def _figures(result, out: Path, real_row, synthetic_row, modalities, training_lo
 
 
 def _seg(row: dict) -> np.ndarray:
-    import nibabel as nib
+    from brainsynth.data.reader import read_nifti
 
-    return np.asarray(nib.load(row["seg"]).dataobj)
+    return read_nifti(row["seg"])[0]
 
 
 def downstream_table(result: dict[str, Any]) -> str:

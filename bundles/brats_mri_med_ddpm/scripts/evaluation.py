@@ -23,9 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from brainsynth.data import output_layout_of
 from brainsynth.engine.io import atomic_write_text
 
-from .inputs import output_layout_of, output_paths
+from .inputs import output_paths
 
 logger = logging.getLogger("med_ddpm.evaluation")
 

@@ -18,6 +18,7 @@ from monai.transforms import Compose
 
 from brainsynth.conditioning.semantic_mask import ConditionInputPrepareBatch, SemanticMaskConditioning
 from brainsynth.data import InvertWithBackgroundd
+from brainsynth.engine.seeding import ItemSeedsPrepareBatch
 
 from .inputs import check_inputs
 from .outputs import SaveGeneratedd
@@ -81,7 +82,9 @@ def generate(
         val_data_loader=loader,
         network=network,
         inferer=inferer,
-        prepare_batch=ConditionInputPrepareBatch("condition"),
+        prepare_batch=ItemSeedsPrepareBatch(
+            getattr(inferer, "seed", 0), "subject", ConditionInputPrepareBatch("condition")
+        ),
         postprocessing=post,
     )
     logger.info("generating %d volumes into %s", len(rows), output_dir)

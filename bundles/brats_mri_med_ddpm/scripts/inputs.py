@@ -28,7 +28,14 @@ from brainsynth.conditioning.semantic_mask import (
     SemanticMaskConditioning,
     check_mask_spacing,
 )
-from brainsynth.data import DatasetError, discover, is_dicom_series, resolve_dataset_dir, select_split
+from brainsynth.data import (
+    DatasetError,
+    discover,
+    is_dicom_series,
+    output_layout_of,
+    resolve_dataset_dir,
+    select_split,
+)
 from brainsynth.data.discover import strip_nifti_extension
 
 MASK_LIST_KEYS = ("masks", "augmented")
@@ -174,20 +181,6 @@ class LoadConditionMaskd(MapTransform):
         # the model's classes; a segmentation in its dataset's convention
         convention = "condition_mask" if row.get("mask") else str(row.get("label_convention") or "unknown")
         return {"subject": subject, "mask": lm, "source": str(source), "label_convention": convention}
-
-
-def output_layout_of(row: Mapping[str, Any], chosen: str | None = None) -> str:
-    """The naming a row's outputs take: ``chosen`` (``brats2021`` / ``brats2023``), else the input's (its dataset
-    layout, or what its mask / segmentation file name follows), else BraTS 2023."""
-    from brainsynth.conventions import output_layout
-    from brainsynth.data import layout_of_files
-
-    if chosen:
-        return output_layout(chosen)
-    found = row.get("layout")
-    if found not in ("brats2021", "brats2023"):
-        found = layout_of_files([row.get("mask") or row.get("seg") or row.get("source")])
-    return output_layout(found)
 
 
 def output_paths(

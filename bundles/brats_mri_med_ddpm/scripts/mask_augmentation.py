@@ -154,9 +154,8 @@ def write_augmented_masks(
     region mask gets one from the non-zero voxels of its ``image_keys`` files (skull-stripped BraTS has an
     exactly-zero background), written once as ``<out_dir>/<subject>_<region_key>.nii.gz``.
     """
-    import nibabel as nib
-
     from brainsynth.data import remap_labels
+    from brainsynth.data.reader import nifti_voxels, open_nifti, read_nifti
     from brainsynth.engine.io import atomic_write_text, save_nifti
 
     out_dir = Path(out_dir)
@@ -169,21 +168,21 @@ def write_augmented_masks(
     rows = []
     for item in items:
         seg_path = Path(item[seg_key])
-        seg_img = nib.load(str(seg_path))
+        seg_img = open_nifti(seg_path)
         subject = str(item.get("subject", seg_path.name.split(".")[0]))
-        seg = remap_labels(
-            np.asarray(seg_img.dataobj), item.get("label_convention") or "canonical", str(seg_path)
-        ).astype(np.int16)
+        seg = remap_labels(nifti_voxels(seg_img), item.get("label_convention") or "canonical", str(seg_path)).astype(
+            np.int16
+        )
         if item.get(region_key):
             region_path = Path(item[region_key])
-            region = np.asarray(nib.load(str(region_path)).dataobj) > 0
+            region = read_nifti(str(region_path))[0] > 0
         else:
             images = [item[k] for k in image_keys if item.get(k)]
             if not images:
                 raise ValueError(f"{seg_path}: subject {subject} has no {region_key} and no images to derive it from")
             region = np.zeros(seg.shape, bool)
             for image in images:
-                region |= np.asarray(nib.load(str(image)).dataobj) != 0
+                region |= read_nifti(str(image))[0] != 0
             region_path = out_dir / f"{subject}_{region_key}.nii.gz"
             save_nifti(region.astype(np.uint8), region_path, reference=seg_img, overwrite=overwrite, dtype=np.uint8)
         if not tumour_mask(seg).any():

@@ -22,11 +22,12 @@ from monai.transforms import MapTransform
 
 from brainsynth.conditioning.semantic_mask import SemanticMaskConditioning
 from brainsynth.conventions import LABEL_VALUES, LAYOUT_LABELS, encode_labels
+from brainsynth.data import output_layout_of
 from brainsynth.data.discover import strip_nifti_extension
 from brainsynth.data.provenance import RunProvenance, input_hashes
 from brainsynth.engine.io import save_nifti
 
-from .inputs import output_layout_of, output_paths
+from .inputs import output_paths
 
 logger = logging.getLogger("med_ddpm.outputs")
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
@@ -182,11 +183,12 @@ class TrainingPreviewWriter:
 
     def __call__(self, engine: Any) -> Path:
         from brainsynth.engine.preview import save_training_preview
+        from brainsynth.engine.seeding import item_seed
 
         item = self.dataset[0]
         device = next(self.network.parameters()).device
         condition = torch.as_tensor(item["condition"])[None].to(device)
-        image = self.sampler(condition, self.network, noise_seed=self.seed)[0].cpu()
+        image = self.sampler(condition, self.network, item_seeds=[item_seed(self.seed, "training_preview")])[0].cpu()
         volumes = {m: to_unit_range(image[c]).numpy() for c, m in enumerate(self.modalities)}
         seg = canonical_seg(self.conditioning.from_one_hot(condition.cpu(), channel_dim=1)[0, 0], self.conditioning)
         return save_training_preview(engine, self.out_dir, volumes, seg=seg)

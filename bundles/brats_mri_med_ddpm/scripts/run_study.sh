@@ -6,10 +6,8 @@
 #   paper scale (GPU): scripts/run_study.sh RUN my_data.json   (my_data.json: {"dataset_dir": "/data/BraTS2021"})
 # Results: RUN_DIR/eval_ancestral/metrics.md, RUN_DIR/eval/downstream/downstream.md and its PNGs.
 set -euo pipefail
-out=${1:?output directory}; shift
-overlays=""
-for f in "$@"; do overlays+=",'$f'"; done
-run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }  # label, id, configs, args
+# out, overlays and run LABEL RUN_ID CONFIGS [ARGS ...]: the study preamble every bundle shares
+steps=$(python -m brainsynth.engine.study preamble "$@"); eval "$steps"
 run "generator training" training "'configs/train.json'"
 run "evaluation (250-step ancestral sampler)" evaluating "'configs/inference.json','configs/evaluate.json'" \
     --sampler ddpm --log_dir "$out/eval_ancestral" --progress false

@@ -472,10 +472,12 @@ class MaskConditionedSampler(Inferer):
         out_channels: channels of the generated image (number of modalities).
         num_inference_steps: steps for a few-step scheduler; ``None`` = all training steps.
         progress: show a progress bar while sampling.
-        seed: if given, the initial noise of the ``i``-th call (batch) is drawn from a generator seeded
-            ``seed + i``, so a run with the same inputs and batch size is reproducible. (The ancestral sampler's
-            per-step noise comes from the global torch generator: seed it, e.g. with
-            ``brainsynth.engine.training.seed_everything``.)
+        seed: the run seed. Each item's noise (the starting noise and, for a stochastic scheduler, every step's)
+            comes from its own generators seeded ``item_seeds[i]`` (``brainsynth.engine.seeding``; the
+            evaluator's ``ItemSeedsPrepareBatch`` passes ``item_seed(seed, subject)``), so a volume depends on the
+            seed and its item id alone, never on the batch, the shard or the calls before it. A call without
+            ``item_seeds`` (MONAI Label's request, a training preview) uses ``item_seed(seed, str(i))`` for item
+            ``i`` of the batch.
         amp: run the network under bf16 autocast (the bundle's ``amp`` key; the scheduler arithmetic stays fp32).
         mask_background: where every condition channel is off (outside the brain / head and the lesion) the output
             is set to ``background`` (the model's black), so the network's guess there, which nothing in the
@@ -490,7 +492,7 @@ class MaskConditionedSampler(Inferer):
         out_channels: int,
         num_inference_steps: int | None = None,
         progress: bool = True,
-        seed: int | None = None,
+        seed: int = 0,
         amp: bool = False,
         mask_background: bool = False,
         background: float = -1.0,
@@ -509,37 +511,44 @@ class MaskConditionedSampler(Inferer):
         self.inferer = DiffusionInferer(scheduler)
         self.out_channels = int(out_channels)
         self.progress = progress
-        self.seed = seed
+        self.seed = int(seed or 0)
         self.amp = bool(amp)
         self.mask_background = bool(mask_background)
         self.background, self.inside_threshold = float(background), float(inside_threshold)
-        self.calls = 0
 
     def __call__(
-        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, noise_seed: int | None = None, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        *args: Any,
+        item_seeds: Sequence[int] | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Sample images for the one-hot ``inputs`` (B, classes, *spatial); ``noise_seed`` fixes this call's noise."""
+        """Sample images for the one-hot ``inputs`` (B, classes, *spatial); item ``i``'s noise comes from
+        ``item_seeds[i]`` alone (see ``seed``)."""
+        from brainsynth.engine.seeding import item_noise, item_step_noise, seeds_of_batch
+
         condition = torch.as_tensor(inputs)
-        shape = (condition.shape[0], self.out_channels, *condition.shape[2:])
-        generator = None
-        if noise_seed is not None or self.seed is not None:
-            seed = noise_seed if noise_seed is not None else self.seed + self.calls
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.calls += 1
-        noise = torch.randn(shape, generator=generator, dtype=condition.dtype).to(condition.device)
+        item_seeds = seeds_of_batch(item_seeds, condition.shape[0], self.seed)
+        shape = (self.out_channels, *condition.shape[2:])
+
+        # only the network call is autocast: the scheduler's arithmetic and noise stay float32
+        denoiser = Float32Output(network, condition, self.amp)
+
+        def one(i: int, seed: int) -> torch.Tensor:  # each item alone, from its own noise
+            return self.inferer.sample(
+                input_noise=item_noise(shape, [seed], condition.device, condition.dtype),
+                diffusion_model=denoiser,
+                scheduler=item_step_noise(self.scheduler, [seed]),
+                conditioning=condition[i : i + 1],
+                mode="concat",
+                verbose=self.progress,
+            ).float()
+
         was_training = network.training
         network.eval()
         try:
-            # only the network call is autocast: the scheduler's arithmetic and noise stay float32
-            image = self.inferer.sample(
-                input_noise=noise,
-                diffusion_model=Float32Output(network, condition, self.amp),
-                scheduler=self.scheduler,
-                conditioning=condition,
-                mode="concat",
-                verbose=self.progress,
-            )
-            image = image.float()
+            image = torch.cat([one(i, seed) for i, seed in enumerate(item_seeds)])
             if self.mask_background:
                 inside = (condition > self.inside_threshold).any(dim=1, keepdim=True)
                 image = torch.where(inside.to(image.device), image, torch.full_like(image, self.background))

@@ -14,6 +14,7 @@ from brainsynth.data.discover import (
     SPLITS,
     discover,
     layout_of_files,
+    output_layout_of,
     read_datalist,
     resolve_dataset_dir,
     subject_from_path,
@@ -27,11 +28,13 @@ from brainsynth.data.items import (
     split_items,
     split_of,
 )
+from brainsynth.data.reader import describe_unreadable, nifti_voxels, open_nifti, read_nifti
 
 
 def __getattr__(name):
     # the MONAI transform stack is imported only when a pipeline needs it, keeping the CLI quick to start
-    if name in ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels"):
+    transforms_names = ("InvertWithBackgroundd", "LoadSubjectd", "load_volume", "remap_labels")
+    if name in (*transforms_names, "GuardedNibabelReader", "GuardedLoadImaged"):
         from brainsynth.data import transforms
 
         return getattr(transforms, name)
@@ -44,6 +47,8 @@ def __getattr__(name):
 
 __all__ = [
     "DatasetError",
+    "GuardedLoadImaged",
+    "GuardedNibabelReader",
     "InvertWithBackgroundd",
     "LoadSubjectd",
     "SPLITS",
@@ -51,6 +56,7 @@ __all__ = [
     "available_modalities",
     "check_items",
     "check_row",
+    "describe_unreadable",
     "discover",
     "expand_scans",
     "image_source",
@@ -65,6 +71,10 @@ __all__ = [
     "split_of",
     "subject_from_path",
     "layout_of_files",
+    "nifti_voxels",
+    "open_nifti",
+    "output_layout_of",
+    "read_nifti",
     "validate_items",
     "write_dicom_series",
 ]

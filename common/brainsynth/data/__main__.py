@@ -77,7 +77,7 @@ def _run_check(args, rows) -> int:
         f"labels {', '.join(map(str, conventions))}"
     )
     width = max(len(r.subject) for r in reports)
-    synthetic = [synthetic_files(row) for row in rows]  # each file's header read once
+    synthetic = [report.synthetic for report in reports]  # marks read from the headers the check read
     for row, report, marked in zip(rows, reports, synthetic):
         grid = ""
         if report.shape:
@@ -104,10 +104,13 @@ def _run_discover(args, rows) -> int:
         return 0
     for row in rows:
         files = " ".join(available_modalities(row) + [k for k in ("seg", "brain_mask") if row.get(k)])
+        try:
+            note = _synthetic_note(synthetic_files(row))
+        except DatasetError as e:  # discover lists; check says what is wrong with each file
+            note = f"  UNREADABLE {str(e).split(': ')[0]} (run check)"
         print(
             f"{row['subject']}  split={row.get('split', '-')}  pathology={row.get('pathology', '-')}  "
-            f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}"
-            f"{_synthetic_note(synthetic_files(row))}"
+            f"labels={row.get('label_convention')}  layout={row.get('layout')}  {files}{note}"
         )
     print(f"{len(rows)} subjects")
     return 0
@@ -124,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _run_check(args, rows) if args.command == "check" else _run_discover(args, rows)
+    try:
+        return _run_check(args, rows) if args.command == "check" else _run_discover(args, rows)
+    except DatasetError as e:  # every expected failure is reported per file above; this is the last resort
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ reported too. Every problem is one line naming the file (or the subject folder, 
 from __future__ import annotations
 
 import os
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from brainsynth.data.dicom import read_dicom_series
 from brainsynth.data.discover import subject_from_path
 from brainsynth.data.errors import DatasetError
 from brainsynth.data.items import available_modalities, image_source
+from brainsynth.data.reader import nifti_voxels, open_nifti
 
 #: tolerances for "same grid": millimetres for spacing and for the affine (rotation-zoom and origin)
 SPACING_ATOL = 1e-3
@@ -48,6 +48,7 @@ class SubjectReport:
     modalities: list[str] = field(default_factory=list)
     shape: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
+    synthetic: list[str] = field(default_factory=list)  # image files carrying the brainsynth provenance mark
 
     @property
     def usable(self) -> bool:
@@ -100,15 +101,15 @@ def _read_header(f: _File) -> str | None:
         f.shape = f.data.shape
         f.spacing = tuple(float(s) for s in np.linalg.norm(f.affine[:3, :3], axis=0))
         return None
-    import nibabel as nib
-
     try:
-        f.image = nib.load(str(path))
+        f.image = open_nifti(path)
         shape = tuple(int(s) for s in f.image.shape)
         f.affine = np.asarray(f.image.affine, dtype=np.float64)
         f.spacing = tuple(float(z) for z in f.image.header.get_zooms()[:3])
-    except Exception as e:  # nibabel raises many types for a bad header
-        return f"{path}: unreadable ({type(e).__name__}: {_one_line(e) or 'bad header'})"
+    except DatasetError as e:
+        return str(e)
+    except Exception as e:  # a header nibabel parsed but cannot describe (e.g. a broken affine)
+        return f"{path}: unreadable header ({type(e).__name__}: {_one_line(e) or 'bad header'})"
     while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1) is a 3-D volume
         shape = shape[:-1]
     f.shape = shape
@@ -129,9 +130,9 @@ def _read_data(f: _File) -> tuple[np.ndarray | None, str | None]:
     if f.data is not None:
         return f.data, None
     try:
-        data = np.asanyarray(f.image.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError) as e:
-        return None, f"{f.path}: truncated or corrupt voxel data ({type(e).__name__}: {_one_line(e)})"
+        data = nifti_voxels(f.image, f.path)
+    except DatasetError as e:
+        return None, str(e)
     return data.reshape(f.shape), None
 
 
@@ -253,6 +254,8 @@ def check_row(
             report.problems.append(problem)
         else:
             readable.append(f)
+    report.synthetic, marks_problems = _synthetic_marks(readable)
+    report.problems += marks_problems
     if readable:
         ref = _reference(readable)
         report.shape, report.spacing = ref.shape[:3], ref.spacing
@@ -302,6 +305,22 @@ def check_row(
             report.problems += _check_image(f, data)
         f.data = f.image = None  # free the memory before the next file
     return report
+
+
+def _synthetic_marks(files: list[_File]) -> tuple[list[str], list[str]]:
+    """(image files marked synthetic, problem lines) from the headers already read (and any sidecar)."""
+    from brainsynth.data.provenance import read_provenance
+
+    marked, problems = [], []
+    for f in files:
+        if f.role not in MODALITIES:
+            continue
+        try:
+            if read_provenance(f.path, header=f.image.header if f.image is not None else None):
+                marked.append(f.path)
+        except DatasetError as e:
+            problems.append(str(e))
+    return marked, problems
 
 
 def _one_line(e: BaseException) -> str:

@@ -23,7 +23,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from brainsynth.conventions import (
     MODALITIES,
@@ -115,6 +115,27 @@ def layout_of_files(paths: Iterable[str | os.PathLike | None]) -> str | None:
     if not parsed:
         return None
     return _brats_layout(parsed[0][0], {raw for _, _, raw in parsed})[0]
+
+
+def output_layout_of(row: Mapping[str, Any], chosen: str | None = None) -> str:
+    """The BraTS naming (``brats2021`` / ``brats2023``) a row's generated files take, one rule for every bundle:
+    ``chosen`` when given; else the row's dataset layout when it is a BraTS one; else the naming its own files
+    follow (a datalist, MSD or DICOM rows of BraTS-named files keep that naming: ``_t1ce`` stays BraTS 2021);
+    else BraTS 2023. A file is a path or a loaded MetaTensor (its source file)."""
+    from brainsynth.conventions import LAYOUT_SEPARATORS, output_layout
+
+    if chosen:
+        return output_layout(chosen)
+    layout = row.get("layout")
+    if layout not in LAYOUT_SEPARATORS:
+        files = []
+        for key in (*MODALITIES, "seg", "mask", "brain_mask", "image", "image4d", "source"):
+            value = row.get(key)
+            value = getattr(value, "meta", {}).get("filename_or_obj", value) if hasattr(value, "meta") else value
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                files.append(value)
+        layout = layout_of_files(files)
+    return output_layout(layout)
 
 
 # --- label conventions and pathologies per layout -------------------------------------------------------------

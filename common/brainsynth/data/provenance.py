@@ -156,9 +156,10 @@ def mark_header(header: Any, record: Mapping[str, Any]) -> None:
     header["intent_name"] = INTENT_NAME.encode()
 
 
-def read_provenance(path: str | os.PathLike) -> dict | None:
+def read_provenance(path: str | os.PathLike, header: Any = None) -> dict | None:
     """The provenance record of a volume: its sidecar, else what the header mark says; None when unmarked.
-    Raises ``DatasetError`` naming the file when it cannot be read."""
+    ``header``: the file's NIfTI header when the caller has read it already. Raises ``DatasetError`` naming the
+    file when it cannot be read (the guarded reader's line)."""
     path = Path(path)
     sidecar = sidecar_path(path)
     if sidecar.is_file():
@@ -170,12 +171,10 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
             return {**record, "source": "sidecar"}
     if path.is_dir() or not path.name.endswith((".nii", ".nii.gz")):
         return None
-    try:
-        import nibabel as nib
+    if header is None:
+        from brainsynth.data.reader import open_nifti
 
-        header = nib.load(str(path)).header
-    except Exception as e:  # truncated, not NIfTI, ...
-        raise DatasetError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
+        header = open_nifti(path).header
     descrip = bytes(header["descrip"].tobytes()).split(b"\0")[0].decode("ascii", "replace")
     if descrip.startswith(MARKER):
         parts = descrip[len(MARKER) :].split()

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, LoadImaged, MapTransform
 
 from brainsynth.conventions import label_convention
 from brainsynth.data.dicom import read_dicom_series
 from brainsynth.data.errors import DatasetError
 from brainsynth.data.items import available_modalities, image_source
+from brainsynth.data.reader import GuardedNibabelReader, open_nifti
 
 
 def remap_labels(labels: np.ndarray | torch.Tensor, convention: str, source: str = "segmentation") -> np.ndarray:
@@ -58,10 +59,30 @@ def load_volume(path: str | Path, dtype: Any = np.float32) -> MetaTensor:
         return MetaTensor(
             torch.as_tensor(array.astype(dtype))[None], affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta
         )
+    open_nifti(p)  # the guarded reader: a bad file is one line naming it and the problem
+    reader = GuardedNibabelReader()  # ... also when only its voxels are damaged
     try:
-        return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)(str(p))
-    except Exception as e:  # nibabel / MONAI raise many types for bad files
+        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=dtype)(str(p))
+    except DatasetError:
+        raise
+    except Exception as e:  # a file nibabel reads but MONAI cannot turn into a MetaTensor
         raise DatasetError(f"{p}: cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())})") from e
+
+
+class GuardedLoadImaged(LoadImaged):
+    """MONAI's ``LoadImaged`` through the guarded reader (``brainsynth.data.reader``), for pipelines that load a
+    plain path, e.g. MONAI Label's ``image``: a file that is not a NIfTI, empty or truncated fails with one line
+    naming it and the problem, not MONAI's "cannot find a suitable reader". Arguments are ``LoadImaged``'s."""
+
+    def __init__(self, keys: KeysCollection, *args: Any, **kwargs: Any):
+        kwargs.setdefault("reader", GuardedNibabelReader())
+        super().__init__(keys, *args, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        for key in self.key_iterator(dict(data)):
+            if isinstance(data[key], (str, os.PathLike)):
+                open_nifti(data[key])
+        return super().__call__(data, reader)
 
 
 class LoadSubjectd(MapTransform):

@@ -73,12 +73,14 @@ def save_nifti(
     """
     import nibabel as nib
 
+    from brainsynth.data.reader import open_nifti
+
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
     array = np.asarray(array).astype(dtype, copy=False)
     header = None
     if reference is not None:
-        ref = nib.load(str(reference)) if isinstance(reference, (str, os.PathLike)) else reference
+        ref = open_nifti(reference) if isinstance(reference, (str, os.PathLike)) else reference
         if tuple(ref.shape[:3]) != tuple(array.shape[:3]):
             raise ValueError(
                 f"{path}: output shape {array.shape[:3]} differs from the reference "

@@ -2,17 +2,14 @@
 
 Every rank sees the same full list of items (masks, subjects or requested samples), sorts it by item id and
 takes every ``world_size``-th item from its rank on: shards are disjoint, together complete, and depend only on the
-list and the number of ranks. An item's random numbers come from ``item_seed(seed, item id)`` (``ItemSeeding``
-seeds the global generators before the item is sampled), so what an item becomes does not depend on the number of
-ranks, its shard or the items sampled before it. Outputs are written atomically; an item whose expected files all
+list and the number of ranks. An item's random numbers come from ``item_seed(seed, item id)`` alone
+(``brainsynth.engine.seeding``: the bundles' samplers draw every item's noise from its own generators, in plain
+runs too), so what an item becomes does not depend on the number of ranks, its shard, the batch size or the items
+sampled before it. Outputs are written atomically; an item whose expected files all
 exist is complete and is skipped when the same command runs again (never rewritten); an item with only some of
 its files (an interrupted run) has those removed and is generated again. At the end rank 0 writes
 ``manifest.json``: every item, the rank that produced it (or ``existing``), its seed and each file's size and
 SHA-256.
-
-Byte-identical results per item across rank counts hold at ``batch_size`` 1 (what the ``multi_gpu_inference``
-overlays set): a batch mixes items whose composition changes with the shard, and batched kernels may round
-differently.
 """
 
 from __future__ import annotations
@@ -21,14 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from .io import atomic_write_text
+from .seeding import item_seed  # the one derivation of an item's seed (imported from here by older code)
 
 logger = logging.getLogger("brainsynth.engine.sharding")
 
@@ -66,21 +62,6 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def item_seed(seed: int, item: str) -> int:
-    """A 31-bit seed for one item, a hash of (run seed, item id): independent of ranks, shards and order."""
-    digest = hashlib.sha256(f"{int(seed)}/{item}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def seed_item(seed: int, item: str) -> int:
-    """Seed python, numpy and torch (every device) for ``item``; returns the seed used."""
-    s = item_seed(seed, item)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-    return s
-
-
 def shard(items: Sequence[Mapping[str, Any]], key: str, rank: int, world_size: int) -> list[dict]:
     """This rank's items: the list sorted by ``item[key]``, every ``world_size``-th from position ``rank``."""
     ids = [str(item[key]) for item in items]
@@ -113,9 +94,8 @@ class ShardedGeneration:
         resume: skip complete items (all files present); with False any existing file of this rank's items is an
             error, as in a single-process run.
 
-    ``pending`` is what this rank still has to generate; ``seeding`` is the ignite handler that seeds each item
-    before it is sampled; ``finish()`` (after the evaluator ran) gathers every rank's record and rank 0 writes
-    the manifest.
+    ``pending`` is what this rank still has to generate; ``finish()`` (after the evaluator ran) gathers every
+    rank's record and rank 0 writes the manifest. The seed is recorded per item; the bundle's sampler draws with it.
     """
 
     def __init__(
@@ -159,7 +139,6 @@ class ShardedGeneration:
             len(self.complete),
             len(self.pending),
         )
-        self.seeding = ItemSeeding(self.seed, key)
 
     def finish(self) -> Path | None:
         """Gather what every rank did; rank 0 checks that every item's files exist and writes the manifest
@@ -207,27 +186,6 @@ class ShardedGeneration:
             raise RuntimeError(f"{path}: {len(missing)} expected output(s) missing after the run, e.g. {missing[0]}")
         logger.info("%s: %d item(s), all complete", path, len(entries))
         return path
-
-
-class ItemSeeding:
-    """Ignite handler: before each iteration, seed every generator from the batch's one item id."""
-
-    def __init__(self, seed: int, key: str):
-        self.seed, self.key = int(seed), key
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_STARTED, self)
-
-    def __call__(self, engine: Any) -> None:
-        ids = engine.state.batch[self.key]
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        if len(ids) != 1:
-            raise ValueError(
-                f"per-item seeds need one item per batch; got {len(ids)}: set batch_size 1 for sharded generation"
-            )
-        seed_item(self.seed, str(ids[0]))
 
 
 def with_sidecars(paths: Sequence[str | os.PathLike]) -> list[Path]:

@@ -68,7 +68,34 @@ def timed_step(bundle_root: str, label: str, run_id: str, config_file: str, *ext
     return status
 
 
-if __name__ == "__main__":  # python -m brainsynth.engine.study step OUT LABEL RUN_ID CONFIG_FILE [EXTRA ...]
-    if len(sys.argv) < 6 or sys.argv[1] != "step":
-        sys.exit("usage: python -m brainsynth.engine.study step OUT LABEL RUN_ID CONFIG_FILE [EXTRA ...]")
-    sys.exit(timed_step(*sys.argv[2:]))
+def shell_preamble(output_dir: str, *overlays: str) -> str:
+    """The shell lines every bundle's ``scripts/run_study.sh`` starts with (one copy, here): ``out`` (the run
+    folder), ``overlays`` (the user's config overlays, appended to every step's config list) and
+    ``run LABEL RUN_ID CONFIGS [ARGS ...]`` (one ``timed_step``). A script takes them with
+    ``steps=$(python -m brainsynth.engine.study preamble "$@"); eval "$steps"``."""
+    import shlex
+
+    joined = "".join(f",'{f}'" for f in overlays)
+    return "\n".join(
+        [
+            f"out={shlex.quote(output_dir)}",
+            f"overlays={shlex.quote(joined)}",
+            'run() { python -m brainsynth.engine.study step "$out" "$1" "$2" "[$3$overlays]" "${@:4}"; }',
+        ]
+    )
+
+
+USAGE = (
+    "usage: python -m brainsynth.engine.study step OUT LABEL RUN_ID CONFIG_FILE [EXTRA ...]\n"
+    "       python -m brainsynth.engine.study preamble OUTPUT_DIR [CONFIG_OVERLAY ...]   (for scripts/run_study.sh)"
+)
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 6 and sys.argv[1] == "step":
+        sys.exit(timed_step(*sys.argv[2:]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "preamble":
+        print(shell_preamble(*sys.argv[2:]))
+        sys.exit(0)
+    sys.exit(
+        USAGE if sys.argv[1:2] != ["preamble"] else "scripts/run_study.sh: give the output directory first\n" + USAGE
+    )

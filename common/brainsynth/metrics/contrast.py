@@ -93,9 +93,8 @@ def cohort_ratio_table(
     subjects. Returns (Markdown table, all on the real side of 1, generated means, real means)."""
     import json
 
-    import nibabel as nib
-
     from brainsynth.cohort import subject_regions
+    from brainsynth.data.reader import read_nifti
 
     datalist_path = Path(datalist_path)
     datalist = json.loads(datalist_path.read_text())
@@ -107,8 +106,8 @@ def cohort_ratio_table(
             raise ValueError(f"{datalist_path}: no subject {subject!r} to compare the generated volumes with")
         regions = subject_regions(datalist_path, subject, purity=purity)
         for contrast, path in files.items():
-            image = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-            real = np.asarray(nib.load(str(datalist_path.parent / rows[subject][contrast])).dataobj, np.float32)
+            image = read_nifti(str(path), np.float32)[0]
+            real = read_nifti(str(datalist_path.parent / rows[subject][contrast]), np.float32)[0]
             if image.shape != real.shape:
                 raise ValueError(f"{path}: shape {image.shape} differs from the real scan's {real.shape}")
             per_gen.setdefault(contrast, []).append(region_ratios(image, regions, ratios))
