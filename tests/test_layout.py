@@ -104,3 +104,31 @@ def test_bundle_scripts_switches_between_bundles_in_one_process():
             module, ok = optional_import(f"scripts.{by_bundle[bundle.name][0]}")
             assert ok and Path(module.__file__).parent == bundle / "scripts", (bundle.name, module)
     assert sys.modules.get("scripts") is before
+
+
+def test_study_scripts_take_their_preamble_from_one_place(tmp_path):
+    """Every scripts/run_study.sh gets out / overlays / run() from brainsynth.engine.study (no copied preamble), and
+    that preamble quotes what the user gives and refuses a missing output folder."""
+    import os
+    import subprocess
+    import sys
+
+    line = 'steps=$(python -m brainsynth.engine.study preamble "$@"); eval "$steps"'
+    scripts = sorted((REPO / "bundles").glob("*/scripts/run_study.sh"))
+    assert len(scripts) == 3
+    for script in scripts:
+        text = script.read_text()
+        assert line in text and "overlays+=" not in text and "run() {" not in text, script
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    probe = f'set -euo pipefail\n{line}\necho "$out|$overlays"; type run > /dev/null\n'
+    done = subprocess.run(
+        ["bash", "-c", probe, "study", str(tmp_path / "a b"), "configs/demo.json", "my data.json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{tmp_path / 'a b'}|,'configs/demo.json','my data.json'"
+    missing = subprocess.run(["bash", "-c", probe, "study"], capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode != 0 and "give the output directory first" in missing.stderr
