@@ -20,6 +20,8 @@ from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from brainsynth.engine.acceleration import without_autocast
+
 
 class DeformationUNet(nn.Module):
     """Estimate a displacement field from a (mask) image: MONAI's BasicUNet with a near-zero output layer.
@@ -101,7 +103,7 @@ class Float32Warp(Warp):
     """
 
     def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(image.device.type, enabled=False):
+        with without_autocast(image):
             return super().forward(image.float(), ddf.float())
 
 

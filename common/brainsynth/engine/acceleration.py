@@ -120,6 +120,17 @@ def autocast(device: torch.device | str | torch.Tensor, enabled: bool, dtype: to
     return torch.autocast(device_type, dtype=dtype)
 
 
+def without_autocast(device: torch.device | str | torch.Tensor):
+    """Autocast switched off on ``device`` for a block that must compute in float32 (a no-op on a device that has no
+    autocast, such as ``meta``, where ``torch.autocast`` raises)."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class Float32Output:
     """``network`` called under ``autocast(device, amp, dtype)``, its output returned in float32.
 

@@ -66,6 +66,14 @@ def is_stochastic(scheduler: Any) -> bool:
     return isinstance(scheduler, DDPMScheduler) or float(getattr(scheduler, "eta", 0.0) or 0.0) > 0
 
 
+def _generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on ``device`` seeded ``seed``; None on a device that has no generators (``meta``, whose tensors
+    hold no numbers to draw)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class _ItemStepNoise:
     """A stochastic scheduler whose ``step`` runs item by item, each with its own generator (the rest of the
     scheduler is the wrapped one's): the per-step noise of an item depends on its seed alone. Its arithmetic is
@@ -81,9 +89,7 @@ class _ItemStepNoise:
         if len(self._seeds) != sample.shape[0]:
             raise ValueError(f"{len(self._seeds)} item seeds for a batch of {sample.shape[0]}")
         if self._generators is None:  # on the sample's device: the scheduler draws its noise there
-            self._generators = [
-                torch.Generator(device=sample.device).manual_seed(item_seed(s, "steps")) for s in self._seeds
-            ]
+            self._generators = [_generator(sample.device, item_seed(s, "steps")) for s in self._seeds]
         kwargs.pop("generator", None)
         steps = [
             self._scheduler.step(model_output[i : i + 1], timestep, sample[i : i + 1], *args, generator=g, **kwargs)
