@@ -3,6 +3,7 @@
     python ci/verify_bundles.py                     # all bundles under bundles/
     python ci/verify_bundles.py --bundles brats_mri_med_ddpm --static   # skip the workflow runs
     python ci/verify_bundles.py --online            # also fetch the metadata schema from its URL
+    python ci/verify_bundles.py --sampling-steps 2  # the test suite's run: inference with a 2-step DDIM
 
 Checks, per bundle:
   files        LICENSE, configs/{metadata,inference,train*,multi_gpu_train*,demo}.json, logging.conf (accepted by
@@ -24,7 +25,8 @@ Checks, per bundle:
                config, and once through ``python -m monai.bundle run`` itself
   runs         every train config runs one iteration and every inference config runs once (one batch), with the
                bundle's demo overlay on its simulated cohort cut to 8 subjects (or on --dataset-dir), in a
-               scratch copy of the bundle (the repository stays clean)
+               scratch copy of the bundle (the repository stays clean); with --sampling-steps N the inference runs
+               use the fast deterministic sampler for N steps (a smoke run: the samplers' own tests cover them)
 
 Exit status 0 only when every check passes; a table of results (with seconds per check) is printed.
 """
@@ -873,11 +875,26 @@ def data_arguments(merged: dict, dataset_dir: Path | None) -> list[str]:
     return []
 
 
+def sampling_arguments(merged: dict, steps: int | None) -> list[str]:
+    """With ``steps``: ``--sampler ddim --num_inference_steps STEPS`` for a config with those keys (the one
+    vocabulary: every bundle's inference accepts DDIM), so an inference run is a quick smoke run; otherwise none
+    (each config's own sampler, e.g. Med-DDPM's 250-step ancestral one)."""
+    if steps is None or not {"sampler", "num_inference_steps"} <= set(merged):
+        return []
+    return ["--sampler", "ddim", "--num_inference_steps", str(steps)]
+
+
 def run_checks(
-    bundle_dir: Path, configs: BundleConfigs, work: Path, timeout: float, dataset_dir: Path | None = None
+    bundle_dir: Path,
+    configs: BundleConfigs,
+    work: Path,
+    timeout: float,
+    dataset_dir: Path | None = None,
+    sampling_steps: int | None = None,
 ) -> list[tuple[str, list[str], float]]:
     """Train configs for one iteration (dependency order), then inference configs on one batch, in one scratch
-    copy of the bundle with its demo overlay, on ``dataset_dir`` (default: the overlay's demo data, small)."""
+    copy of the bundle with its demo overlay, on ``dataset_dir`` (default: the overlay's demo data, small), with
+    ``sampling_steps`` DDIM steps when given (``sampling_arguments``)."""
     root = scratch_copy(bundle_dir, work)
     results = []
     demo = configs.demo[:1]
@@ -905,13 +922,14 @@ def run_checks(
     for name in configs.infer:
         stack = config_stack(bundle_dir, name, configs.runnable) + demo
         label = f"infer {'+'.join(stack)}"
+        merged = _merged(bundle_dir, stack)
         r = run_workflow(
             root,
             stack,
             "infer",
             max_iterations=1,
             timeout=timeout,
-            extra_args=data_arguments(_merged(bundle_dir, stack), dataset_dir),
+            extra_args=data_arguments(merged, dataset_dir) + sampling_arguments(merged, sampling_steps),
         )
         problems = _run_problems(r)
         outputs = [f for f in r.get("new_files", []) if f.endswith((".nii.gz", ".nii"))]
@@ -950,6 +968,7 @@ def verify_bundle(
     timeout: float = 600,
     dataset_dir: Path | None = None,
     export_dir: Path | None = None,
+    sampling_steps: int | None = None,
 ) -> list[Check]:
     bundle_dir = Path(bundle_dir)
     b = bundle_dir.name
@@ -991,7 +1010,7 @@ def verify_bundle(
     )
     if runs:
         try:
-            for label, problems, seconds in run_checks(bundle_dir, configs, work, timeout, dataset_dir):
+            for label, problems, seconds in run_checks(bundle_dir, configs, work, timeout, dataset_dir, sampling_steps):
                 checks.append(Check(b, f"run {label}", not problems, "\n".join(problems), seconds))
         except Exception as e:
             checks.append(Check(b, "runs", False, f"{type(e).__name__}: {e}"))
@@ -1031,6 +1050,13 @@ def main(argv: list[str] | None = None) -> int:
         help="bundles verified at the same time (default: 2, or 1 on a one-core machine)",
     )
     parser.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the inference configs with DDIM for N steps (a smoke run; default: each config's own sampler)",
+    )
+    parser.add_argument(
         "--dataset-dir",
         type=Path,
         default=None,
@@ -1062,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.timeout,
                     args.dataset_dir,
                     args.export,
+                    args.sampling_steps,
                 ),
                 names,
             )

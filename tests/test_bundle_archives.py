@@ -381,8 +381,10 @@ def _readme_archive_commands() -> list[str]:
 
 
 def test_readme_archive_commands_run_as_written_on_a_demo_weights_archive(tmp_path):
-    """The README's package / download / run lines, with DIR, MASKS and OUT filled in (and the demo training cut
-    to one iteration to keep the suite fast): a newcomer's exact path, from packaging to generated volumes."""
+    """The README's package / download / run lines, with DIR, MASKS and OUT filled in (and, to keep the suite fast,
+    the demo training cut to one iteration and the generation to a 2-step DDIM instead of the 250-step ancestral
+    default, which tests/test_med_ddpm_bundle.py runs end to end): a newcomer's exact path, from packaging to
+    generated volumes."""
     import os
 
     from brainsynth.data import resolve_dataset_dir
@@ -396,6 +398,7 @@ def test_readme_archive_commands_run_as_written_on_a_demo_weights_archive(tmp_pa
     script = script.replace("python ci/", f"{sys.executable} {REPO}/ci/").replace("python -m", f"{sys.executable} -m")
     script = script.replace("--demo-weights", "--demo-weights 1").replace("DIR", str(tmp_path / "installed"))
     script = script.replace("MASKS", str(masks)).replace("OUT", str(tmp_path / "generated"))
+    script += " --sampler ddim --num_inference_steps 2"  # appended to the last line: the generation
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_bundles import TINY as TINY_BUNDLES  # noqa: E402
+from tiny_bundles import copy_trained
 
 from brainsynth.data.provenance import read_provenance, sha256_file
 
@@ -52,11 +53,12 @@ def run_bundle(run_id, configs, *args):
     return proc.stdout + proc.stderr
 
 
-def test_train_resume_and_whole_volume_inference_through_the_runner(workspace):
-    root, overlay = workspace
-    out = root / "bundle"
+def test_train_resume_and_whole_volume_inference_through_the_runner(tiny_trained, tmp_path):
+    # the session's tiny training through the runner (tests/tiny_bundles.py: 2 epochs of 1 iteration), copied so
+    # that this test's resume leaves the shared weights alone
+    root, overlay = tiny_trained("brats_mri_d3m_cemri")
+    out = copy_trained(root, tmp_path / "bundle")
     configs = ["configs/train.json", "configs/demo.json", overlay]
-    run_bundle("training", configs, "--bundle_root", out)
     ckpt = torch.load(out / "runs" / "d3m" / "checkpoint_last.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2 and set(ckpt) == {
         "network",
@@ -157,19 +159,17 @@ def test_bad_input_stops_before_any_work(workspace, tmp_path, damage, expected):
     assert not out.exists()  # nothing cached, trained or written
 
 
-def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming(tmp_path):
-    """Weights trained with the demo overlay, then the same overlay on a user's BraTS 2021-named folder without a
-    datalist: every subject is synthesised (the overlay's test split applies to the demo cohort only) and the
-    synthetic T1ce is named like the input's contrasts (``<id>_t1ce.nii.gz``)."""
+def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming(tiny_trained, tmp_path):
+    """Weights trained with the demo overlay (the session's tiny training), then the same overlay on a user's
+    BraTS 2021-named folder without a datalist: every subject is synthesised (the overlay's test split applies to
+    the demo cohort only) and the synthetic T1ce is named like the input's contrasts (``<id>_t1ce.nii.gz``)."""
     from bundle_code import brats2021_folder
 
-    overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps({**TINY, "cache_dir": str(tmp_path / "cache")}))
-    run_bundle("training", ["configs/train.json", "configs/demo.json", overlay], "--bundle_root", tmp_path / "run")
+    root, overlay = tiny_trained("brats_mri_d3m_cemri")
     data = brats2021_folder(tmp_path, {**TINY["demo_cohort"], "n_subjects": 3})
     out = tmp_path / "generated"
     configs = ["configs/inference.json", "configs/demo.json", overlay]
-    run_bundle("inference", configs, "--bundle_root", tmp_path / "run", "--dataset_dir", data, "--output_dir", out)
+    run_bundle("inference", configs, "--bundle_root", root, "--dataset_dir", data, "--output_dir", out)
     subjects = sorted(p.name for p in data.iterdir())
     assert sorted(p.name for p in out.iterdir()) == subjects
     for subject in subjects:

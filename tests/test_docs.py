@@ -28,3 +28,11 @@ def test_docs_use_the_one_vocabulary(path):
     text = (REPO / path).read_text()
     found = [k for k in RETIRED_KEYS if k in text]
     assert not found, f"{path} still uses retired keys {found}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's test command is, word for word, the command .ci/run executes (less pip's -q)."""
+    ci = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if "python -m pytest" in line)
+    command = ci.replace(" -q", "").strip()
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert any(command in block.splitlines() for block in blocks), f"README.md has no bash line `{command}`"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_bundles import TINY as TINY_BUNDLES
+from tiny_bundles import copy_trained
 
 from brainsynth.conditioning.semantic_mask import BRATS_CLASSES, MaskError, SemanticMaskConditioning
 from brainsynth.data import DatasetError, discover, resolve_dataset_dir, split_items
@@ -40,15 +41,19 @@ def _scripts():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tiny_trained, tmp_path_factory):
+    """The session's tiny Med-DDPM training (tests/tiny_bundles.py: one epoch of 2 iterations through the runner)
+    copied into this module's run folder, its cohort, and an overlay with the tiny settings and that folder."""
+    trained, _ = tiny_trained("brats_mri_med_ddpm")
     root = tmp_path_factory.mktemp("med_ddpm")
-    cohort = resolve_dataset_dir("demo", root / "cache", **COHORT)  # the bundle runs find and reuse it
+    cohort = resolve_dataset_dir("demo", trained / "cache", **COHORT)  # the cohort the tiny training used
+    copy_trained(trained, root / "run")
     overlay = root / "tiny.json"
     overlay.write_text(
         json.dumps(
             {
                 **TINY,
-                "cache_dir": str(root / "cache"),
+                "cache_dir": str(trained / "cache"),
                 "bundle_root": str(root / "run"),
                 "output_dir": str(root / "run" / "outputs"),
             }
@@ -69,7 +74,7 @@ def _run(run_id, configs, *args, expect_ok=True):
 def test_train_resume_sample_end_to_end(workspace):
     root, cohort, overlay = workspace
     train = ["configs/train.json", "configs/demo.json", str(overlay)]
-    _run("training", train)
+    # the first training is the session's tiny one (the workspace's copy of it)
     ckpt_path = root / "run" / "runs" / "train" / "checkpoint_last.pt"
     first = load_checkpoint(ckpt_path)
     assert set(first) == {"network", "optimizer", "lr_scheduler", "ema", "trainer", "rng", "rng_per_rank"}
@@ -367,22 +372,19 @@ def test_evaluating_and_downstream_workflows(workspace, tmp_path):
     assert all(0 <= a["dice_mean"] <= 1 for a in arms.values())
 
 
-def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming_and_labels(tmp_path):
-    """Weights trained with the demo overlay, then the same overlay on a user's folder: every subject is generated
-    (the overlay's test split applies to the demo cohort only) and the outputs are named and labelled like the
-    input (BraTS 2021: _t1 / _t1ce / _t2 / _flair, enhancing = 4)."""
-    overlay = tmp_path / "tiny.json"
-    settings = {k: v for k, v in TINY.items() if k != "split"}  # the demo overlay's own split rule applies
-    overlay.write_text(
-        json.dumps({**settings, "cache_dir": str(tmp_path / "cache"), "bundle_root": str(tmp_path / "run")})
-    )
-    _run("training", ["configs/train.json", "configs/demo.json", str(overlay)])
+def test_demo_weights_on_a_users_brats2021_folder_keep_its_naming_and_labels(tiny_trained, tmp_path):
+    """Weights trained with the demo overlay (the session's tiny training), then the same overlay on a user's
+    folder: every subject is generated (the overlay's test split applies to the demo cohort only; the tiny overlay
+    sets no split) and the outputs are named and labelled like the input (BraTS 2021: _t1 / _t1ce / _t2 / _flair,
+    enhancing = 4)."""
+    root, overlay = tiny_trained("brats_mri_med_ddpm")
+    assert "split" not in json.loads(overlay.read_text())  # the demo overlay's own split rule applies
     from bundle_code import brats2021_folder
 
     data = brats2021_folder(tmp_path, {**COHORT, "n_subjects": 3})
     out = tmp_path / "generated"
     configs = ["configs/inference.json", "configs/demo.json", str(overlay)]
-    _run("inference", configs, "--dataset_dir", str(data), "--output_dir", str(out))
+    _run("inference", configs, "--bundle_root", str(root), "--dataset_dir", str(data), "--output_dir", str(out))
     subjects = sorted(p.name for p in data.iterdir())
     assert sorted(p.name for p in out.iterdir()) == subjects  # all three, whatever their hash split
     for subject in subjects:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,13 @@ def train_tiny(bundle: str, root: Path) -> tuple[Path, Path]:
     for stage in spec["stages"]:
         run(bundle, "training", stage, overlay, root)
     return root, overlay
+
+
+def copy_trained(root: Path, dest: Path) -> Path:
+    """A private copy of a tiny trained bundle's ``models/`` and ``runs/`` (weights, checkpoints, logs) in
+    ``dest``, for a test that trains on from the session's tiny training (a resume) without changing what other
+    tests share. The cohort stays where the shared overlay's ``cache_dir`` points; returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in ("models", "runs"):
+        shutil.copytree(root / part, dest / part)
+    return dest
