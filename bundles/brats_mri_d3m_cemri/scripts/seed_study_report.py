@@ -12,7 +12,6 @@ tables, ``diagnostics_<variant>.jsonl``, ``unit.json``) and writes ``study.json`
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from brainsynth.deformation.diagnostics import read_diagnostics
 from brainsynth.engine.io import atomic_write_text
-from brainsynth.engine.study import run_context
+from brainsynth.engine.study import report_main, run_context
 from brainsynth.metrics.paired import METRICS, read_csv, wilcoxon_signed_rank
 
 METHODS = ("d3m", "x0_deformer", "no_mssdm", "d3m_warp_off", "x0_deformer_warp_off")
@@ -277,13 +276,7 @@ def write_report(results: Path, out: Path, overwrite: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default RESULTS/study")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args()
-    result = write_report(args.results, args.out or args.results / "study", args.overwrite)
-    print(markdown(result))
+    report_main(write_report, markdown, __doc__.split("\n")[0], "results")
 
 
 if __name__ == "__main__":

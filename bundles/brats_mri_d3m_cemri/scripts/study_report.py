@@ -7,7 +7,6 @@ diagnostics.jsonl``; writes ``study.json``, ``study.md`` and PNGs (matplotlib).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from brainsynth.deformation.diagnostics import read_diagnostics
 from brainsynth.engine.io import atomic_write_text
-from brainsynth.engine.study import run_context
+from brainsynth.engine.study import report_main, run_context
 from brainsynth.metrics.paired import METRICS, compare_methods, read_csv
 
 VARIANTS = ("d3m", "no_mssdm", "no_dsimd", "palette")
@@ -191,12 +190,7 @@ def examples(eval_dir: Path, methods: list[str], path: Path, overwrite: bool) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/study")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args()
-    print(markdown(write_report(args.run_dir, args.out or args.run_dir / "study", args.overwrite)))
+    report_main(write_report, markdown, __doc__.split("\n")[0], "run_dir")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ if __name__ == "__main__":
     sys.exit(
         USAGE if sys.argv[1:2] != ["preamble"] else "scripts/run_study.sh: give the output directory first\n" + USAGE
     )
+
+
+def report_main(write_report: Any, markdown: Any, description: str, folder: str = "results") -> None:
+    """Command line of a study report script: FOLDER (the study's results), ``--out`` (default FOLDER/study),
+    ``--overwrite``; writes the report with ``write_report(folder, out, overwrite)`` and prints ``markdown`` of it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(folder, type=Path)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {folder.upper()}/study")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    results = getattr(args, folder)
+    print(markdown(write_report(results, args.out or results / "study", args.overwrite)))
