@@ -205,11 +205,9 @@ def markdown(result: dict) -> str:
 
 
 def figures(result: dict, means, out: Path) -> None:
-    import matplotlib
+    from brainsynth.engine.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, variant in zip(axes, DEFORMING):
         for seed, e in result["field_in_tumour"].get(variant, {}).items():
