@@ -204,8 +204,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figures(result: dict, means, out: Path) -> None:
-    from brainsynth.engine.figures import pyplot
+def figures(result: dict, means, out: Path, overwrite: bool) -> None:
+    from brainsynth.engine.figures import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -217,8 +217,7 @@ def figures(result: dict, means, out: Path) -> None:
         ax.set(title=f"{variant}: field inside the tumour", xlabel="training iteration", ylabel="mean |u| (px)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "field_in_tumour.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "field_in_tumour.png", overwrite)
     methods = [m for m in ("no_mssdm", "d3m", "x0_deformer") if m in means]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ("psnr_region", "ssim_region")):
@@ -230,8 +229,7 @@ def figures(result: dict, means, out: Path) -> None:
         ax.set(ylabel=LABELS[metric], title="per-seed means (lines join one seed)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "tumour_metrics_per_seed.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "tumour_metrics_per_seed.png", overwrite)
 
 
 def write_report(results: Path, out: Path, overwrite: bool = False) -> dict:
@@ -269,7 +267,7 @@ def write_report(results: Path, out: Path, overwrite: bool = False) -> dict:
     }
     atomic_write_text(out / "study.json", json.dumps(result, indent=1, default=float), overwrite)
     atomic_write_text(out / "study.md", markdown(result), overwrite)
-    figures(result, means, out)
+    figures(result, means, out, overwrite)
     return result
 
 
