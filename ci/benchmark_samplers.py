@@ -84,10 +84,9 @@ def spec_overrides(bundle: str, spec: str) -> dict:
                 "fast_scheduler": {
                     "_target_": "monai.networks.schedulers.PNDMScheduler",
                     "num_train_timesteps": "@num_train_timesteps",
-                    "schedule": "cosine",
+                    "schedule": "cosine_float64",  # the bundle's training schedule (Med-DDPM's float64 cosine)
                     "skip_prk_steps": True,
-                    "prediction_type": "epsilon",
-                    "clip_sample": True,
+                    "prediction_type": "@prediction_type",  # MONAI's PNDM has no x0 clipping (the others clip)
                 },
             }
         if name in ("ddpm", "ddim"):

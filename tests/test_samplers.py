@@ -121,3 +121,27 @@ def test_eta_one_is_the_ddpm_posterior_and_is_the_default_of_step():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="eta"):
         ExactDDIMScheduler(num_train_timesteps=50, eta=1.5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_benchmark_pndm_override_samples_on_the_bundles_own_schedule(prediction_type):
+    """ci/benchmark_samplers.py's ``pndm:N`` for Med-DDPM: MONAI's PNDM on the schedule and prediction type the
+    bundle trains with (the float64 cosine since 0.7.0), not a schedule of its own."""
+    import sys
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "ci"))
+    import benchmark_samplers
+
+    parser = ConfigParser()
+    parser.read_config([str(repo / "bundles" / "brats_mri_med_ddpm" / "configs" / "inference.json")])
+    parser["prediction_type"] = prediction_type
+    for key, value in benchmark_samplers.spec_overrides("brats_mri_med_ddpm", "pndm:10").items():
+        parser[key] = value
+    pndm, trained = parser.get_parsed_content("fast_scheduler"), parser.get_parsed_content("ancestral_scheduler")
+    assert type(pndm).__name__ == "PNDMScheduler"
+    assert pndm.prediction_type == trained.prediction_type == prediction_type
+    assert torch.equal(pndm.alphas_cumprod, trained.alphas_cumprod)
