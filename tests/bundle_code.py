@@ -34,13 +34,11 @@ def monai_run(bundle_dir: Path, run_id: str, configs: list, *args: str, timeout:
     """``python -m monai.bundle run RUN_ID --config_file CONFIGS ARGS`` from the bundle folder, one thread, as a
     user runs it; returns the CompletedProcess."""
     import os
-    import subprocess
 
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr([str(c) for c in configs])]
+    import preforked_runner
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [*cmd, *map(str, args)], cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return preforked_runner.run(preforked_runner.bundle_command(run_id, configs, *args), bundle_dir, env, timeout)
 
 
 def brats2021_folder(tmp_path: Path, cohort_kwargs: dict) -> Path:

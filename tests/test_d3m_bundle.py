@@ -8,12 +8,11 @@ that a missing modality or mismatched shapes stop the bundle with the file named
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preforked_runner
 import pytest
 import torch
 from tiny_bundles import TINY as TINY_BUNDLES  # noqa: E402
@@ -36,19 +35,8 @@ def workspace(tmp_path_factory):
 
 def run_bundle(run_id, configs, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        repr([str(c) for c in configs]),
-        "--logging_file",
-        "configs/logging.conf",
-        *map(str, args),
-    ]
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    cmd = preforked_runner.bundle_command(run_id, configs, "--logging_file", "configs/logging.conf", *args)
+    proc = preforked_runner.run(cmd, BUNDLE, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

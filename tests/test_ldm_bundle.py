@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preforked_runner
 import torch
 from tiny_bundles import TINY as TINY_BUNDLES  # noqa: E402
 
@@ -86,22 +86,11 @@ def _run(
 ) -> subprocess.CompletedProcess:
     """`python -m monai.bundle run RUN_ID` from the bundle folder with CONFIGS + demo.json + the tiny overlay."""
     config = [f"configs/{f}" for f in configs] + ["configs/demo.json", str(tiny)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        repr(config),
-        "--bundle_root",
-        str(root),
-        "--cache_dir",
-        str(root / "cache"),
-        *args,
-    ]
+    cmd = preforked_runner.bundle_command(
+        run_id, config, "--bundle_root", str(root), "--cache_dir", str(root / "cache"), *args
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    proc = preforked_runner.run(cmd, BUNDLE, env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preforked_runner
 import pytest
 import torch
 from tiny_bundles import TINY as TINY_BUNDLES
@@ -65,7 +66,7 @@ def workspace(tiny_trained, tmp_path_factory):
 def _run(run_id, configs, *args, expect_ok=True):
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(list(configs)), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    proc = preforked_runner.run(cmd, BUNDLE, env)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

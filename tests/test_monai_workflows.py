@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import preforked_runner
 import pytest
 import torch
 from monai.bundle import ConfigParser, create_workflow
@@ -125,7 +126,6 @@ def test_a_run_started_from_another_folder_writes_into_the_bundle_only(tmp_path)
     """From a repository-root-like folder with full config paths: the bundle's scripts import and every output
     lands in the bundle folder, nothing in the folder the command ran from."""
     import os
-    import subprocess
 
     copy = tmp_path / "bundles" / D3M
     shutil.copytree(BUNDLES / D3M, copy, ignore=shutil.ignore_patterns("cache", "models", "eval", "runs"))
@@ -136,13 +136,10 @@ def test_a_run_started_from_another_folder_writes_into_the_bundle_only(tmp_path)
             "max_epochs": 1, "ema_start_step": 0}  # fmt: skip
     (tmp_path / "tiny.json").write_text(json.dumps(tiny))
     configs = [str(copy.relative_to(tmp_path) / "configs" / c) for c in ("train.json", "demo.json")] + ["tiny.json"]
-    proc = subprocess.run(
+    proc = preforked_runner.run(
         [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs)],
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
+        {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles", "tiny.json"]

@@ -1,10 +1,10 @@
 """Every bundle lists its user-facing settings (key, default, meaning), and every setting has a meaning."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import preforked_runner
 import pytest
 
 from brainsynth.engine.settings import user_settings
@@ -54,12 +54,10 @@ def test_the_same_keys_in_every_bundle():
 @pytest.mark.parametrize("bundle", list(ENTRY_POINTS))
 def test_settings_run_through_the_monai_runner(bundle):
     configs = [f"configs/{c}" for c in ENTRY_POINTS[bundle][-1]] + ["configs/demo.json"]
-    proc = subprocess.run(
+    proc = preforked_runner.run(
         [sys.executable, "-m", "monai.bundle", "run", "settings", "--config_file", repr(configs)],
-        cwd=BUNDLES / bundle,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
+        BUNDLES / bundle,
+        {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,9 +2,9 @@
 
 import json
 import os
-import subprocess
 import sys
 
+import preforked_runner
 import pytest
 import torch
 from ignite.engine import Events
@@ -128,10 +128,10 @@ def test_monai_runner_fails_on_misspelled_override(tmp_path):
         )
     )
     base = [sys.executable, "-m", "monai.bundle", "run", "run", "--config_file", str(cfg)]
-    ok = subprocess.run(base + ["--epochs", "5"], capture_output=True, text=True)
+    ok = preforked_runner.run(base + ["--epochs", "5"], os.getcwd())
     assert ok.returncode == 0, ok.stderr
     assert out.read_text() == "5"
-    bad = subprocess.run(base + ["--epoch", "5"], capture_output=True, text=True)
+    bad = preforked_runner.run(base + ["--epoch", "5"], os.getcwd())
     assert bad.returncode != 0
     assert "--epoch: no such config key" in bad.stderr and "epochs" in bad.stderr
 

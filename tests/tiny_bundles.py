@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+import preforked_runner
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -126,7 +127,7 @@ def runner_command(bundle, run_id, configs, overlay, root, *args, extra=(), laun
 def run(bundle: str, run_id: str, configs: list[str], overlay: Path, root: Path, *args: str, extra=(), launcher=()):
     """Run ``runner_command`` from the bundle folder; a failure shows the end of its output."""
     cmd = runner_command(bundle, run_id, configs, overlay, root, *args, extra=extra, launcher=launcher)
-    proc = subprocess.run(cmd, cwd=BUNDLES / bundle, env=runner_env(), capture_output=True, text=True, timeout=900)
+    proc = preforked_runner.run(cmd, BUNDLES / bundle, runner_env(), timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -16,70 +16,51 @@ MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair", "pd")
 #: the four BraTS contrasts, in canonical channel order
 BRATS_MODALITIES: tuple[str, ...] = ("t1w", "t1ce", "t2w", "flair")
 
-MODALITY_SYNONYMS: dict[str, str] = {
-    "t1": "t1w",
-    "t1n": "t1w",
-    "t1w": "t1w",
-    "t1-weighted": "t1w",
-    "t1native": "t1w",
-    "t1ce": "t1ce",
-    "t1c": "t1ce",
-    "t1gd": "t1ce",
-    "t1-gd": "t1ce",
-    "t1post": "t1ce",
-    "t1_gd": "t1ce",
-    "t2": "t2w",
-    "t2w": "t2w",
-    "t2-weighted": "t2w",
-    "flair": "flair",
-    "t2f": "flair",
-    "t2flair": "flair",
-    "t2-flair": "flair",
-    "pd": "pd",
-    "pdw": "pd",
-    "proton-density": "pd",
-}
+
+def _synonyms(spellings: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """{spelling: canonical} from {canonical: its other spellings} (each canonical key also names itself)."""
+    return {alias: key for key, aliases in spellings.items() for alias in (key, *aliases)}
+
+
+def _canonical(name: str, synonyms: dict[str, str], kind: str, valid: str, space: str) -> str:
+    key = str(name).strip().lower().replace(" ", space)
+    if key not in synonyms:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {valid}")
+    return synonyms[key]
+
+
+MODALITY_SYNONYMS: dict[str, str] = _synonyms(
+    {
+        "t1w": ("t1", "t1n", "t1-weighted", "t1native"),
+        "t1ce": ("t1c", "t1gd", "t1-gd", "t1post", "t1_gd"),
+        "t2w": ("t2", "t2-weighted"),
+        "flair": ("t2f", "t2flair", "t2-flair"),
+        "pd": ("pdw", "proton-density"),
+    }
+)
 
 
 def canonical_modality(name: str) -> str:
     """Map any known modality spelling (t1n, T1-Gd, t2f, ...) to its canonical key; unknown names are an error."""
-    key = str(name).strip().lower().replace(" ", "")
-    if key not in MODALITY_SYNONYMS:
-        raise ValueError(
-            f"unknown modality {name!r}; valid: {', '.join(MODALITIES)} (or a synonym such as t1n, t1c, t1gd, t2f)"
-        )
-    return MODALITY_SYNONYMS[key]
+    hint = f"{', '.join(MODALITIES)} (or a synonym such as t1n, t1c, t1gd, t2f)"
+    return _canonical(name, MODALITY_SYNONYMS, "modality", hint, space="")
 
 
 # --- pathologies ------------------------------------------------------------------------------------------
 PATHOLOGIES: tuple[str, ...] = ("healthy", "glioblastoma", "sclerosis", "dementia")
 
-PATHOLOGY_SYNONYMS: dict[str, str] = {
-    "healthy": "healthy",
-    "normal": "healthy",
-    "control": "healthy",
-    "hc": "healthy",
-    "glioblastoma": "glioblastoma",
-    "gbm": "glioblastoma",
-    "glioma": "glioblastoma",
-    "tumour": "glioblastoma",
-    "tumor": "glioblastoma",
-    "sclerosis": "sclerosis",
-    "ms": "sclerosis",
-    "multiple_sclerosis": "sclerosis",
-    "multiple-sclerosis": "sclerosis",
-    "dementia": "dementia",
-    "ad": "dementia",
-    "alzheimer": "dementia",
-    "alzheimers": "dementia",
-}
+PATHOLOGY_SYNONYMS: dict[str, str] = _synonyms(
+    {
+        "healthy": ("normal", "control", "hc"),
+        "glioblastoma": ("gbm", "glioma", "tumour", "tumor"),
+        "sclerosis": ("ms", "multiple_sclerosis", "multiple-sclerosis"),
+        "dementia": ("ad", "alzheimer", "alzheimers"),
+    }
+)
 
 
 def canonical_pathology(name: str) -> str:
-    key = str(name).strip().lower().replace(" ", "_")
-    if key not in PATHOLOGY_SYNONYMS:
-        raise ValueError(f"unknown pathology {name!r}; valid: {', '.join(PATHOLOGIES)}")
-    return PATHOLOGY_SYNONYMS[key]
+    return _canonical(name, PATHOLOGY_SYNONYMS, "pathology", ", ".join(PATHOLOGIES), space="_")
 
 
 # --- labels -----------------------------------------------------------------------------------------------
